@@ -1,0 +1,19 @@
+"""kvcompile: a compiler for the KV cache of decoder LLMs."""
+
+from .cache import CompressedKVCache
+from .capture import CaptureError, capture
+from .plan import ModelShape, Plan, PlanError
+from .runtime import TransformedModel, transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "CompressedKVCache",
+    "ModelShape",
+    "Plan",
+    "PlanError",
+    "TransformedModel",
+    "capture",
+    "transform",
+]

@@ -1,0 +1,166 @@
+"""Capture: a Hugging Face causal LM as an explicit-cache FX program.
+
+The program's calling convention is the one every backend shares (eager runtime, ONNX, tests):
+
+    inputs : input_ids (B, S), position_ids (B, S), past_key.{l} (B, Hkv, P, D) for each layer,
+             past_value.{l} (B, Hkv, P, D) for each layer
+    outputs: logits (B, S, V), present_key.{l}, present_value.{l}  (B, Hkv, P + S, D)
+
+`past_X` / `present_X` read and write entry X of the runtime's cache (see cache.py).
+
+Batch, sequence and past length are dynamic. The names live in `Signature`, stored in
+`graph_module.meta["kvcompile.signature"]`; passes that change the cache's shape update it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.export import Dim
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .cache import key_entry, value_entry
+from .plan import ModelShape
+
+SIGNATURE_KEY = "kvcompile.signature"
+
+
+class CaptureError(RuntimeError):
+    """The model could not be traced into an explicit-cache program."""
+
+
+@dataclass
+class Signature:
+    """Names of a program's positional inputs and flat outputs, in order."""
+
+    inputs: list[str]
+    outputs: list[str]
+
+
+def past(entry: str) -> str:
+    """Program input name of cache entry `entry`."""
+    return f"past_{entry}"
+
+
+def present(entry: str) -> str:
+    """Program output name of cache entry `entry`."""
+    return f"present_{entry}"
+
+
+def placeholder_name(input_name: str) -> str:
+    """FX placeholder name of a program input (FX names are identifiers)."""
+    return input_name.replace(".", "_")
+
+
+def signature_of(gm: torch.fx.GraphModule) -> Signature:
+    return gm.meta[SIGNATURE_KEY]
+
+
+class _ExplicitCacheLM(torch.nn.Module):
+    """The HF model behind the explicit past/present calling convention."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, past_keys, past_values):
+        cache = DynamicCache()
+        for key, value in zip(past_keys, past_values):
+            # Seed each layer with the given tensors directly: DynamicLayer.update would first
+            # concatenate them onto an empty constant, which only clutters the graph.
+            layer = DynamicLayer()
+            layer.lazy_initialization(key, value)
+            layer.keys, layer.values = key, value
+            cache.layers.append(layer)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+@contextlib.contextmanager
+def _sdpa_attention(model):
+    """Trace with SDPA attention (the form analysis matches), restoring the user's choice after."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    saved = {key: getattr(cfg, "_attn_implementation", None) for key, cfg in configs.items()}
+    try:
+        for cfg in configs.values():
+            cfg._attn_implementation = "sdpa"
+        yield
+    finally:
+        for key, cfg in configs.items():
+            cfg._attn_implementation = saved[key]
+
+
+def capture(model: torch.nn.Module, shape: ModelShape | None = None) -> torch.fx.GraphModule:
+    """Trace `model` (eval mode, unchanged) into an explicit-cache GraphModule.
+
+    The module's parameters are the user's own tensors, shared, never copied or written.
+    """
+    shape = shape or ModelShape.from_config(model.config)
+    param = next(model.parameters())
+    batch, seq, past = 2, 3, 4  # distinct, > 1: export specializes sizes 0 and 1
+    input_ids = torch.zeros(batch, seq, dtype=torch.long, device=param.device)
+    position_ids = torch.arange(past, past + seq, device=param.device).expand(batch, -1)
+    kv = lambda: torch.zeros(batch, shape.num_kv_heads, past, shape.head_dim, dtype=param.dtype, device=param.device)
+    past_keys = [kv() for _ in range(shape.num_layers)]
+    past_values = [kv() for _ in range(shape.num_layers)]
+
+    b, s, p = Dim("batch"), Dim("seq"), Dim("past")
+    cache_dims = [{0: b, 2: p} for _ in range(shape.num_layers)]
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "position_ids": {0: b, 1: s},
+        "past_keys": cache_dims,
+        "past_values": cache_dims,
+    }
+    wrapper = _ExplicitCacheLM(model)
+    try:
+        with _sdpa_attention(model), torch.no_grad():
+            exported = torch.export.export(
+                wrapper, (input_ids, position_ids, past_keys, past_values), dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except Exception as err:  # export failures are long; lead with what the user can act on
+        raise CaptureError(
+            f"could not capture {type(model).__name__} as an explicit-cache program: {type(err).__name__}: {err}"
+        ) from err
+    return _to_plain_graph_module(exported.module(), shape.num_layers)
+
+
+def _to_plain_graph_module(module: torch.fx.GraphModule, num_layers: int) -> torch.fx.GraphModule:
+    """Drop export's pytree calling convention and input guards: passes change input shapes,
+    and the runtime calls the program positionally."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = torch.fx.graph.CodeGen()
+
+    names = ["input_ids", "position_ids"]
+    names += [past(key_entry(layer)) for layer in range(num_layers)]
+    names += [past(value_entry(layer)) for layer in range(num_layers)]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        raise CaptureError(f"expected {len(names)} program inputs, traced {len(placeholders)}")
+    for node, name in zip(placeholders, names):
+        node._rename(placeholder_name(name))
+        node.target = node.name
+
+    outputs = ["logits"]
+    outputs += [present(key_entry(layer)) for layer in range(num_layers)]
+    outputs += [present(value_entry(layer)) for layer in range(num_layers)]
+    gm = torch.fx.GraphModule(module, graph)
+    gm.meta[SIGNATURE_KEY] = Signature(inputs=names, outputs=outputs)
+    return gm
+
+
+def clone_program(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of the graph that passes may rewrite; parameters stay shared, not copied."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen
+    clone = torch.fx.GraphModule(gm, graph)
+    sig = signature_of(gm)
+    clone.meta[SIGNATURE_KEY] = Signature(list(sig.inputs), list(sig.outputs))
+    return clone

@@ -1,0 +1,170 @@
+"""Runtime: `transform(model, plan)` and the module it returns.
+
+The transformed model holds two programs compiled from one capture: `prefill` (no past: dense
+attention, writes the compressed cache) and `decode` (reads and extends the compressed cache).
+It is called like a Hugging Face causal LM and generates like one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
+from kvcompile.passes import PassManager, canonicalize_attention, find_attention_sites, prune_k_channels
+
+from .cache import CompressedKVCache
+from .capture import capture, clone_program, signature_of
+from .plan import ModelShape, Plan
+
+
+def transform(model: torch.nn.Module, plan: Plan) -> "TransformedModel":
+    """Compile `model` (a transformers causal LM in eval mode) so its KV cache follows `plan`.
+
+    The plan is validated before anything is traced; the user's model is neither modified nor
+    copied (the programs share its parameters).
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a kvcompile.Plan, got {type(plan).__name__}")
+    if getattr(model, "config", None) is None:
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("model is in training mode; call model.eval() first (dropout would change attention)")
+    shape = ModelShape.from_config(model.config)
+    plan.validate(shape)
+    return TransformedModel(model, plan, shape)
+
+
+class TransformedModel(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape):
+        super().__init__()
+        self.config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+        self.plan = plan
+        self.shape = shape
+        captured = capture(model, shape)
+        find_attention_sites(captured)  # fail early, naming the layer, if a site does not match
+        canonical = PassManager([canonicalize_attention])(captured)
+        self.prefill_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="prefill")])(
+            clone_program(canonical)
+        )
+        self.decode_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="decode")])(
+            clone_program(canonical)
+        )
+        param = next(model.parameters())
+        self._device, self._dtype = param.device, param.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: CompressedKVCache | None = None,
+        use_cache: bool = True,
+        attention_mask: torch.Tensor | None = None,
+        **unused,
+    ) -> CausalLMOutputWithPast:
+        if unused:
+            raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise NotImplementedError("padding (zeros in attention_mask) is not supported yet; pass equal-length rows")
+        if past_key_values is not None and not isinstance(past_key_values, CompressedKVCache):
+            raise TypeError(
+                f"past_key_values must be the CompressedKVCache this model returned, got {type(past_key_values).__name__}"
+            )
+        input_ids = input_ids.to(self._device)
+        cache = past_key_values if past_key_values is not None and past_key_values.length > 0 else None
+        batch, seq = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and cache.batch_size != batch:
+            raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
+        position_ids = torch.arange(start, start + seq, device=self._device).expand(batch, -1)
+
+        program = self.decode_program if cache is not None else self.prefill_program
+        sig = signature_of(program)
+        args = [input_ids, position_ids]
+        for name in sig.inputs[2:]:
+            entry = name.removeprefix("past_")
+            args.append(cache.entries[entry] if cache is not None else self._empty_past(batch))
+        outputs = dict(zip(sig.outputs, program(*args)))
+
+        logits = outputs.pop("logits")
+        if not use_cache:
+            return CausalLMOutputWithPast(logits=logits)
+        result = past_key_values if past_key_values is not None else CompressedKVCache()
+        result.entries = {name.removeprefix("present_"): tensor for name, tensor in outputs.items()}
+        result.length = start + seq
+        return CausalLMOutputWithPast(logits=logits, past_key_values=result)
+
+    def _empty_past(self, batch: int) -> torch.Tensor:
+        return torch.empty(batch, self.shape.num_kv_heads, 0, self.shape.head_dim, dtype=self._dtype, device=self._device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+        **unused,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation; returns prompt and new tokens, (B, S + new).
+
+        Rows that emit an EOS token keep emitting it (as padding) until every row is done.
+        """
+        if unused:
+            raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
+        if eos_token_id is None and self.generation_config is not None:
+            eos_token_id = self.generation_config.eos_token_id
+        eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
+                           device=self._device)
+        tokens = input_ids.to(self._device)
+        out = self(tokens, use_cache=True)
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=self._device)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            if do_sample:
+                next_token = _sample(logits, temperature, top_k, top_p, generator)
+            else:
+                next_token = logits.argmax(-1)
+            if eos.numel():
+                next_token = torch.where(done, eos[0].to(next_token.dtype), next_token)
+                done |= torch.isin(next_token, eos)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            out = self(next_token[:, None], past_key_values=out.past_key_values, use_cache=True)
+        return tokens
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,31 @@
+"""Canonicalize: one GQA-native `kvcompile::attention` per site.
+
+HF attention repeats K/V heads for GQA (unsqueeze/expand/reshape with literal head counts) before
+SDPA. Those literals break as soon as a pass changes a head count or head dim, so this pass runs
+first: SDPA(q, repeat(cat_k), repeat(cat_v)) becomes attention(q, cat_k, cat_v) and the repeat ops
+die. The op keeps SDPA's mask, scale and causal flag exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from .sites import SDPA, find_attention_sites
+
+
+def canonicalize_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = gm.graph
+    for site in find_attention_sites(gm):
+        if site.attention.target != SDPA:
+            continue
+        with graph.inserting_before(site.attention):
+            canonical = graph.call_function(
+                torch.ops.kvcompile.attention.default,
+                (site.query, site.key_cat, site.value_cat, site.mask, site.scale, site.is_causal),
+            )
+        canonical.meta.update(site.attention.meta)
+        site.attention.replace_all_uses_with(canonical)
+        graph.erase_node(site.attention)
+    graph.eliminate_dead_code()
+    return gm
