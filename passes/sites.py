@@ -220,7 +220,8 @@ def _match_rope(node: torch.fx.Node) -> tuple[RoPE | None, torch.fx.Node]:
     if node.target == aten.cat.default and len(node.args[0]) == 2:
         rotated, passed = node.args[0]
         rope, src = _match_rope(rotated)
-        if rope is not None and passed.target == aten.slice.Tensor and src.target == aten.slice.Tensor:
+        # the rotated part is x[..., :r] (an alias when r is the whole head)
+        if rope is not None and passed.target == aten.slice.Tensor and src.target in (aten.slice.Tensor, aten.alias.default):
             x = src.args[0]
             if passed.args[0] is x:
                 return rope, x

@@ -1,0 +1,132 @@
+"""Independent reference for K-channel pruning: the semantics, written as plainly as possible.
+
+A plan maps layer -> per KV head, the sorted ids of the post-RoPE key channels that are kept. The
+prefill (first forward, empty cache) attends densely. Every later forward scores with the kept
+channels only, i.e. the post-RoPE query of each query head in the KV head's GQA group has its other
+channels zeroed before q.k; keys, values, softmax scale and mask are untouched. Unplanned layers are
+untouched; a head keeping no channel gets all-zero scores (uniform over the unmasked keys).
+
+This runs the unmodified HF model with a custom attention function (registered through
+`AttentionInterface`), so it shares no code with kvcompile's rewrite of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.masking_utils import sdpa_mask
+
+ATTN_NAME = "kvcompile_masked_reference"
+
+KChannels = Mapping[int, Sequence[Sequence[int]]]
+
+_PLAN: contextvars.ContextVar[KChannels | None] = contextvars.ContextVar("kvcompile_masked_plan", default=None)
+
+
+def _materialized_sdpa_mask(*args, **kwargs):
+    # sdpa's mask builder, but never skipped: HF returns None for plain causal / single-token masks
+    # (leaving causality to sdpa's `is_causal`), and we want the mask exactly as HF means it.
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, Hq, S, D) post-RoPE; key/value (B, Hkv, T, D), not repeated for GQA."""
+    _, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = key.shape[1], key.shape[2]
+    group = num_heads // num_kv_heads
+
+    plan = _PLAN.get()
+    kept = plan.get(module.layer_idx) if plan is not None else None
+    if kept is not None and kv_len > q_len:  # a past exists: decode
+        query = query.masked_fill(~_query_channel_mask(kept, num_kv_heads, head_dim, group, query.device), 0)
+
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+
+    if attention_mask is None:
+        # Only reached if a caller bypasses our mask builder. Follows sdpa_attention_forward: one query
+        # sees every key; several queries are causal, top-left aligned.
+        if q_len > 1:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask.float()
+
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value.float()).to(value.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _query_channel_mask(kept, num_kv_heads, head_dim, group, device) -> torch.Tensor:
+    """(Hq, 1, D) bool, True on kept channels; query head i belongs to KV head i // group."""
+    if len(kept) != num_kv_heads:
+        raise ValueError(f"plan lists {len(kept)} KV heads, the layer has {num_kv_heads}")
+    mask = torch.zeros(num_kv_heads, head_dim, dtype=torch.bool)
+    for head, ids in enumerate(kept):
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        if ids.numel() and not (0 <= ids.min() and ids.max() < head_dim):
+            raise ValueError(f"KV head {head}: channel ids {ids.tolist()} out of range [0, {head_dim})")
+        mask[head, ids] = True
+    return mask.repeat_interleave(group, dim=0)[:, None, :].to(device)
+
+
+AttentionInterface.register(ATTN_NAME, _masked_attention)
+AttentionMaskInterface.register(ATTN_NAME, _materialized_sdpa_mask)
+
+
+@contextlib.contextmanager
+def masked_attention(model, k_channels: KChannels) -> Iterator[None]:
+    """Within the block, `model` runs the reference attention for `k_channels`; restored on exit."""
+    original = model.config._attn_implementation
+    token = _PLAN.set(k_channels)
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        yield
+    finally:
+        model.set_attn_implementation(original)
+        _PLAN.reset(token)
+
+
+@torch.no_grad()
+def decode(
+    model, input_ids: torch.Tensor, next_tokens: torch.Tensor | None = None, steps: int = 20
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Prefill `input_ids` (B, S) into a DynamicCache, then `steps` one-token steps with the model as is.
+
+    The token fed at step i is `next_tokens[:, i]` if given, else the argmax of the previous logits.
+    Returns the last-position logits (B, V) of the prefill and of each step (steps + 1 tensors), and
+    the fed tokens (B, steps).
+    """
+    if next_tokens is not None and (next_tokens.shape[0] != input_ids.shape[0] or next_tokens.shape[1] < steps):
+        raise ValueError(f"next_tokens {tuple(next_tokens.shape)}: need ({input_ids.shape[0]}, >= {steps})")
+    cache = DynamicCache()
+    logits = [model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    fed = []
+    for step in range(steps):
+        token = next_tokens[:, step] if next_tokens is not None else logits[-1].argmax(-1)
+        token = token.to(input_ids)
+        fed.append(token)
+        logits.append(model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
+    return logits, torch.stack(fed, dim=1) if fed else input_ids.new_empty(input_ids.shape[0], 0)
+
+
+def masked_reference_decode(
+    model,
+    input_ids: torch.Tensor,
+    k_channels: KChannels,
+    next_tokens: torch.Tensor | None = None,
+    steps: int = 20,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`decode` with K-channel pruning per `k_channels` ({layer: [[kept ids of KV head 0], ...]})."""
+    with masked_attention(model, k_channels):
+        return decode(model, input_ids, next_tokens, steps)
