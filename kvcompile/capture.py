@@ -26,6 +26,8 @@ from .cache import key_entry, value_entry
 from .plan import ModelShape
 
 SIGNATURE_KEY = "kvcompile.signature"
+# The wrapper holds the user's model as `self.model`: module paths in the graph start with this.
+USER_MODEL_PREFIX = "model."
 
 
 class CaptureError(RuntimeError):

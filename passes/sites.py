@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kvcompile.capture import placeholder_name, signature_of
+from kvcompile.capture import USER_MODEL_PREFIX, placeholder_name, signature_of
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -115,8 +115,9 @@ def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
 
 
 def _module_path(node: torch.fx.Node) -> str:
+    """The attention module's path in the user's model, e.g. `model.layers.3.self_attn`."""
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
+    return list(stack.values())[-1][0].removeprefix(USER_MODEL_PREFIX) if stack else ""
 
 
 def _match_site(attn: torch.fx.Node, layer_of_past: dict[str, int]) -> AttentionSite:
@@ -124,9 +125,9 @@ def _match_site(attn: torch.fx.Node, layer_of_past: dict[str, int]) -> Attention
     args = _attention_args(attn)
     key_cat = _through(args["key"], _REPEAT_OPS, _is_cache_cat)
     value_cat = _through(args["value"], _REPEAT_OPS, _is_cache_cat)
-    layer: int | str = path or "?"
-    if key_cat is not None and key_cat.args[0][0].target in layer_of_past:
-        layer = layer_of_past[key_cat.args[0][0].target]
+    # the cache input a concat reads says which layer this is
+    cache_inputs = [cat.args[0][0].target for cat in (key_cat, value_cat) if cat is not None]
+    layer = next((layer_of_past[name] for name in cache_inputs if name in layer_of_past), "?")
     if key_cat is None:
         raise SiteMatchError(layer, "key cache concat cat([past_key, new_key], -2) feeding the attention", path)
     if value_cat is None:
