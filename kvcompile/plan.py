@@ -6,13 +6,19 @@ tensors live in a safetensors file beside it. Loading never unpickles.
 K-channel part (LeanK): for each planned layer, for each KV head, the sorted ids of the post-RoPE
 key channels that are kept. Counts may differ between heads; a head may keep none. Layers absent
 from the plan keep every channel.
+
+Merge part (KV-head merging): for each merged layer, groups of t KV heads, each becoming one KV
+head of s·d channels (s sub-heads of the original width d; s = 1 is plain GQA with fewer heads),
+through `down`/`up` maps (see bases.py). Merging comes first: a layer's K channels then index its
+merged heads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -53,6 +59,58 @@ class ModelShape:
         )
 
 
+ROPE_MODES = ("commute", "post", "none")
+
+
+@dataclass(frozen=True, eq=False)
+class LayerMerge:
+    """Each group of KV heads `groups[g]` becomes one KV head of `heads_per_group * d` channels.
+
+    key_down/value_down (G, t·d, s·d) and key_up/value_up (G, s·d, t·d) follow bases.py:
+    c = k_group @ down, k_group ≈ c @ up. `rope` says how keys meet RoPE: "commute" (maps commute
+    with it, folded into the weights), "post" (applied to post-RoPE keys and queries at run time),
+    "none" (the model has no rotary embedding; folded like values).
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    heads_per_group: int
+    rope: str
+    key_down: torch.Tensor
+    key_up: torch.Tensor
+    value_down: torch.Tensor
+    value_up: torch.Tensor
+    method: str = "svd"
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
+
+    def merged_head_dim(self, head_dim: int) -> int:
+        return self.heads_per_group * head_dim
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("key_down", "key_up", "value_down", "value_up")}
+
+    def validate(self, layer: int, shape: "ModelShape") -> None:
+        where = f"layer {layer}, field merges"
+        heads = sorted(h for group in self.groups for h in group)
+        if heads != list(range(shape.num_kv_heads)):
+            raise PlanError(f"{where}: groups {list(self.groups)} must cover KV heads 0..{shape.num_kv_heads - 1} once each")
+        t, s = self.group_size, self.heads_per_group
+        if any(len(group) != t for group in self.groups):
+            raise PlanError(f"{where}: groups must all have the same size, got {[len(g) for g in self.groups]}")
+        if not 1 <= s < t:
+            raise PlanError(f"{where}: a group of {t} heads must become 1..{t - 1} heads, got {s}")
+        if self.rope not in ROPE_MODES:
+            raise PlanError(f"{where}: rope must be one of {ROPE_MODES}, got {self.rope!r}")
+        d, n = shape.head_dim, len(self.groups)
+        expected = {"down": (n, t * d, s * d), "up": (n, s * d, t * d)}
+        for name, tensor in self.tensors().items():
+            want = expected[name.split("_")[1]]
+            if tuple(tensor.shape) != want:
+                raise PlanError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {want}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Per-layer compression decisions. Build with `from_k_channels`, or load a saved one."""
@@ -60,6 +118,7 @@ class Plan:
     k_channels: Mapping[int, tuple[tuple[int, ...], ...]]
     model: ModelShape | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    merges: Mapping[int, LayerMerge] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -85,21 +144,37 @@ class Plan:
             parsed[layer] = tuple(_parse_head(layer, h, ids) for h, ids in enumerate(heads))
         return cls(dict(sorted(parsed.items())), model, dict(meta or {}))
 
+    def with_merges(self, merges: Mapping[int, LayerMerge]) -> "Plan":
+        """This plan with KV-head merges for some layers (its K channels then index merged heads)."""
+        for layer, merge in merges.items():
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise PlanError(f"merge layer key {layer!r}: layer indices must be ints")
+            if not isinstance(merge, LayerMerge):
+                raise PlanError(f"layer {layer}, field merges: expected a LayerMerge, got {type(merge).__name__}")
+        return replace(self, merges=dict(sorted({**self.merges, **merges}.items())))
+
     # -- queries ------------------------------------------------------------------------------
 
     def kept_counts(self, layer: int) -> tuple[int, ...]:
         return tuple(len(ids) for ids in self.k_channels[layer])
 
+    def kv_heads(self, layer: int, shape: ModelShape) -> tuple[int, int]:
+        """(KV heads, channels per head) of `layer` once its merge, if any, is applied."""
+        merge = self.merges.get(layer)
+        if merge is None:
+            return shape.num_kv_heads, shape.head_dim
+        return len(merge.groups), merge.merged_head_dim(shape.head_dim)
+
     def k_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
         """Bytes of K one token occupies in the cache, summed over layers (batch 1)."""
         per_layer = [
-            sum(self.kept_counts(layer)) if layer in self.k_channels else shape.num_kv_heads * shape.head_dim
+            sum(self.kept_counts(layer)) if layer in self.k_channels else math.prod(self.kv_heads(layer, shape))
             for layer in range(shape.num_layers)
         ]
         return sum(per_layer) * _itemsize(dtype)
 
     def v_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
-        return shape.num_layers * shape.num_kv_heads * shape.head_dim * _itemsize(dtype)
+        return sum(math.prod(self.kv_heads(layer, shape)) for layer in range(shape.num_layers)) * _itemsize(dtype)
 
     def cache_nbytes(self, shape: ModelShape, dtype: torch.dtype, batch: int, length: int) -> int:
         """Bytes of K and V the compressed cache holds for `batch` sequences of `length` tokens."""
@@ -107,17 +182,21 @@ class Plan:
 
     def fingerprint(self) -> str:
         """A short hash of the plan's content, for reports and caches."""
-        payload = json.dumps({str(k): v for k, v in self.k_channels.items()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps({str(k): v for k, v in self.k_channels.items()}, sort_keys=True).encode())
+        for layer, merge in self.merges.items():
+            digest.update(json.dumps([layer, merge.groups, merge.heads_per_group, merge.rope]).encode())
+            for tensor in merge.tensors().values():
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
 
     # -- validation ---------------------------------------------------------------------------
 
     def validate(self, shape: ModelShape) -> None:
         """Raise PlanError naming the layer, head and field of the first mismatch with `shape`."""
-        if not self.k_channels:
+        if not self.k_channels and not self.merges:
             raise PlanError(
                 "plan is empty: it names no layer. Use Plan.from_k_channels({layer: [[...], ...]}) "
-                "with the kept channels of each KV head"
+                "with the kept channels of each KV head, or kvcompile.calibrate"
             )
         if self.model is not None and self.model != shape:
             diffs = [
@@ -126,21 +205,26 @@ class Plan:
                 if getattr(self.model, name) != getattr(shape, name)
             ]
             raise PlanError("plan was made for another model (" + "; ".join(diffs) + ")")
-        for layer, heads in self.k_channels.items():
+        for layer in [*self.merges, *self.k_channels]:
             if not 0 <= layer < shape.num_layers:
                 raise PlanError(
                     f"plan layer {layer}: model has {shape.num_layers} layers (0..{shape.num_layers - 1})"
                 )
-            if len(heads) != shape.num_kv_heads:
+        for layer, merge in self.merges.items():
+            merge.validate(layer, shape)
+        for layer, heads in self.k_channels.items():
+            num_kv_heads, head_dim = self.kv_heads(layer, shape)
+            merged = " (after merging)" if layer in self.merges else ""
+            if len(heads) != num_kv_heads:
                 raise PlanError(
                     f"layer {layer}, field k_channels: plan lists {len(heads)} KV heads, "
-                    f"model has {shape.num_kv_heads}"
+                    f"model has {num_kv_heads}{merged}"
                 )
             for head, ids in enumerate(heads):
-                if ids and ids[-1] >= shape.head_dim:
+                if ids and ids[-1] >= head_dim:
                     raise PlanError(
                         f"layer {layer}, KV head {head}, field k_channels: channel {ids[-1]} "
-                        f"out of range [0, {shape.head_dim})"
+                        f"out of range [0, {head_dim}){merged}"
                     )
 
     # -- persistence --------------------------------------------------------------------------
@@ -154,12 +238,23 @@ class Plan:
             "version": FORMAT_VERSION,
             "model": None if self.model is None else vars(self.model),
             "k_channels": {str(layer): list(self.kept_counts(layer)) for layer in self.k_channels},
+            "merges": {
+                str(layer): {
+                    "groups": [list(group) for group in merge.groups],
+                    "heads_per_group": merge.heads_per_group,
+                    "rope": merge.rope,
+                    "method": merge.method,
+                }
+                for layer, merge in self.merges.items()
+            },
             "meta": dict(self.meta),
         }
         tensors = {
             f"k_channels.{layer}": torch.tensor([c for ids in heads for c in ids], dtype=torch.int64)
             for layer, heads in self.k_channels.items()
         }
+        for layer, merge in self.merges.items():
+            tensors.update({f"merges.{layer}.{name}": t.contiguous() for name, t in merge.tensors().items()})
         save_file(tensors, str(directory / _TENSORS_NAME))
         (directory / _JSON_NAME).write_text(json.dumps(document, indent=2) + "\n")
         return directory
@@ -183,8 +278,14 @@ class Plan:
                 raise PlanError(f"{directory}: layer {key}: counts {counts} do not match {len(flat)} stored ids")
             offsets = [sum(counts[:h]) for h in range(len(counts) + 1)]
             channels[int(key)] = [flat[offsets[h] : offsets[h + 1]] for h in range(len(counts))]
+        merges = {}
+        for key, fields in document.get("merges", {}).items():
+            stored = {name: tensors[f"merges.{key}.{name}"] for name in ("key_down", "key_up", "value_down", "value_up")}
+            groups = tuple(tuple(group) for group in fields["groups"])
+            merges[int(key)] = LayerMerge(groups, fields["heads_per_group"], fields["rope"], **stored, method=fields["method"])
         model = None if document.get("model") is None else ModelShape(**document["model"])
-        return cls.from_k_channels(channels, model=model, meta=document.get("meta", {}))
+        plan = cls.from_k_channels(channels, model=model, meta=document.get("meta", {}))
+        return plan.with_merges(merges) if merges else plan
 
 
 def _parse_head(layer: int, head: int, ids: Sequence[int]) -> tuple[int, ...]:

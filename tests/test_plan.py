@@ -82,3 +82,49 @@ def test_cache_formula_counts_kept_channels_and_full_layers():
     assert plan.k_bytes_per_token(SHAPE, torch.float32) == (3 + 32) * 4
     assert plan.v_bytes_per_token(SHAPE, torch.bfloat16) == 2 * 2 * 16 * 2
     assert plan.cache_nbytes(SHAPE, torch.float32, batch=3, length=10) == 3 * 10 * ((3 + 32) + 64) * 4
+
+
+def _merge(groups=((0, 1),), s=1, d=16, rope="commute"):
+    t = len(groups[0])
+    g = torch.Generator().manual_seed(0)
+    down = lambda: torch.randn(len(groups), t * d, s * d, generator=g)
+    up = lambda: torch.randn(len(groups), s * d, t * d, generator=g)
+    from kvcompile.plan import LayerMerge
+
+    return LayerMerge(tuple(groups), s, rope, down(), up(), down(), up())
+
+
+def test_merges_change_the_layer_shape_the_k_channels_index():
+    plan = Plan.from_k_channels({1: [[0, 5]]}).with_merges({1: _merge()})
+    plan.validate(SHAPE)  # one merged head of 16 channels in layer 1
+    assert plan.kv_heads(1, SHAPE) == (1, 16) and plan.kv_heads(0, SHAPE) == (2, 16)
+    # layer 0 keeps 2 heads x 16; layer 1: K keeps 2 channels, V one merged head of 16
+    assert plan.k_bytes_per_token(SHAPE, torch.float32) == (32 + 2) * 4
+    assert plan.v_bytes_per_token(SHAPE, torch.float32) == (32 + 16) * 4
+    with pytest.raises(PlanError, match=r"layer 1, field k_channels: plan lists 2 KV heads, model has 1 \(after merging\)"):
+        Plan.from_k_channels({1: [[0], [1]]}).with_merges({1: _merge()}).validate(SHAPE)
+
+
+@pytest.mark.parametrize(
+    "merge, message",
+    [
+        (_merge(groups=((0,), (1,))), "a group of 1 heads must become"),
+        (_merge(groups=((0, 0),)), r"groups \[\(0, 0\)\] must cover KV heads 0..1 once each"),
+        (_merge(s=2), "a group of 2 heads must become 1..1 heads, got 2"),
+        (_merge(rope="pre"), "rope must be one of"),
+        (_merge(d=8), r"key_down has shape \(1, 16, 8\), expected \(1, 32, 16\)"),
+    ],
+)
+def test_bad_merges_are_named(merge, message):
+    with pytest.raises(PlanError, match=f"layer 0, field merges: {message}"):
+        Plan.from_k_channels({}).with_merges({0: merge}).validate(SHAPE)
+
+
+def test_merges_roundtrip_through_safetensors(tmp_path):
+    plan = Plan.from_k_channels({0: [[1, 2]]}).with_merges({0: _merge(rope="post")})
+    loaded = Plan.load(plan.save(tmp_path / "p"))
+    merge, again = plan.merges[0], loaded.merges[0]
+    assert (again.groups, again.heads_per_group, again.rope) == (merge.groups, 1, "post")
+    assert all(torch.equal(again.tensors()[k], v) for k, v in merge.tensors().items())
+    assert loaded.fingerprint() == plan.fingerprint()
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["merges"]["0"]["groups"] == [[0, 1]]
