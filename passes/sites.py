@@ -7,6 +7,7 @@ canonicalization, `kvcompile::attention` after) and records the nodes the passes
     key_cat/value_cat  `cat([past, new], -2)`: the cache update; its result is the present K/V
     past_key/past_value  the program inputs holding this layer's cache
     new_key/new_value  this call's post-RoPE key and value (B, Hkv, S, D)
+    query_pre_rope/key_pre_rope  the same before RoPE
     q_proj/k_proj/v_proj/o_proj  the linear nodes (one node for a fused qkv projection)
     rope             how RoPE was applied to the key (None for models without rotary embeddings)
 
@@ -78,6 +79,8 @@ class AttentionSite:
     past_value: torch.fx.Node
     new_key: torch.fx.Node
     new_value: torch.fx.Node
+    query_pre_rope: torch.fx.Node  # the query/key before RoPE (the same nodes without RoPE)
+    key_pre_rope: torch.fx.Node
     q_proj: torch.fx.Node
     k_proj: torch.fx.Node
     v_proj: torch.fx.Node
@@ -169,6 +172,8 @@ def _match_site(attn: torch.fx.Node, layer_of_past: dict[str, int]) -> Attention
         past_value=past_value,
         new_key=new_key,
         new_value=new_value,
+        query_pre_rope=q_src,
+        key_pre_rope=k_src,
         q_proj=q_proj,
         k_proj=k_proj,
         v_proj=v_proj,

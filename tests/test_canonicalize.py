@@ -33,6 +33,8 @@ def test_canonical_program_computes_the_same(arch):
     # the GQA repeat ops died with SDPA: the cache update feeds only the op and the outputs
     for site in find_attention_sites(canonical):
         assert set(site.key_cat.users) == {site.attention, canonical.graph.output_node()}
+        # nor does a reshape with the head dim as a literal read the output
+        assert all(user.target == torch.ops.aten.transpose.int for user in site.attention.users)
     with torch.no_grad():
         for want, got in zip(_run(captured), _run(canonical)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
