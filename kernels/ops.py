@@ -99,3 +99,29 @@ def pruned_attention(
 @pruned_attention.register_fake
 def _(q, k_groups, heads, channels, v, mask, scale, is_causal):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+@torch.library.custom_op("kvcompile::merge_heads", mutates_args=())
+def merge_heads(x: torch.Tensor, groups: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, d) -> (B, G, S, s·d): the heads `groups[g]` (t of them) concatenated per token
+    and mapped by `down[g]` (t·d, s·d), as in bases.py's c = k_group @ down."""
+    b, _, seq, d = x.shape
+    num_groups, t = groups.shape
+    grouped = x.index_select(1, groups.flatten()).view(b, num_groups, t, seq, d)
+    return grouped.permute(0, 1, 3, 2, 4).reshape(b, num_groups, seq, t * d) @ down
+
+
+@merge_heads.register_fake
+def _(x, groups, down):
+    return x.new_empty(x.shape[0], groups.shape[0], x.shape[2], down.shape[-1])
+
+
+@torch.library.custom_op("kvcompile::project_heads", mutates_args=())
+def project_heads(x: torch.Tensor, heads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, d) -> (B, H', S, d'): output head i is input head `heads[i]` times `weight[i]` (d, d')."""
+    return x.index_select(1, heads) @ weight
+
+
+@project_heads.register_fake
+def _(x, heads, weight):
+    return x.new_empty(x.shape[0], heads.shape[0], x.shape[2], weight.shape[-1])

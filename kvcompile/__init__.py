@@ -1,6 +1,7 @@
 """kvcompile: a compiler for the KV cache of decoder LLMs."""
 
 from .cache import CompressedKVCache
+from .calibrate import Recipe, RecipeError, calibrate
 from .capture import CaptureError, capture
 from .plan import ModelShape, Plan, PlanError
 from .runtime import TransformedModel, transform
@@ -8,6 +9,9 @@ from .runtime import TransformedModel, transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "Recipe",
+    "RecipeError",
+    "calibrate",
     "CaptureError",
     "CompressedKVCache",
     "ModelShape",

@@ -15,6 +15,7 @@ Batch, sequence and past length are dynamic. The names live in `Signature`, stor
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,8 @@ def clone_program(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output(graph.graph_copy(gm.graph, {}))
     graph._codegen = gm.graph._codegen
     clone = torch.fx.GraphModule(gm, graph)
+    # passes append to or rewrite these; everything else in meta is shared
+    clone.meta.update({key: copy.copy(value) for key, value in gm.meta.items()})
     sig = signature_of(gm)
     clone.meta[SIGNATURE_KEY] = Signature(list(sig.inputs), list(sig.outputs))
     return clone

@@ -7,13 +7,21 @@ It is called like a Hugging Face causal LM and generates like one.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
-from kvcompile.passes import PassManager, canonicalize_attention, find_attention_sites, prune_k_channels
+from kvcompile.passes import (
+    PassManager,
+    canonicalize_attention,
+    find_attention_sites,
+    merge_kv_heads,
+    prune_k_channels,
+)
+from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
 from .cache import CompressedKVCache
 from .capture import capture, clone_program, signature_of
@@ -46,7 +54,7 @@ class TransformedModel(torch.nn.Module):
         self.shape = shape
         captured = capture(model, shape)
         find_attention_sites(captured)  # fail early, naming the layer, if a site does not match
-        canonical = PassManager([canonicalize_attention])(captured)
+        canonical = PassManager([canonicalize_attention, functools.partial(merge_kv_heads, plan=plan)])(captured)
         self.prefill_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="prefill")])(
             clone_program(canonical)
         )
@@ -55,6 +63,7 @@ class TransformedModel(torch.nn.Module):
         )
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
+        self._source = [model]  # kept out of the module tree: its parameters are already the programs'
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +105,7 @@ class TransformedModel(torch.nn.Module):
         args = [input_ids, position_ids]
         for name in sig.inputs[2:]:
             entry = name.removeprefix("past_")
-            args.append(cache.entries[entry] if cache is not None else self._empty_past(batch))
+            args.append(cache.entries[entry] if cache is not None else self._empty_past(entry, batch))
         outputs = dict(zip(sig.outputs, program(*args)))
 
         logits = outputs.pop("logits")
@@ -107,8 +116,41 @@ class TransformedModel(torch.nn.Module):
         result.length = start + seq
         return CausalLMOutputWithPast(logits=logits, past_key_values=result)
 
-    def _empty_past(self, batch: int) -> torch.Tensor:
-        return torch.empty(batch, self.shape.num_kv_heads, 0, self.shape.head_dim, dtype=self._dtype, device=self._device)
+    def _empty_past(self, entry: str, batch: int) -> torch.Tensor:
+        """The prefill's past for cache entry `key.{l}` / `value.{l}`: no tokens, the layer's heads."""
+        heads, width = self.plan.kv_heads(int(entry.split(".")[1]), self.shape)
+        return torch.empty(batch, heads, 0, width, dtype=self._dtype, device=self._device)
+
+    def save_pretrained(self, path) -> None:
+        """Write a plain transformers checkpoint of a model whose plan only folds weights.
+
+        That is a plan of KV-head merges with one head per group in "commute" (or "none") mode, in
+        every layer alike, and no channel pruning: the result is an ordinary GQA model with fewer
+        `num_key_value_heads`, loadable without kvcompile.
+        """
+        plan, source = self.plan, self._source[0]
+        reasons = []
+        if plan.k_channels:
+            reasons.append("it prunes K channels, which a transformers model cannot express")
+        if sorted(plan.merges) != list(range(self.shape.num_layers)):
+            reasons.append("it does not merge every layer (the checkpoint has one KV-head count for all)")
+        for layer, merge in plan.merges.items():
+            if merge.rope == "post" or merge.heads_per_group != 1:
+                reasons.append(f"layer {layer} merges with rope={merge.rope!r}, {merge.heads_per_group} heads per group "
+                               "(only rope='commute' or no RoPE, one head per group, fold into weights)")
+        if len({len(merge.groups) for merge in plan.merges.values()}) > 1:
+            reasons.append("layers merge into different numbers of KV heads")
+        if reasons:
+            raise ValueError("cannot save as a plain checkpoint: " + "; ".join(reasons))
+        config = copy.deepcopy(source.config)
+        config.num_key_value_heads = len(next(iter(plan.merges.values())).groups)
+        state = source.state_dict()
+        state.update(self.decode_program.meta[REPLACED_PARAMETERS_KEY])
+        with torch.device("meta"):
+            merged = type(source)(config)
+        merged.load_state_dict(state, strict=True, assign=True)
+        merged.generation_config = copy.deepcopy(source.generation_config)
+        merged.save_pretrained(path)
 
     @torch.no_grad()
     def generate(

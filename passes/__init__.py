@@ -2,15 +2,18 @@
 
 from .canonicalize import canonicalize_attention
 from .manager import PassManager
+from .merge_kv_heads import MergeError, merge_kv_heads
 from .prune_k_channels import prune_k_channels
 from .sites import AttentionSite, RoPE, SiteMatchError, find_attention_sites
 
 __all__ = [
     "AttentionSite",
+    "MergeError",
     "PassManager",
     "RoPE",
     "SiteMatchError",
     "canonicalize_attention",
     "find_attention_sites",
+    "merge_kv_heads",
     "prune_k_channels",
 ]

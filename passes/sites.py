@@ -39,7 +39,7 @@ _REPEAT_OPS = {
     aten.contiguous.default,
 }
 # Ops that carry a tensor from a projection to the attention without mixing heads or tokens
-_LAYOUT_OPS = _REPEAT_OPS | {
+LAYOUT_OPS = _REPEAT_OPS | {
     aten.transpose.int,
     aten.permute.default,
     aten.to.dtype,
@@ -281,13 +281,16 @@ def _projection(node: torch.fx.Node) -> torch.fx.Node | None:
             return None
         if node.target == LINEAR:
             return node
-        node = _data_input(node)
+        node = data_input(node)
     return None
 
 
-def _data_input(node: torch.fx.Node):
-    """The activation input of a node: its first input that is not a parameter or constant."""
+def data_input(node: torch.fx.Node):
+    """The activation input of a node: its first input that is not a parameter or constant
+    (for a concat, the first tensor concatenated)."""
     for arg in node.args:
+        if isinstance(arg, (list, tuple)) and arg:
+            arg = arg[0]
         if isinstance(arg, torch.fx.Node) and arg.op != "get_attr":
             return arg
     return None
@@ -302,6 +305,6 @@ def _output_projection(attn: torch.fx.Node) -> torch.fx.Node | None:
         (node,) = users
         if node.target == LINEAR:
             return node
-        if node.target not in _LAYOUT_OPS:
+        if node.target not in LAYOUT_OPS:
             return None
     return None

@@ -96,3 +96,23 @@ def test_fake_implementations_agree_with_reference(qkv):
     torch.library.opcheck(ops.gather_kv_channels.default, (k, heads, channels))
     k_group = ops.gather_kv_channels(k, heads, channels)
     torch.library.opcheck(ops.pruned_attention.default, (q, [k_group], [heads], [channels], v, None, 0.25, False))
+
+
+def test_merge_heads_is_the_group_row_vector_times_down(qkv):
+    _, k, _ = qkv  # (B, 3, T, 16)
+    groups = torch.tensor([[2, 0]])
+    down = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(1))
+    out = ops.merge_heads(k, groups, down)
+    want = torch.cat([k[:, 2], k[:, 0]], dim=-1) @ down[0]
+    torch.testing.assert_close(out[:, 0], want)
+    torch.library.opcheck(ops.merge_heads.default, (k, groups, down))
+
+
+def test_project_heads_picks_and_maps_each_head(qkv):
+    q, _, _ = qkv
+    heads = torch.tensor([5, 0, 0])
+    weight = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(2))
+    out = ops.project_heads(q, heads, weight)
+    for i, head in enumerate(heads.tolist()):
+        torch.testing.assert_close(out[:, i], q[:, head] @ weight[i])
+    torch.library.opcheck(ops.project_heads.default, (q, heads, weight))

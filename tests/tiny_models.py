@@ -12,6 +12,8 @@ import torch
 import transformers
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# OPT: learned positions (no RoPE), multi-head attention (4 KV heads), q pre-scaled, biases
+WITHOUT_ROPE = ("opt",)
 
 _CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -19,6 +21,7 @@ _CLASSES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM),
 }
 
 _COMMON = dict(
@@ -42,7 +45,10 @@ _EXTRA = {
     "qwen2": dict(use_sliding_window=False),
     "qwen3": dict(attention_bias=False, use_sliding_window=False),
     "phi3": dict(original_max_position_embeddings=512, sliding_window=None),
+    # OPT names its sizes differently and has no GQA
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True),
 }
+_NOT_FOR = {"opt": ("num_key_value_heads", "head_dim", "intermediate_size")}
 
 # std of the re-drawn weights. With RMS-normalised inputs (rms 1, width 64), q and k entries get
 # std ~ 0.25 * 8 = 2, so q.k / sqrt(16) has std ~ 4: far from uniform attention, logits still O(1-10).
@@ -59,7 +65,8 @@ def make_tiny_model(
     if arch not in _CLASSES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     config_cls, model_cls = _CLASSES[arch]
-    config = config_cls(**_COMMON, **_EXTRA[arch], num_hidden_layers=num_layers, attn_implementation="sdpa")
+    common = {k: v for k, v in _COMMON.items() if k not in _NOT_FOR.get(arch, ())}
+    config = config_cls(**common, **_EXTRA[arch], num_hidden_layers=num_layers, attn_implementation="sdpa")
     # The initial HF init is overwritten below; fork the RNG so building a model never moves the
     # caller's global torch seed.
     with torch.random.fork_rng(devices=[]):
@@ -85,6 +92,9 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
 
 
 def _check_structure(arch: str, model: transformers.PreTrainedModel) -> None:
+    if arch == "opt":
+        assert not any("rotary" in name for name, _ in model.named_modules()), "opt: unexpected rotary embedding"
+        return
     attn = model.model.layers[0].self_attn
     if arch == "qwen2":
         assert all(getattr(attn, p).bias is not None for p in ("q_proj", "k_proj", "v_proj")), "qwen2: no qkv bias"

@@ -1,0 +1,307 @@
+"""Calibration: plans from activation statistics of real text.
+
+`calibrate(model, recipe, texts)` turns a `Recipe` into a `Plan`:
+
+- **KV-head merging** (recipe.kv_group_size): per layer, the uncentred second moments of the
+  post-RoPE keys and of the values of every group of heads give `down`/`up` maps (bases.py):
+  SVD for values and for `rope="post"` keys, per-frequency complex PCA for `rope="commute"` keys
+  (it commutes with RoPE, so it folds into the weights), the same SVD folded for models without
+  RoPE, or the paper's mean-pooling baseline.
+- **Static K-channel pruning** (recipe.k_sparsity), recipe "static-qk": a post-RoPE key channel c
+  of a KV head contributes `q_c * k_c` to every score, so it is ranked by mean|q_c| * mean|k_c|,
+  |q_c| averaged over the KV head's GQA group; each head keeps its top channels, an aligned count.
+  When the recipe also merges, the channels are ranked on the merged program: merge first.
+
+The statistics come from the compiler's own view of the model: the canonical program (merged, if
+the plan merges) is interpreted and the q/k/v inputs of every `kvcompile::attention` node are
+accumulated as they pass (running sums, never the activations), so what is measured is exactly
+what the passes later rewrite, for any architecture that captures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.fx
+from tqdm import tqdm
+
+from kvcompile.passes import canonicalize_attention, find_attention_sites, merge_kv_heads
+
+from . import bases
+from .capture import capture, clone_program, signature_of
+from .plan import LayerMerge, ModelShape, Plan
+
+METHOD = "static-qk"
+MERGE_METHODS = ("svd", "mean-pool")
+
+
+class RecipeError(ValueError):
+    """Calibration settings that cannot produce a plan for this model."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to calibrate. Merging and channel pruning compose: heads are merged first.
+
+    kv_group_size/kv_heads_per_group: each group of t contiguous KV heads becomes s heads' worth
+    (one KV head of s·head_dim channels). rope: "commute" (folded into the weights, a plain GQA
+    model) or "post" (projections after RoPE at run time); models without RoPE always fold.
+    merge_layers: the layers to merge (None: all). k_sparsity/align: static K-channel pruning.
+    """
+
+    kv_group_size: int | None = None
+    kv_heads_per_group: int = 1
+    rope: str = "commute"
+    merge_layers: tuple[int, ...] | None = None
+    merge_method: str = "svd"
+    k_sparsity: float | None = None
+    align: int = 16
+    calib_tokens: int = 8192
+    chunk_tokens: int = 512
+
+    def check(self, shape: ModelShape) -> None:
+        if self.kv_group_size is None and self.k_sparsity is None:
+            raise RecipeError("the recipe asks for nothing: set kv_group_size (merging) and/or k_sparsity (pruning)")
+        if self.kv_group_size is not None:
+            t, s = self.kv_group_size, self.kv_heads_per_group
+            if t < 2 or shape.num_kv_heads % t:
+                raise RecipeError(f"kv_group_size must be >= 2 and divide the model's {shape.num_kv_heads} KV heads, got {t}")
+            if not 1 <= s < t:
+                raise RecipeError(f"kv_heads_per_group must be in 1..{t - 1} for groups of {t}, got {s}")
+            if self.rope not in ("commute", "post"):
+                raise RecipeError(f"rope must be 'commute' or 'post', got {self.rope!r}")
+            if self.merge_method not in MERGE_METHODS:
+                raise RecipeError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
+            if self.merge_method == "mean-pool" and s != 1:
+                raise RecipeError("merge_method 'mean-pool' makes one head per group: kv_heads_per_group must be 1")
+            for layer in self.merge_layers or ():
+                if not 0 <= layer < shape.num_layers:
+                    raise RecipeError(f"merge_layers: layer {layer} out of range 0..{shape.num_layers - 1}")
+        if self.calib_tokens < 1 or self.chunk_tokens < 2:
+            raise RecipeError("calib_tokens must be >= 1 and chunk_tokens >= 2")
+
+
+def kept_channels_per_head(head_dim: int, sparsity: float, align: int) -> int:
+    """`head_dim * (1 - sparsity)` rounded to the nearest multiple of `align`, at least `align`.
+
+    A head keeping nothing would become a streaming head; a ranking of channels is no evidence for
+    that, so the count never rounds down to zero.
+    """
+    if not 0 <= sparsity < 1:
+        raise RecipeError(f"sparsity must be in [0, 1), got {sparsity}")
+    if align < 1 or head_dim % align:
+        raise RecipeError(f"align must be a positive divisor of head_dim {head_dim}, got {align}")
+    units = int(head_dim * (1 - sparsity) / align + 0.5)
+    return max(units, 1) * align
+
+
+def calibrate(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    texts: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    tokenizer=None,
+    progress: bool = True,
+) -> Plan:
+    """A plan for `model` from `recipe`, measured on `texts` (strings with `tokenizer`, or token ids)."""
+    shape = ModelShape.from_config(model.config)
+    recipe.check(shape)
+    chunks = _calibration_chunks(texts, tokenizer, recipe)
+    canonical = canonicalize_attention(capture(model, shape))
+    meta = {"calibration_tokens": sum(chunk.numel() for chunk in chunks)}
+    merges, k_channels = {}, {}
+    if recipe.kv_group_size is not None:
+        merges, errors = _merges(canonical, shape, recipe, chunks, progress)
+        meta.update(merge=_recipe_fields(recipe, "kv_group_size", "kv_heads_per_group", "rope", "merge_layers",
+                                         "merge_method"), merge_relative_error=errors)
+    if recipe.k_sparsity is not None:
+        merged = Plan.from_k_channels({}).with_merges(merges)
+        program = merge_kv_heads(clone_program(canonical), merged) if merges else canonical
+        k_channels = _top_channels(program, merged, shape, chunks, recipe.k_sparsity, recipe.align, progress)
+        meta.update(method=METHOD, sparsity=recipe.k_sparsity, align=recipe.align)
+    return Plan.from_k_channels(k_channels, model=shape, meta=meta).with_merges(merges)
+
+
+def static_k_plan(
+    model: torch.nn.Module,
+    token_ids: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    align: int = 16,
+    progress: bool = True,
+) -> Plan:
+    """A K-channel plan keeping, per (layer, KV head), the channels of highest `qk_channel_scores`."""
+    return calibrate(model, Recipe(k_sparsity=sparsity, align=align), _as_chunks(token_ids), progress=progress)
+
+
+def qk_channel_scores(
+    model: torch.nn.Module, token_ids: Sequence[torch.Tensor] | torch.Tensor, *, progress: bool = True
+) -> torch.Tensor:
+    """(layers, Hkv, D) float64: mean|q_c| over the KV head's query group times mean|k_c|, post-RoPE.
+
+    `token_ids` are the calibration chunks: a (N, L) tensor is N chunks of L tokens; a sequence
+    holds (L,) or (B, L) tensors. Every chunk is prefilled on its own, from an empty cache.
+    """
+    shape = ModelShape.from_config(model.config)
+    program = canonicalize_attention(capture(model, shape))
+    statistics = _record(program, Plan.from_k_channels({}), shape, _as_chunks(token_ids), _ChannelStatistics(), progress)
+    return torch.stack([statistics.channel_scores(layer) for layer in range(shape.num_layers)])
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+class _ChannelStatistics:
+    """Running per-layer sums of |q| and |k| per (head, channel)."""
+
+    def __init__(self):
+        self.q_abs, self.k_abs, self.q_tokens, self.k_tokens = {}, {}, {}, {}
+
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """q (B, Hq, S, D), k (B, Hkv, T, D): post-RoPE inputs of one attention call."""
+        for sums, counts, x in ((self.q_abs, self.q_tokens, q), (self.k_abs, self.k_tokens, k)):
+            sums[layer] = sums.get(layer, 0) + x.abs().sum(dim=(0, 2), dtype=torch.float64).cpu()
+            counts[layer] = counts.get(layer, 0) + x.shape[0] * x.shape[2]
+
+    def channel_scores(self, layer: int) -> torch.Tensor:
+        """(Hkv, D): mean|q_c| over the KV head's query group times mean|k_c|."""
+        q_mean = self.q_abs[layer] / self.q_tokens[layer]
+        k_mean = self.k_abs[layer] / self.k_tokens[layer]
+        num_kv_heads, head_dim = k_mean.shape
+        return q_mean.view(num_kv_heads, -1, head_dim).mean(dim=1) * k_mean
+
+
+class _SecondMoments:
+    """Running per-layer Σ x_rowᵀ x_row of keys and values, a row being one token's heads concatenated."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for sums, x in ((self.keys, k), (self.values, v)):
+            rows = x.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * x.shape[3]).double()
+            sums[layer] = sums.get(layer, 0) + (rows.T @ rows).cpu()
+
+
+class _AttentionRecorder(torch.fx.Interpreter):
+    """Runs a program, handing each attention node's q, k and v to `statistics.add`."""
+
+    def __init__(self, gm: torch.fx.GraphModule, statistics):
+        super().__init__(gm)
+        self.statistics = statistics
+        self.layer_of = {site.attention: site.layer for site in find_attention_sites(gm)}
+
+    def run_node(self, node: torch.fx.Node):
+        if node in self.layer_of:
+            q, k, v = (self.env[arg] for arg in node.args[:3])
+            self.statistics.add(self.layer_of[node], q, k, v)
+        return super().run_node(node)
+
+
+def _record(program, plan: Plan, shape: ModelShape, chunks, statistics, progress: bool):
+    recorder = _AttentionRecorder(program, statistics)
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress):
+            recorder.run(*_prefill_inputs(program, plan, shape, chunk))
+    return statistics
+
+
+def _prefill_inputs(program: torch.fx.GraphModule, plan: Plan, shape: ModelShape, input_ids: torch.Tensor):
+    """Positional inputs of the program for a prefill of `input_ids`: an empty past for every cache input."""
+    param = next(program.parameters())
+    input_ids = input_ids.to(param.device)
+    batch, seq = input_ids.shape
+    position_ids = torch.arange(seq, device=param.device).expand(batch, -1)
+    pasts = []
+    for name in signature_of(program).inputs[2:]:
+        heads, width = plan.kv_heads(int(name.split(".")[1]), shape)
+        pasts.append(torch.empty(batch, heads, 0, width, dtype=param.dtype, device=param.device))
+    return [input_ids, position_ids, *pasts]
+
+
+# -- plans from statistics ---------------------------------------------------------------------
+
+
+def _merges(canonical, shape: ModelShape, recipe: Recipe, chunks, progress):
+    moments = _record(canonical, Plan.from_k_channels({}), shape, chunks, _SecondMoments(), progress)
+    rope_of = {site.layer: site.rope for site in find_attention_sites(canonical)}
+    t, s, d = recipe.kv_group_size, recipe.kv_heads_per_group, shape.head_dim
+    groups = tuple(tuple(range(g * t, (g + 1) * t)) for g in range(shape.num_kv_heads // t))
+    layers = recipe.merge_layers if recipe.merge_layers is not None else range(shape.num_layers)
+    merges, errors = {}, {}
+    for layer in layers:
+        rope = rope_of[layer]
+        mode = recipe.rope if rope is not None else "none"
+        key_maps, value_maps = [], []
+        for group in groups:
+            channels = torch.tensor([h * d + c for h in group for c in range(d)])
+            key_cov = moments.keys[layer][channels][:, channels]
+            value_cov = moments.values[layer][channels][:, channels]
+            if recipe.merge_method == "mean-pool":
+                key_merge = value_merge = bases.mean_pool_merge(t, d)
+            else:
+                if mode == "commute":
+                    key_merge = bases.commuting_merge(key_cov, t, s, d, bases.RopeLayout(rope.layout, rope.rotary_dims))
+                else:
+                    key_merge = bases.svd_merge(key_cov, s, d)
+                value_merge = bases.svd_merge(value_cov, s, d)
+            key_maps.append((key_merge, key_cov))
+            value_maps.append((value_merge, value_cov))
+        merges[layer] = LayerMerge(
+            groups,
+            s,
+            mode,
+            key_down=torch.stack([m.down for m, _ in key_maps]),
+            key_up=torch.stack([m.up for m, _ in key_maps]),
+            value_down=torch.stack([m.down for m, _ in value_maps]),
+            value_up=torch.stack([m.up for m, _ in value_maps]),
+            method=recipe.merge_method,
+        )
+        errors[str(layer)] = {
+            "key": _mean_error(key_maps),
+            "value": _mean_error(value_maps),
+        }
+    return merges, errors
+
+
+def _mean_error(maps) -> float:
+    return sum(bases.relative_error(cov, merge) for merge, cov in maps) / len(maps)
+
+
+def _top_channels(program, plan: Plan, shape: ModelShape, chunks, sparsity: float, align: int, progress: bool):
+    statistics = _record(program, plan, shape, chunks, _ChannelStatistics(), progress)
+    channels = {}
+    for layer in range(shape.num_layers):
+        scores = statistics.channel_scores(layer)
+        keep = kept_channels_per_head(scores.shape[-1], sparsity, align)
+        channels[layer] = scores.topk(keep, dim=-1).indices.sort(dim=-1).values.tolist()
+    return channels
+
+
+# -- calibration text --------------------------------------------------------------------------
+
+
+def _calibration_chunks(texts, tokenizer, recipe: Recipe) -> list[torch.Tensor]:
+    """(1, chunk_tokens) token chunks, `calib_tokens` in all (fewer if the text runs out)."""
+    if isinstance(texts, torch.Tensor) or (texts and isinstance(texts[0], torch.Tensor)):
+        return _as_chunks(texts)
+    if tokenizer is None:
+        raise RecipeError("texts are strings: pass tokenizer= to turn them into tokens")
+    ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False).input_ids]
+    ids = torch.tensor(ids[: recipe.calib_tokens], dtype=torch.long)
+    chunks = [ids[i : i + recipe.chunk_tokens][None] for i in range(0, len(ids), recipe.chunk_tokens)]
+    return _as_chunks([chunk for chunk in chunks if chunk.shape[1] > 1])
+
+
+def _as_chunks(token_ids: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    chunks = [chunk if chunk.dim() == 2 else chunk[None] for chunk in token_ids]
+    if not chunks:
+        raise RecipeError("no calibration tokens given")
+    return chunks
+
+
+def _recipe_fields(recipe: Recipe, *names: str) -> dict:
+    fields = asdict(recipe)
+    return {name: list(fields[name]) if isinstance(fields[name], tuple) else fields[name] for name in names}
