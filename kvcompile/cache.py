@@ -62,6 +62,11 @@ class CompressedKVCache:
         self.entries: dict[str, torch.Tensor] = dict(entries or {})
         self.length = length
 
+    def update(self, outputs: dict[str, torch.Tensor], length: int) -> None:
+        """Take a program's `present_{entry}` outputs as the new entries, holding `length` tokens."""
+        self.entries = {name.removeprefix("present_"): tensor for name, tensor in outputs.items()}
+        self.length = length
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 

@@ -17,6 +17,7 @@ import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
 from kvcompile.passes import (
     PassManager,
     canonicalize_attention,
+    extract_cache_encoder,
     find_attention_sites,
     merge_kv_heads,
     prune_k_channels,
@@ -61,6 +62,8 @@ class TransformedModel(torch.nn.Module):
         self.decode_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="decode")])(
             clone_program(canonical)
         )
+        # Without merges the prefill is the dense model's up to the cache: one dense prefill can feed it.
+        self.cache_encoder = None if plan.merges else extract_cache_encoder(self.prefill_program)
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
         self._source = [model]  # kept out of the module tree: its parameters are already the programs'
@@ -112,9 +115,19 @@ class TransformedModel(torch.nn.Module):
         if not use_cache:
             return CausalLMOutputWithPast(logits=logits)
         result = past_key_values if past_key_values is not None else CompressedKVCache()
-        result.entries = {name.removeprefix("present_"): tensor for name, tensor in outputs.items()}
-        result.length = start + seq
+        result.update(outputs, length=start + seq)
         return CausalLMOutputWithPast(logits=logits, past_key_values=result)
+
+    @torch.no_grad()
+    def encode_dense_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> CompressedKVCache:
+        """The cache this model's prefill writes, from a dense prefill's per-layer K/V (B, Hkv, T, D),
+        e.g. the layers of a transformers DynamicCache. For plans that do not merge heads."""
+        if self.cache_encoder is None:
+            raise ValueError("this plan merges KV heads: its cache is not a function of the dense model's K/V")
+        outputs = self.cache_encoder(*keys, *values)
+        cache = CompressedKVCache()
+        cache.update(dict(zip(signature_of(self.cache_encoder).outputs, outputs)), length=keys[0].shape[2])
+        return cache
 
     def _empty_past(self, entry: str, batch: int) -> torch.Tensor:
         """The prefill's past for cache entry `key.{l}` / `value.{l}`: no tokens, the layer's heads."""

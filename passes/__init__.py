@@ -1,5 +1,6 @@
 """Graph passes over captured explicit-cache programs. Each module holds one pass."""
 
+from .cache_encoder import NotEncodable, extract_cache_encoder
 from .canonicalize import canonicalize_attention
 from .manager import PassManager
 from .merge_kv_heads import MergeError, merge_kv_heads
@@ -9,10 +10,12 @@ from .sites import AttentionSite, RoPE, SiteMatchError, find_attention_sites
 __all__ = [
     "AttentionSite",
     "MergeError",
+    "NotEncodable",
     "PassManager",
     "RoPE",
     "SiteMatchError",
     "canonicalize_attention",
+    "extract_cache_encoder",
     "find_attention_sites",
     "merge_kv_heads",
     "prune_k_channels",
