@@ -305,3 +305,15 @@ def _as_chunks(token_ids: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.T
 def _recipe_fields(recipe: Recipe, *names: str) -> dict:
     fields = asdict(recipe)
     return {name: list(fields[name]) if isinstance(fields[name], tuple) else fields[name] for name in names}
+
+
+def random_k_plan(shape: ModelShape, sparsity: float, align: int, *, seed: int = 0) -> Plan:
+    """The baseline for a static plan: each head keeps as many channels, drawn at random (seeded)."""
+    keep = kept_channels_per_head(shape.head_dim, sparsity, align)
+    generator = torch.Generator().manual_seed(seed)
+    channels = {
+        layer: [sorted(torch.randperm(shape.head_dim, generator=generator)[:keep].tolist()) for _ in range(shape.num_kv_heads)]
+        for layer in range(shape.num_layers)
+    }
+    meta = {"method": "random", "sparsity": sparsity, "align": align, "seed": seed}
+    return Plan.from_k_channels(channels, model=shape, meta=meta)

@@ -1,66 +1,132 @@
-"""The `kvcompile` command line. Subcommands: `demo`.
+"""The `kvcompile` command line: `eval`, `calibrate`, `demo`.
 
-`kvcompile demo` calibrates a static K-channel plan for the embedded SmolLM2-135M-Instruct, compiles
-it, and prints dense against compressed: perplexity and greedy agreement on held-out text, and the
-K/V bytes per token the caches really hold. Tables go to stdout, progress bars to stderr.
+`kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
+inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
+agreement, K/V bytes per token. With `--sparsity`, it adds the K-channel baselines at that
+sparsity: random channels and the static |q|·|k| ranking. `kvcompile demo` is the main job: both
+baselines at 50% and 70%. Tables go to stdout, progress bars to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import metrics, text
-from .calibrate import RecipeError, static_k_plan
+from . import evaluate, text
+from .calibrate import Recipe, RecipeError, calibrate, kept_channels_per_head, random_k_plan
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
-from .runtime import transform
-
-# Defaults of the sized options: a full demo (a few minutes on a 2-core CPU) and --quick.
-FULL_RUN = dict(calib_tokens=4096, context=512, score_last=64, windows=4, new_tokens=32)
-QUICK_RUN = dict(calib_tokens=1024, context=128, score_last=16, windows=2, new_tokens=8)
+from .plan import ModelShape, Plan, PlanError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    return args.run(parser, args)
+    try:
+        return args.run(args)
+    except (RecipeError, PlanError) as err:
+        parser.error(str(err))
+    except ModelNotAvailable as err:
+        parser.exit(1, f"kvcompile: error: {err}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompile", description="A compiler for the KV cache of decoder LLMs.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="calibrate, compile and evaluate a K-channel plan for the embedded SmolLM2-135M-Instruct",
-        description="Calibrate a static K-channel plan for SmolLM2-135M-Instruct, compile it, and compare it "
-        "with the dense model on held-out text: perplexity, greedy agreement, K/V bytes per token.",
-    )
-    demo.add_argument("--sparsity", type=_sparsity, default=0.5, help="share of key channels to drop (default 0.5)")
-    demo.add_argument("--align", type=_positive_int, default=16, help="kept channels per head are a multiple of this (default 16)")
-    sized = "default {full}, {quick} with --quick"
-    for name, unit in (
-        ("calib_tokens", "calibration tokens (rounded up to whole --context chunks)"),
-        ("context", "tokens per evaluation window"),
-        ("score_last", "scored tokens at the end of each window, fed one decode step at a time"),
-        ("windows", "evaluation windows (also the prompts for greedy agreement)"),
-        ("new_tokens", "greedy tokens per prompt for agreement"),
-    ):
-        demo.add_argument(
-            "--" + name.replace("_", "-"),
-            type=_positive_int,
-            help=f"{unit}; " + sized.format(full=FULL_RUN[name], quick=QUICK_RUN[name]),
-        )
-    demo.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the choice of text windows (default 0)")
-    demo.add_argument("--json", type=Path, metavar="PATH", help="also write every number and the configuration here")
-    demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    demo.set_defaults(run=_run_demo)
+
+    evaluation = commands.add_parser("eval", help="measure plans against the dense model on the same inputs")
+    _evaluation_options(evaluation, default_sparsities=[], default_output=None)
+    evaluation.set_defaults(run=_run_eval)
+
+    demo = commands.add_parser("demo", help="the main job: static and random K-channel plans at 50%% and 70%% vs dense")
+    _evaluation_options(demo, default_sparsities=[0.5, 0.7], default_output="kvcompile-demo")
+    demo.set_defaults(run=_run_eval)
+
+    calib = commands.add_parser("calibrate", help="build a plan from calibration text and save it")
+    calib.add_argument("output", type=Path, help="directory to write the plan to")
+    calib.add_argument("--kv-group-size", type=_positive_int, help="merge groups of this many KV heads")
+    calib.add_argument("--kv-heads-per-group", type=_positive_int, default=1, help="heads each group becomes (default 1)")
+    calib.add_argument("--rope", choices=("commute", "post"), default="commute", help="how merged keys meet RoPE")
+    calib.add_argument("--merge-layers", type=_positive_or_zero_int, nargs="+", help="layers to merge (default all)")
+    calib.add_argument("--merge-method", choices=("svd", "mean-pool"), default="svd")
+    calib.add_argument("--k-sparsity", type=_fraction, help="share of post-RoPE key channels to drop")
+    calib.add_argument("--align", type=_positive_int, default=16, help="kept channels per head are a multiple of this")
+    calib.add_argument("--calib-tokens", type=_positive_int, default=8192)
+    calib.add_argument("--no-progress", dest="progress", action="store_false")
+    calib.set_defaults(run=_run_calibrate)
     return parser
+
+
+def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: list[float], default_output: str | None) -> None:
+    parser.add_argument("--plan", type=Path, action="append", default=[], metavar="PATH", help="add a saved plan's row (repeatable)")
+    parser.add_argument("--sparsity", type=_fraction, nargs="*", default=default_sparsities,
+                        help="K sparsities for the random and static baselines" +
+                        (f" (default {' '.join(map(str, default_sparsities))})" if default_sparsities else ""))
+    parser.add_argument("--align", type=_positive_int, default=16, help="baselines keep a multiple of this per head (default 16)")
+    parser.add_argument("--calib-tokens", type=_positive_int, default=8192, help="calibration tokens for the static baseline")
+    parser.add_argument("--quick", action="store_true", help="the short setting (one length, two tasks, few samples)")
+    parser.add_argument("--lengths", type=_positive_int, nargs="+", help="context lengths (default 1024 2048 4096)")
+    parser.add_argument("--tasks", nargs="+", choices=evaluate.tasks.TASKS, help="retrieval tasks (default all)")
+    parser.add_argument("--samples", type=_positive_int, help="retrieval prompts per task and length (default 4)")
+    parser.add_argument("--ppl-windows", type=_positive_int, help="perplexity windows per length (default 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
+    json_default, plot_default = (None, None) if default_output is None else (Path(f"{default_output}.json"), Path(f"{default_output}.png"))
+    parser.add_argument("--json", type=Path, metavar="PATH", default=json_default,
+                        help="write every number and the configuration here" + (f" (default {json_default})" if json_default else ""))
+    parser.add_argument("--plot", type=Path, metavar="PATH", default=plot_default,
+                        help="PNG of accuracy against KV memory" + (f" (default {plot_default})" if plot_default else ""))
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    settings = evaluate.QUICK if args.quick else evaluate.EvalSettings()
+    settings = evaluate.with_overrides(settings, lengths=args.lengths and tuple(args.lengths),
+                                       tasks=args.tasks and tuple(args.tasks), samples=args.samples,
+                                       ppl_windows=args.ppl_windows)
+    plans = [(path.name, Plan.load(path)) for path in args.plan]  # fail on a bad path before loading the model
+    start = time.perf_counter()
+    model, tokenizer = load_default_model()
+    model = model.to(args.device)
+    shape = ModelShape.from_config(model.config)
+    methods = [evaluate.Method("dense")]
+    for sparsity in args.sparsity:
+        # rows are named by what they keep: the aligned count may round the asked sparsity
+        kept = kept_channels_per_head(shape.head_dim, sparsity, args.align)
+        achieved = 1 - kept / shape.head_dim
+        if abs(achieved - sparsity) > 1e-9:
+            print(f"sparsity {sparsity:g} keeps {kept} of {shape.head_dim} channels per head at align {args.align}: "
+                  f"{achieved:.1%}", file=sys.stderr)
+        methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
+        recipe = Recipe(k_sparsity=sparsity, align=args.align, calib_tokens=args.calib_tokens)
+        static = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress)
+        methods.append(evaluate.Method(f"static-k{achieved:.0%}", static))
+    methods += [evaluate.Method(f"plan:{name}", plan) for name, plan in plans]
+    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME, progress=args.progress)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    print(evaluate.format_table(report))
+    print(f"{report['model']} on {report['versions']['device']}, {report['seconds']} s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        evaluate.plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    recipe = Recipe(kv_group_size=args.kv_group_size, kv_heads_per_group=args.kv_heads_per_group, rope=args.rope,
+                    merge_layers=args.merge_layers and tuple(args.merge_layers), merge_method=args.merge_method,
+                    k_sparsity=args.k_sparsity, align=args.align, calib_tokens=args.calib_tokens)
+    model, tokenizer = load_default_model()
+    plan = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress)
+    plan.save(args.output)
+    print(f"wrote plan {plan.fingerprint()} to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _positive_int(value: str) -> int:
@@ -69,8 +135,13 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
-def _sparsity(value: str) -> float:
-    # static_k_plan checks the range too, but only after the model has loaded
+def _positive_or_zero_int(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return int(value)
+
+
+def _fraction(value: str) -> float:
     message = f"must be in [0, 1), got {value}"
     try:
         number = float(value)
@@ -79,131 +150,3 @@ def _sparsity(value: str) -> float:
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(message)
     return number
-
-
-def _demo_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The options as one dict, sized options filled from the full or quick preset."""
-    preset = QUICK_RUN if args.quick else FULL_RUN
-    config = {name: getattr(args, name) or default for name, default in preset.items()}
-    config.update(sparsity=args.sparsity, align=args.align, seed=args.seed, quick=args.quick)
-    if config["score_last"] >= config["context"]:
-        parser.error(f"--score-last ({config['score_last']}) must be smaller than --context ({config['context']})")
-    return config
-
-
-def _run_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = _demo_config(parser, args)
-    try:
-        report = run_demo(config, progress=args.progress)
-    except RecipeError as err:
-        parser.error(str(err))
-    except ModelNotAvailable as err:
-        parser.exit(1, f"kvcompile: error: {err}\n")
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
-
-
-def run_demo(config: dict, *, progress: bool = True) -> dict:
-    """Every number of the demo, with `config`, as one JSON-ready dict."""
-    seconds: dict[str, float] = {}
-    with _timed(seconds, "load"):
-        model, tokenizer = load_default_model()
-    context, windows_count = config["context"], config["windows"]
-    calibration = text.token_windows(
-        tokenizer, text.calibration_text(), length=context, count=-(-config["calib_tokens"] // context), seed=config["seed"]
-    )
-    windows = text.token_windows(tokenizer, text.evaluation_text(), length=context, count=windows_count, seed=config["seed"])
-    prompts = windows[:, : context - config["score_last"]]
-
-    with _timed(seconds, "calibrate"):
-        plan = static_k_plan(model, calibration, sparsity=config["sparsity"], align=config["align"], progress=progress)
-    with _timed(seconds, "transform"):
-        compressed = transform(model, plan)
-
-    results = {}
-    for name, candidate in (("dense", model), ("kvcompile", compressed)):
-        with _timed(seconds, f"evaluate_{name}"):
-            k_bytes, v_bytes = metrics.kv_bytes_per_token(_decoded_cache(candidate, windows[:1]))
-            results[name] = {
-                "perplexity": metrics.perplexity(candidate, windows, config["score_last"], progress=progress),
-                "k_bytes_per_token": k_bytes,
-                "v_bytes_per_token": v_bytes,
-            }
-    with _timed(seconds, "greedy_agreement"):
-        results["kvcompile"]["greedy_agreement"] = metrics.greedy_agreement(
-            model, compressed, prompts, config["new_tokens"], progress=progress
-        )
-
-    return {
-        "model": DEFAULT_MODEL_NAME,
-        "config": config,
-        "plan": {
-            "fingerprint": plan.fingerprint(),
-            "meta": dict(plan.meta),
-            "kept_k_fraction": metrics.kept_k_fraction(plan, compressed.shape),
-            "k_bytes_per_token": plan.k_bytes_per_token(compressed.shape, compressed.dtype),
-            "v_bytes_per_token": plan.v_bytes_per_token(compressed.shape, compressed.dtype),
-        },
-        **results,
-        "seconds": seconds,
-    }
-
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], name: str):
-    start = time.perf_counter()
-    yield
-    seconds[name] = round(time.perf_counter() - start, 2)
-
-
-def _decoded_cache(model, tokens: torch.Tensor):
-    """The cache after prefilling all but the last token and decoding that one: both phases wrote it."""
-    with torch.no_grad():
-        out = model(tokens[:, :-1], use_cache=True)
-        return model(tokens[:, -1:], past_key_values=out.past_key_values, use_cache=True).past_key_values
-
-
-def format_report(report: dict) -> str:
-    config, plan, dense, compressed = report["config"], report["plan"], report["dense"], report["kvcompile"]
-    ppl_change = compressed["perplexity"] / dense["perplexity"] - 1
-    rows = [
-        ("", "dense", "kvcompile", "plan formula"),
-        (
-            f"perplexity (last {config['score_last']} of {config['context']} tokens)",
-            f"{dense['perplexity']:.3f}",
-            f"{compressed['perplexity']:.3f} ({ppl_change:+.1%})",
-            "",
-        ),
-        (
-            f"greedy agreement with dense ({config['new_tokens']} tokens)",
-            "reference",
-            f"{compressed['greedy_agreement']:.3f}",
-            "",
-        ),
-        _bytes_row("K", "k_bytes_per_token", dense, compressed, plan),
-        _bytes_row("V", "v_bytes_per_token", dense, compressed, plan),
-        ("kept K channels", "100%", f"{plan['kept_k_fraction']:.1%}", ""),
-    ]
-    title = (
-        f"kvcompile demo: {report['model']}, {plan['meta']['method']} plan {plan['fingerprint']} at sparsity "
-        f"{config['sparsity']} (align {config['align']}) from {plan['meta']['calibration_tokens']} calibration tokens"
-    )
-    timings = "seconds: " + ", ".join(f"{name} {value}" for name, value in report["seconds"].items())
-    return "\n".join([title, _table(rows), timings])
-
-
-def _bytes_row(part: str, key: str, dense: dict, compressed: dict, plan: dict) -> tuple[str, ...]:
-    return (f"{part} bytes / token", f"{dense[key]:g}", f"{compressed[key]:g}", f"{plan[key]}")
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    """First column left-aligned, the others right-aligned."""
-    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)

@@ -1,7 +1,7 @@
-"""The command line: argument errors, presets, report and JSON; the real demo end to end where the weights are."""
+"""The command line: argument errors before any work, the eval flow on a tiny model, the real
+quick demo end to end where the weights are."""
 
 import json
-import math
 import runpy
 import sys
 
@@ -9,36 +9,14 @@ import pytest
 
 from kvcompile import cli, models
 from kvcompile.models import INSTALL_COMMAND, ModelNotAvailable, default_model_available, load_default_model
-
-
-def fake_report(config: dict) -> dict:
-    return {
-        "model": "tiny",
-        "config": config,
-        "plan": {
-            "fingerprint": "0123456789ab",
-            "meta": {"method": "static-qk", "calibration_tokens": config["calib_tokens"]},
-            "kept_k_fraction": 0.5,
-            "k_bytes_per_token": 128,
-            "v_bytes_per_token": 256,
-        },
-        "dense": {"perplexity": 10.0, "k_bytes_per_token": 256.0, "v_bytes_per_token": 256.0},
-        "kvcompile": {"perplexity": 12.5, "greedy_agreement": 0.75, "k_bytes_per_token": 128.0, "v_bytes_per_token": 256.0},
-        "seconds": {"load": 1.0},
-    }
+from tests.test_evaluate import model as tiny_model  # noqa: F401  (fixtures)
+from tests.test_evaluate import tokenizer as byte_tokenizer  # noqa: F401
 
 
 @pytest.fixture
-def demo_configs(monkeypatch):
-    """Replaces the model-running part of the demo; records the configs it was asked to run."""
-    configs = []
-
-    def run_demo(config, *, progress=True):
-        configs.append(config)
-        return fake_report(config)
-
-    monkeypatch.setattr(cli, "run_demo", run_demo)
-    return configs
+def no_model(monkeypatch):
+    """Fails the test if a command gets as far as loading the model."""
+    monkeypatch.setattr(cli, "load_default_model", lambda: pytest.fail("loaded the model"))
 
 
 def test_a_command_is_required(capsys):
@@ -51,36 +29,33 @@ def test_a_command_is_required(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--sparsity", "1"], "--sparsity: must be in [0, 1)"),
-        (["--sparsity", "-0.1"], "--sparsity: must be in [0, 1)"),
-        (["--align", "0"], "--align: must be a positive integer"),
-        (["--sparsity", "half"], "--sparsity: must be in [0, 1), got half"),
-        (["--windows", "two"], "--windows: must be a positive integer, got two"),
-        (["--context", "64", "--score-last", "64"], "--score-last (64) must be smaller than --context (64)"),
-        (["--quick", "--score-last", "200"], "--score-last (200) must be smaller than --context (128)"),
+        (["demo", "--sparsity", "1"], "--sparsity: must be in [0, 1)"),
+        (["eval", "--sparsity", "half"], "--sparsity: must be in [0, 1), got half"),
+        (["eval", "--align", "0"], "--align: must be a positive integer"),
+        (["eval", "--lengths", "2K"], "--lengths: must be a positive integer, got 2K"),
+        (["eval", "--tasks", "haystack"], "--tasks: invalid choice: 'haystack'"),
+        (["eval", "--plan", "/no/such/plan"], "no plan.json"),
+        (["calibrate", "out", "--rope", "pre"], "--rope: invalid choice"),
     ],
 )
-def test_bad_arguments_fail_before_any_work(demo_configs, capsys, argv, message):
+def test_bad_arguments_fail_before_any_work(no_model, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", *argv])
+        cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-    assert demo_configs == []
 
 
-def test_quick_preset_fills_only_unset_options(demo_configs):
-    assert cli.main(["demo", "--quick", "--context", "64"]) == 0
-    (config,) = demo_configs
-    assert config == {**cli.QUICK_RUN, "context": 64, "sparsity": 0.5, "align": 16, "seed": 0, "quick": True}
-
-
-def test_report_table_and_json(demo_configs, capsys, tmp_path):
-    path = tmp_path / "demo.json"
-    assert cli.main(["demo", "--sparsity", "0.25", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "perplexity (last 64 of 512 tokens)" in out and "12.500 (+25.0%)" in out
-    assert "K bytes / token" in out and "kept K channels" in out
-    assert json.loads(path.read_text()) == fake_report({**cli.FULL_RUN, "sparsity": 0.25, "align": 16, "seed": 0, "quick": False})
+def test_eval_rows_table_json_and_plot(monkeypatch, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811
+    monkeypatch.setattr(cli, "load_default_model", lambda: (tiny_model, byte_tokenizer))
+    argv = ["eval", "--quick", "--lengths", "1024", "--tasks", "passkey", "--sparsity", "0.5", "--align", "4", "--calib-tokens", "512",
+            "--no-progress", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [row["name"] for row in report["rows"]] == ["dense", "random-k50%", "static-k50%"]
+    assert report["plans"]["static-k50%"]["meta"]["method"] == "static-qk"
+    assert report["settings"]["lengths"] == [1024] and report["settings"]["tasks"] == ["passkey"]
+    assert "static-k50%" in capsys.readouterr().out
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_weights_name_the_install_command(monkeypatch, capsys):
@@ -89,7 +64,7 @@ def test_missing_weights_name_the_install_command(monkeypatch, capsys):
     with pytest.raises(ModelNotAvailable, match=INSTALL_COMMAND):
         load_default_model()
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--quick"])
+        cli.main(["eval", "--quick"])
     assert exit_info.value.code == 1
     assert INSTALL_COMMAND in capsys.readouterr().err
 
@@ -107,15 +82,15 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     if not default_model_available():
         pytest.skip(f"SmolLM2 weights not installed ({INSTALL_COMMAND})")
     path = tmp_path / "demo.json"
-    assert cli.main(["demo", "--quick", "--no-progress", "--json", str(path)]) == 0
+    assert cli.main(["demo", "--quick", "--no-progress", "--json", str(path), "--plot", str(tmp_path / "d.png")]) == 0
     report = json.loads(path.read_text())
-    dense, compressed, plan = report["dense"], report["kvcompile"], report["plan"]
+    rows = {row["name"]: row for row in report["rows"]}
+    # 70% of 64 channels rounds to 16 kept (75%) at the default alignment of 16: rows say what is kept
+    assert list(rows) == ["dense", "random-k50%", "static-k50%", "random-k75%", "static-k75%"]
     full = 30 * 3 * 64 * 4  # layers x KV heads x head_dim x float32
-    assert dense["k_bytes_per_token"] == dense["v_bytes_per_token"] == full
-    assert compressed["k_bytes_per_token"] == plan["k_bytes_per_token"] == full // 2
-    assert compressed["v_bytes_per_token"] == plan["v_bytes_per_token"] == full
-    assert plan["kept_k_fraction"] == 0.5 and plan["meta"]["method"] == "static-qk"
-    assert 1 < dense["perplexity"] < 100 and math.isfinite(compressed["perplexity"])
-    assert 0 <= compressed["greedy_agreement"] <= 1
-    assert report["config"]["quick"] is True
-    assert "perplexity" in capsys.readouterr().out
+    assert rows["dense"]["k_bytes_per_token"] == rows["dense"]["v_bytes_per_token"] == full
+    assert rows["static-k50%"]["k_bytes_per_token"] == rows["static-k50%"]["k_bytes_per_token_formula"] == full // 2
+    assert rows["static-k75%"]["k_bytes_per_token"] == rows["random-k75%"]["k_bytes_per_token"] == full // 4
+    assert all(row["v_bytes_per_token"] == full for row in rows.values())
+    assert 1 < rows["dense"]["perplexity"]["512"] < 100
+    assert "static-k75%" in capsys.readouterr().out

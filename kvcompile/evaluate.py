@@ -1,0 +1,287 @@
+"""Evaluation: a plan's accuracy and memory against the dense model, on the same inputs, in one run.
+
+Rows are methods (dense, baselines, plans); for each context length every row sees the same
+RULER-style retrieval prompts (tasks.py), the same perplexity windows and the same agreement
+prompts. Every scored token after the prompt goes through a decode step on the row's compressed
+cache. Plans that leave the model alone until the cache (K-channel pruning) start from one shared
+dense prefill through their compiled cache encoder, which writes exactly what their own prefill
+would; plans that merge heads prefill themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from . import tasks, text
+from .cache import CompressedKVCache
+from .plan import Plan
+from .runtime import TransformedModel, transform
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    tasks: tuple[str, ...] = tasks.TASKS
+    samples: int = 4  # retrieval prompts per task and length
+    ppl_windows: int = 2  # perplexity windows per length
+    score_last: int = 32  # scored tokens at the end of each window, one decode step each
+    agreement_tokens: int = 16  # greedy tokens of the dense model after each window's prefix
+    seed: int = 20261122  # evaluation seed; training uses other seeds
+
+
+QUICK = EvalSettings(lengths=(512,), tasks=("passkey", "multikey"), samples=2, ppl_windows=1, score_last=8,
+                     agreement_tokens=4)
+
+
+@dataclass
+class Method:
+    """One row: `plan` None is the dense model."""
+
+    name: str
+    plan: Plan | None = None
+
+
+@dataclass
+class Row:
+    name: str
+    plan_fingerprint: str | None
+    accuracy: dict = field(default_factory=dict)  # "task@length" -> {correct, samples, accuracy, ci95}
+    perplexity: dict = field(default_factory=dict)  # "length" -> value
+    agreement: dict = field(default_factory=dict)  # "length" -> fraction of dense greedy tokens
+    k_bytes_per_token: float = 0.0
+    v_bytes_per_token: float = 0.0
+    k_bytes_per_token_formula: int | None = None
+    v_bytes_per_token_formula: int | None = None
+
+
+def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = EvalSettings(), *,
+             model_name: str = "", progress: bool = True) -> dict:
+    """Every number of the table, with the configuration that produced it, as one JSON-ready dict."""
+    runners = [_Runner(model, method) for method in methods]
+    rows = [Row(m.name, None if m.plan is None else m.plan.fingerprint()) for m in methods]
+    device = next(model.parameters()).device
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    for length in settings.lengths:
+        if max_length is not None and length > max_length:
+            raise ValueError(f"context length {length} exceeds the model's maximum {max_length}")
+        _retrieval(model, tokenizer, runners, rows, settings, length, device, progress)
+        _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress)
+    for runner, row in zip(runners, rows):
+        row.k_bytes_per_token, row.v_bytes_per_token = runner.bytes_per_token
+        if runner.compiled is not None:
+            shape, dtype = runner.compiled.shape, runner.compiled.dtype
+            row.k_bytes_per_token_formula = runner.method.plan.k_bytes_per_token(shape, dtype)
+            row.v_bytes_per_token_formula = runner.method.plan.v_bytes_per_token(shape, dtype)
+    return {
+        "model": model_name or model.config.name_or_path,
+        "settings": asdict(settings),
+        "plans": {m.name: None if m.plan is None else {"fingerprint": m.plan.fingerprint(), "meta": dict(m.plan.meta)}
+                  for m in methods},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version(), "device": str(device)},
+        "rows": [asdict(row) for row in rows],
+    }
+
+
+class _Runner:
+    """Decodes one method from a prefill, sharing the dense prefill when the plan allows."""
+
+    def __init__(self, model, method: Method):
+        self.model, self.method = model, method
+        self.compiled: TransformedModel | None = None if method.plan is None else transform(model, method.plan)
+        self.bytes_per_token = (0.0, 0.0)
+
+    @torch.no_grad()
+    def continue_from(self, prompt: torch.Tensor, dense) -> tuple[torch.Tensor, object]:
+        """(last logits of the prompt, this method's cache) from the shared dense prefill `dense`."""
+        if self.compiled is None:
+            return dense.logits[:, -1], _copy(dense.past_key_values)
+        if self.compiled.cache_encoder is not None:
+            layers = dense.past_key_values.layers
+            cache = self.compiled.encode_dense_cache([l.keys for l in layers], [l.values for l in layers])
+            return dense.logits[:, -1], cache
+        out = self.compiled(prompt)
+        return out.logits[:, -1], out.past_key_values
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, cache):
+        """Logits (B, V) after one more token; records the cache's bytes per token."""
+        runner = self.compiled if self.compiled is not None else self.model
+        out = runner(token, past_key_values=cache, use_cache=True)
+        self.bytes_per_token = kv_bytes_per_token(out.past_key_values)
+        return out.logits[:, -1], out.past_key_values
+
+
+@torch.no_grad()
+def _retrieval(model, tokenizer, runners, rows, settings, length, device, progress):
+    samples = [s for task in settings.tasks for s in tasks.make_samples(task, tokenizer, length, settings.samples, settings.seed)]
+    correct = {(row.name, s.task): 0 for row in rows for s in samples}
+    for sample in tqdm(samples, desc=f"retrieval @{length}", unit="prompt", disable=not progress):
+        prompt = sample.prompt_ids.to(device)
+        dense = model(prompt, use_cache=True)
+        for runner, row in zip(runners, rows):
+            logits, cache = runner.continue_from(prompt, dense)
+            generated = []
+            for _ in range(sample.max_new_tokens):
+                token = logits.argmax(dim=-1, keepdim=True)
+                generated.append(token)
+                if token.item() == tokenizer.eos_token_id:
+                    break
+                logits, cache = runner.step(token, cache)
+            answer = tokenizer.decode(torch.cat(generated, dim=1)[0], skip_special_tokens=True)
+            correct[row.name, sample.task] += tasks.score(sample, answer)
+    for row in rows:
+        for task in settings.tasks:
+            hits = correct[row.name, task]
+            row.accuracy[f"{task}@{length}"] = {
+                "correct": hits,
+                "samples": settings.samples,
+                "accuracy": hits / settings.samples,
+                "ci95": wilson_interval(hits, settings.samples),
+            }
+
+
+@torch.no_grad()
+def _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress):
+    windows = text.token_windows(tokenizer, text.evaluation_text(), length=length, count=settings.ppl_windows,
+                                 seed=settings.seed).to(device)
+    scored = settings.score_last
+    nll = {row.name: 0.0 for row in rows}
+    agree = {row.name: 0 for row in rows}
+    for window in tqdm(windows, desc=f"perplexity @{length}", unit="window", disable=not progress):
+        prompt, targets = window[None, :-scored], window[None, -scored:]
+        dense = model(prompt, use_cache=True)
+        greedy = _dense_greedy(model, dense, settings.agreement_tokens)
+        for runner, row in zip(runners, rows):
+            nll[row.name] += _teacher_forced(runner, prompt, dense, targets, lambda lp, t: -lp.gather(-1, t[:, None]).sum().item())
+            agree[row.name] += _teacher_forced(runner, prompt, dense, greedy, lambda lp, t: int(lp.argmax(-1).eq(t).sum()))
+    for row in rows:
+        row.perplexity[str(length)] = math.exp(nll[row.name] / (len(windows) * scored))
+        row.agreement[str(length)] = agree[row.name] / (len(windows) * settings.agreement_tokens)
+
+
+def _teacher_forced(runner, prompt, dense, targets, measure) -> float:
+    """Sum of `measure(log_probs, target)` over `targets` (1, n), fed one decode step each."""
+    logits, cache = runner.continue_from(prompt, dense)
+    total = 0
+    for i in range(targets.shape[1]):
+        total += measure(logits.float().log_softmax(-1), targets[:, i])
+        if i + 1 < targets.shape[1]:
+            logits, cache = runner.step(targets[:, i : i + 1], cache)
+    return total
+
+
+def _copy(cache: DynamicCache) -> DynamicCache:
+    """A cache of its own over the same tensors (decoding replaces tensors, it never writes into them)."""
+    copy = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        copy.update(layer.keys, layer.values, i)
+    return copy
+
+
+def _dense_greedy(model, dense, count: int) -> torch.Tensor:
+    cache = _copy(dense.past_key_values)
+    logits, tokens = dense.logits[:, -1], []
+    for _ in range(count):
+        tokens.append(logits.argmax(-1, keepdim=True))
+        out = model(tokens[-1], past_key_values=cache, use_cache=True)
+        logits, cache = out.logits[:, -1], out.past_key_values
+    return torch.cat(tokens, dim=1)
+
+
+def kv_bytes_per_token(cache) -> tuple[float, float]:
+    """(K, V) bytes the cache holds per token of one sequence: a CompressedKVCache or a transformers cache."""
+    if isinstance(cache, CompressedKVCache):
+        k_bytes, v_bytes, batch = cache.k_nbytes, cache.v_nbytes, cache.batch_size
+    else:
+        k_bytes = sum(layer.keys.nbytes for layer in cache.layers)
+        v_bytes = sum(layer.values.nbytes for layer in cache.layers)
+        batch = cache.layers[0].keys.shape[0]
+    tokens = batch * cache.get_seq_length()
+    return k_bytes / tokens, v_bytes / tokens
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0/n and n/n, unlike ±2σ)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# -- presentation ------------------------------------------------------------------------------
+
+
+def format_table(report: dict) -> str:
+    rows = report["rows"]
+    accuracy_keys = list(rows[0]["accuracy"])
+    lengths = list(rows[0]["perplexity"])
+    header = ["method"] + [_short(k) for k in accuracy_keys] + [f"ppl@{_k(n)}" for n in lengths] \
+        + [f"agree@{_k(n)}" for n in lengths] + ["K B/tok", "V B/tok", "KV vs dense"]
+    dense_bytes = rows[0]["k_bytes_per_token"] + rows[0]["v_bytes_per_token"]
+    body = []
+    for row in rows:
+        cells = [row["name"]]
+        for key in accuracy_keys:
+            cell = row["accuracy"][key]
+            low, high = cell["ci95"]
+            cells.append(f"{cell['correct']}/{cell['samples']} [{low:.0%},{high:.0%}]")
+        cells += [f"{row['perplexity'][n]:.2f}" for n in lengths]
+        cells += [f"{row['agreement'][n]:.3f}" for n in lengths]
+        kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
+        cells += [f"{row['k_bytes_per_token']:g}", f"{row['v_bytes_per_token']:g}", f"{kv / dense_bytes:.2f}x"]
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header] + body]
+    samples = rows[0]["accuracy"][accuracy_keys[0]]["samples"] if accuracy_keys else 0
+    note = (f"retrieval: correct/samples [95% Wilson interval], {samples} prompts per cell; "
+            f"ppl: last {report['settings']['score_last']} tokens of {report['settings']['ppl_windows']} windows, "
+            f"decoded one step at a time; agree: share of {report['settings']['agreement_tokens']} dense greedy tokens")
+    return "\n".join(lines + [note])
+
+
+def _k(n: str) -> str:
+    n = int(n)
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _short(key: str) -> str:
+    task, length = key.split("@")
+    return f"{task}@{_k(length)}"
+
+
+def plot(report: dict, path) -> None:
+    """Mean retrieval accuracy against KV bytes per token, one point per method (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for row in report["rows"]:
+        cells = list(row["accuracy"].values())
+        accuracy = sum(c["correct"] for c in cells) / max(1, sum(c["samples"] for c in cells))
+        kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
+        ax.scatter(kv, accuracy, s=40)
+        ax.annotate(row["name"], (kv, accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("KV cache bytes per token (K + V, all layers)")
+    ax.set_ylabel("retrieval accuracy (all tasks and lengths)")
+    ax.set_title(report["model"], fontsize=9)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def with_overrides(settings: EvalSettings, **overrides) -> EvalSettings:
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,129 @@
+"""The evaluation harness on a tiny random model with a byte-level tokenizer: every number checked
+against a plain computation, the dense row against the dense model run directly."""
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import kvcompile
+from kvcompile import Plan
+from kvcompile.evaluate import QUICK, EvalSettings, Method, evaluate, format_table, kv_bytes_per_token, plot, wilson_interval
+from kvcompile.text import evaluation_text, token_windows
+
+SETTINGS = EvalSettings(lengths=(1024,), tasks=("passkey", "multikey"), samples=2, ppl_windows=2, score_last=6,
+                        agreement_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    byte_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="\u0100")
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         initializer_range=0.2, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def _plan(per_head):
+    return Plan.from_k_channels({layer: per_head for layer in range(2)})
+
+
+@pytest.fixture(scope="module")
+def report(model, tokenizer):
+    methods = [
+        Method("dense"),
+        Method("all-channels", _plan([list(range(16))] * 2)),
+        Method("one-channel", _plan([[0], [15]])),
+    ]
+    return evaluate(model, tokenizer, methods, SETTINGS, progress=False)
+
+
+def _row(report, name):
+    return next(row for row in report["rows"] if row["name"] == name)
+
+
+def test_dense_perplexity_is_the_models_own(model, tokenizer, report):
+    windows = token_windows(tokenizer, evaluation_text(), length=1024, count=2, seed=SETTINGS.seed)
+    with torch.no_grad():
+        logits = model(windows).logits[:, -SETTINGS.score_last - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), windows[:, -SETTINGS.score_last:].reshape(-1))
+    assert _row(report, "dense")["perplexity"]["1024"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+
+
+def test_dense_retrieval_row_is_what_the_dense_model_generates(model, tokenizer, report):
+    from kvcompile import tasks
+
+    for task in SETTINGS.tasks:
+        hits = 0
+        for sample in tasks.make_samples(task, tokenizer, 1024, SETTINGS.samples, SETTINGS.seed):
+            out = model.generate(sample.prompt_ids, attention_mask=torch.ones_like(sample.prompt_ids),
+                                 max_new_tokens=sample.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.eos_token_id)
+            hits += tasks.score(sample, tokenizer.decode(out[0, sample.prompt_ids.shape[1]:], skip_special_tokens=True))
+        assert _row(report, "dense")["accuracy"][f"{task}@1024"]["correct"] == hits
+
+
+def test_a_plan_keeping_everything_scores_like_dense(report):
+    dense, same = _row(report, "dense"), _row(report, "all-channels")
+    assert same["perplexity"]["1024"] == pytest.approx(dense["perplexity"]["1024"], rel=1e-4)
+    assert same["agreement"]["1024"] == 1.0 and dense["agreement"]["1024"] == 1.0
+    assert same["accuracy"] == dense["accuracy"]
+
+
+def test_pruning_moves_the_numbers_and_the_bytes(report):
+    dense, pruned = _row(report, "dense"), _row(report, "one-channel")
+    assert abs(pruned["perplexity"]["1024"] / dense["perplexity"]["1024"] - 1) > 1e-2
+    assert pruned["agreement"]["1024"] < 1.0
+    assert dense["k_bytes_per_token"] == 2 * 2 * 16 * 4
+    assert pruned["k_bytes_per_token"] == pruned["k_bytes_per_token_formula"] == 2 * 2 * 1 * 4
+    assert pruned["v_bytes_per_token"] == pruned["v_bytes_per_token_formula"] == dense["v_bytes_per_token"]
+
+
+def test_identical_inputs_give_identical_numbers(model, tokenizer, report):
+    again = evaluate(model, tokenizer, [Method("dense"), Method("all-channels", _plan([list(range(16))] * 2)),
+                                        Method("one-channel", _plan([[0], [15]]))], SETTINGS, progress=False)
+    assert again["rows"] == report["rows"]
+
+
+def test_table_json_and_plot(report, tmp_path):
+    table = format_table(report)
+    assert table.splitlines()[0].split()[:3] == ["method", "passkey@1K", "multikey@1K"]
+    assert "one-channel" in table and "95% Wilson interval" in table
+    plot(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merged_plans_prefill_themselves(model, tokenizer):
+    from kvcompile import Recipe, calibrate
+
+    merged = calibrate(model, Recipe(kv_group_size=2), torch.randint(0, 256, (2, 32)), progress=False)
+    report = evaluate(model, tokenizer, [Method("dense"), Method("merged", merged)],
+                      EvalSettings(lengths=(512,), tasks=("passkey",), samples=1, ppl_windows=1, score_last=4,
+                                   agreement_tokens=2), progress=False)
+    assert _row(report, "merged")["k_bytes_per_token"] == _row(report, "dense")["k_bytes_per_token"] / 2
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 4)[0] == 0 and 0.4 < wilson_interval(0, 4)[1] < 0.5
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(1 - high) and 0.2 < low < 0.3
+
+
+def test_quick_setting_is_short():
+    assert QUICK.lengths == (512,) and QUICK.samples * len(QUICK.tasks) <= 4
+
+
+def test_bytes_of_a_transformers_cache(model):
+    with torch.no_grad():
+        cache = model(torch.randint(0, 256, (2, 10)), use_cache=True).past_key_values
+    assert kv_bytes_per_token(cache) == (2 * 2 * 16 * 4, 2 * 2 * 16 * 4)
