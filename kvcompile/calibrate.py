@@ -30,7 +30,7 @@ from tqdm import tqdm
 from kvcompile.passes import canonicalize_attention, find_attention_sites, merge_kv_heads
 
 from . import bases
-from .capture import capture, clone_program, signature_of
+from .capture import capture, clone_program, program_for, signature_of
 from .plan import LayerMerge, ModelShape, Plan
 
 METHOD = "static-qk"
@@ -104,12 +104,16 @@ def calibrate(
     *,
     tokenizer=None,
     progress: bool = True,
+    program: torch.fx.GraphModule | None = None,
 ) -> Plan:
-    """A plan for `model` from `recipe`, measured on `texts` (strings with `tokenizer`, or token ids)."""
+    """A plan for `model` from `recipe`, measured on `texts` (strings with `tokenizer`, or token ids).
+
+    `program`, from `kvcompile.capture(model)`, saves tracing the model again.
+    """
     shape = ModelShape.from_config(model.config)
     recipe.check(shape)
     chunks = _calibration_chunks(texts, tokenizer, recipe)
-    canonical = canonicalize_attention(capture(model, shape))
+    canonical = canonicalize_attention(program_for(model, program, shape))
     meta = {"calibration_tokens": sum(chunk.numel() for chunk in chunks)}
     merges, k_channels = {}, {}
     if recipe.kv_group_size is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from .cache import key_entry, value_entry
 from .plan import ModelShape
 
 SIGNATURE_KEY = "kvcompile.signature"
+SOURCE_KEY = "kvcompile.source"  # weak reference to the model a program was captured from
 # The wrapper holds the user's model as `self.model`: module paths in the graph start with this.
 USER_MODEL_PREFIX = "model."
 
@@ -128,7 +130,19 @@ def capture(model: torch.nn.Module, shape: ModelShape | None = None) -> torch.fx
         raise CaptureError(
             f"could not capture {type(model).__name__} as an explicit-cache program: {type(err).__name__}: {err}"
         ) from err
-    return _to_plain_graph_module(exported.module(), shape.num_layers)
+    program = _to_plain_graph_module(exported.module(), shape.num_layers)
+    program.meta[SOURCE_KEY] = weakref.ref(model)
+    return program
+
+
+def program_for(model: torch.nn.Module, program: torch.fx.GraphModule | None, shape: ModelShape) -> torch.fx.GraphModule:
+    """A fresh copy of `program` (captured from `model` earlier, to save tracing again) or a new capture."""
+    if program is None:
+        return capture(model, shape)
+    source = program.meta.get(SOURCE_KEY)
+    if source is None or source() is not model:
+        raise CaptureError("the given program was not captured from this model (use kvcompile.capture(model))")
+    return clone_program(program)
 
 
 def _to_plain_graph_module(module: torch.fx.GraphModule, num_layers: int) -> torch.fx.GraphModule:

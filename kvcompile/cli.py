@@ -19,6 +19,7 @@ import torch
 
 from . import evaluate, text
 from .calibrate import Recipe, RecipeError, calibrate, kept_channels_per_head, random_k_plan
+from .capture import capture
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
 from .plan import ModelShape, Plan, PlanError
 
@@ -67,7 +68,7 @@ def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: lis
                         help="K sparsities for the random and static baselines" +
                         (f" (default {' '.join(map(str, default_sparsities))})" if default_sparsities else ""))
     parser.add_argument("--align", type=_positive_int, default=16, help="baselines keep a multiple of this per head (default 16)")
-    parser.add_argument("--calib-tokens", type=_positive_int, default=8192, help="calibration tokens for the static baseline")
+    parser.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens for the static baseline (default 8192, 2048 with --quick)")
     parser.add_argument("--quick", action="store_true", help="the short setting (one length, two tasks, few samples)")
     parser.add_argument("--lengths", type=_positive_int, nargs="+", help="context lengths (default 1024 2048 4096)")
     parser.add_argument("--tasks", nargs="+", choices=evaluate.tasks.TASKS, help="retrieval tasks (default all)")
@@ -92,6 +93,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_default_model()
     model = model.to(args.device)
     shape = ModelShape.from_config(model.config)
+    program = capture(model, shape)  # traced once, compiled for every row
     methods = [evaluate.Method("dense")]
     for sparsity in args.sparsity:
         # rows are named by what they keep: the aligned count may round the asked sparsity
@@ -101,11 +103,13 @@ def _run_eval(args: argparse.Namespace) -> int:
             print(f"sparsity {sparsity:g} keeps {kept} of {shape.head_dim} channels per head at align {args.align}: "
                   f"{achieved:.1%}", file=sys.stderr)
         methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
-        recipe = Recipe(k_sparsity=sparsity, align=args.align, calib_tokens=args.calib_tokens)
-        static = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress)
+        recipe = Recipe(k_sparsity=sparsity, align=args.align, calib_tokens=args.calib_tokens or (2048 if args.quick else 8192))
+        static = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
+                           program=program)
         methods.append(evaluate.Method(f"static-k{achieved:.0%}", static))
     methods += [evaluate.Method(f"plan:{name}", plan) for name, plan in plans]
-    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME, progress=args.progress)
+    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME,
+                               progress=args.progress, program=program)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(evaluate.format_table(report))
     print(f"{report['model']} on {report['versions']['device']}, {report['seconds']} s")

@@ -62,9 +62,11 @@ class Row:
 
 
 def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = EvalSettings(), *,
-             model_name: str = "", progress: bool = True) -> dict:
-    """Every number of the table, with the configuration that produced it, as one JSON-ready dict."""
-    runners = [_Runner(model, method) for method in methods]
+             model_name: str = "", progress: bool = True, program=None) -> dict:
+    """Every number of the table, with the configuration that produced it, as one JSON-ready dict.
+
+    `program`, from `kvcompile.capture(model)`, is compiled for every plan instead of tracing anew."""
+    runners = [_Runner(model, method, program) for method in methods]
     rows = [Row(m.name, None if m.plan is None else m.plan.fingerprint()) for m in methods]
     device = next(model.parameters()).device
     max_length = getattr(model.config, "max_position_embeddings", None)
@@ -93,9 +95,11 @@ def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = E
 class _Runner:
     """Decodes one method from a prefill, sharing the dense prefill when the plan allows."""
 
-    def __init__(self, model, method: Method):
+    def __init__(self, model, method: Method, program):
         self.model, self.method = model, method
-        self.compiled: TransformedModel | None = None if method.plan is None else transform(model, method.plan)
+        self.compiled: TransformedModel | None = (
+            None if method.plan is None else transform(model, method.plan, program=program)
+        )
         self.bytes_per_token = (0.0, 0.0)
 
     @torch.no_grad()

@@ -25,15 +25,16 @@ from kvcompile.passes import (
 from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
 from .cache import CompressedKVCache
-from .capture import capture, clone_program, signature_of
+from .capture import clone_program, program_for, signature_of
 from .plan import ModelShape, Plan
 
 
-def transform(model: torch.nn.Module, plan: Plan) -> "TransformedModel":
+def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModule | None = None) -> "TransformedModel":
     """Compile `model` (a transformers causal LM in eval mode) so its KV cache follows `plan`.
 
     The plan is validated before anything is traced; the user's model is neither modified nor
-    copied (the programs share its parameters).
+    copied (the programs share its parameters). `program`, from `kvcompile.capture(model)`, saves
+    tracing the model again when it is compiled for several plans.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a kvcompile.Plan, got {type(plan).__name__}")
@@ -43,17 +44,17 @@ def transform(model: torch.nn.Module, plan: Plan) -> "TransformedModel":
         raise ValueError("model is in training mode; call model.eval() first (dropout would change attention)")
     shape = ModelShape.from_config(model.config)
     plan.validate(shape)
-    return TransformedModel(model, plan, shape)
+    return TransformedModel(model, plan, shape, program)
 
 
 class TransformedModel(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape):
+    def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape, program: torch.fx.GraphModule | None = None):
         super().__init__()
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self.plan = plan
         self.shape = shape
-        captured = capture(model, shape)
+        captured = program_for(model, program, shape)
         find_attention_sites(captured)  # fail early, naming the layer, if a site does not match
         canonical = PassManager([canonicalize_attention, functools.partial(merge_kv_heads, plan=plan)])(captured)
         self.prefill_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="prefill")])(
