@@ -9,7 +9,8 @@
   RoPE, or the paper's mean-pooling baseline.
 - **Static K-channel pruning** (recipe.k_sparsity), recipe "static-qk": a post-RoPE key channel c
   of a KV head contributes `q_c * k_c` to every score, so it is ranked by mean|q_c| * mean|k_c|,
-  |q_c| averaged over the KV head's GQA group; each head keeps its top channels, an aligned count.
+  |q_c| averaged over the KV head's GQA group; each head keeps its top channels, an aligned count,
+  the counts together meeting the sparsity (`kept_channel_counts`).
   When the recipe also merges, the channels are ranked on the merged program: merge first.
 
 The statistics come from the compiler's own view of the model: the canonical program (merged, if
@@ -83,18 +84,33 @@ class Recipe:
             raise RecipeError("calib_tokens must be >= 1 and chunk_tokens >= 2")
 
 
-def kept_channels_per_head(head_dim: int, sparsity: float, align: int) -> int:
-    """`head_dim * (1 - sparsity)` rounded to the nearest multiple of `align`, at least `align`.
+def kept_channel_counts(head_scores: Sequence[torch.Tensor], sparsity: float, align: int) -> list[int]:
+    """Kept channels per head (one score vector per head, any layers): the aligned share `1 - sparsity`.
 
-    A head keeping nothing would become a streaming head; a ranking of channels is no evidence for
-    that, so the count never rounds down to zero.
+    The total is `(1 - sparsity)` of all channels rounded to the nearest multiple of `align`, so a
+    sparsity the alignment cannot give per head (70% of 64 channels at align 16) is still met
+    exactly over the model. Counts are as even as the alignment allows: every head keeps the
+    aligned count below its share, and the units left over go to the heads whose next `align`
+    channels carry the largest share of their score. A head never keeps fewer than `align`: a
+    ranking of channels is no evidence that a head may stream.
     """
     if not 0 <= sparsity < 1:
         raise RecipeError(f"sparsity must be in [0, 1), got {sparsity}")
+    head_dim = head_scores[0].numel()
     if align < 1 or head_dim % align:
         raise RecipeError(f"align must be a positive divisor of head_dim {head_dim}, got {align}")
-    units = int(head_dim * (1 - sparsity) / align + 0.5)
-    return max(units, 1) * align
+    heads, units_per_head = len(head_scores), head_dim // align
+    total = min(max(int(heads * head_dim * (1 - sparsity) / align + 0.5), heads), heads * units_per_head)
+    base = max(total // heads, 1)
+    counts = [base] * heads
+    if total > base * heads:
+        # gain of a head's next unit: its share of the head's score mass, channels taken best first
+        ranked = torch.stack([s.double().sort(descending=True).values for s in head_scores])
+        shares = ranked / ranked.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        gains = shares[:, base * align : (base + 1) * align].sum(dim=1)
+        for head in gains.argsort(descending=True, stable=True)[: total - base * heads].tolist():
+            counts[head] += 1
+    return [units * align for units in counts]
 
 
 def calibrate(
@@ -276,11 +292,16 @@ def _mean_error(maps) -> float:
 
 def _top_channels(program, plan: Plan, shape: ModelShape, chunks, sparsity: float, align: int, progress: bool):
     statistics = _record(program, plan, shape, chunks, _ChannelStatistics(), progress)
-    channels = {}
-    for layer in range(shape.num_layers):
-        scores = statistics.channel_scores(layer)
-        keep = kept_channels_per_head(scores.shape[-1], sparsity, align)
-        channels[layer] = scores.topk(keep, dim=-1).indices.sort(dim=-1).values.tolist()
+    return _kept_channels({layer: statistics.channel_scores(layer) for layer in range(shape.num_layers)}, sparsity, align)
+
+
+def _kept_channels(scores: dict[int, torch.Tensor], sparsity: float, align: int) -> dict[int, list[list[int]]]:
+    """Per layer, per head, the sorted indices of its best channels, counts from `kept_channel_counts`."""
+    heads = [(layer, head) for layer, layer_scores in scores.items() for head in range(layer_scores.shape[0])]
+    counts = kept_channel_counts([scores[layer][head] for layer, head in heads], sparsity, align)
+    channels = {layer: [] for layer in scores}
+    for (layer, head), keep in zip(heads, counts):
+        channels[layer].append(sorted(scores[layer][head].topk(keep).indices.tolist()))
     return channels
 
 
@@ -312,12 +333,8 @@ def _recipe_fields(recipe: Recipe, *names: str) -> dict:
 
 
 def random_k_plan(shape: ModelShape, sparsity: float, align: int, *, seed: int = 0) -> Plan:
-    """The baseline for a static plan: each head keeps as many channels, drawn at random (seeded)."""
-    keep = kept_channels_per_head(shape.head_dim, sparsity, align)
+    """The baseline for a static plan: as many channels as it keeps, drawn at random (seeded)."""
     generator = torch.Generator().manual_seed(seed)
-    channels = {
-        layer: [sorted(torch.randperm(shape.head_dim, generator=generator)[:keep].tolist()) for _ in range(shape.num_kv_heads)]
-        for layer in range(shape.num_layers)
-    }
+    scores = {layer: torch.rand(shape.num_kv_heads, shape.head_dim, generator=generator) for layer in range(shape.num_layers)}
     meta = {"method": "random", "sparsity": sparsity, "align": align, "seed": seed}
-    return Plan.from_k_channels(channels, model=shape, meta=meta)
+    return Plan.from_k_channels(_kept_channels(scores, sparsity, align), model=shape, meta=meta)

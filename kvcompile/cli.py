@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate, text
-from .calibrate import Recipe, RecipeError, calibrate, kept_channels_per_head, random_k_plan
+from .calibrate import Recipe, RecipeError, calibrate, random_k_plan
 from .capture import capture
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
 from .plan import ModelShape, Plan, PlanError
@@ -96,16 +96,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     program = capture(model, shape)  # traced once, compiled for every row
     methods = [evaluate.Method("dense")]
     for sparsity in args.sparsity:
-        # rows are named by what they keep: the aligned count may round the asked sparsity
-        kept = kept_channels_per_head(shape.head_dim, sparsity, args.align)
-        achieved = 1 - kept / shape.head_dim
-        if abs(achieved - sparsity) > 1e-9:
-            print(f"sparsity {sparsity:g} keeps {kept} of {shape.head_dim} channels per head at align {args.align}: "
-                  f"{achieved:.1%}", file=sys.stderr)
-        methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
         recipe = Recipe(k_sparsity=sparsity, align=args.align, calib_tokens=args.calib_tokens or (2048 if args.quick else 8192))
         static = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
                            program=program)
+        # rows are named by what they keep: the aligned counts may round the asked sparsity
+        kept = sum(sum(static.kept_counts(layer)) for layer in static.k_channels)
+        achieved = 1 - kept / (shape.num_layers * shape.num_kv_heads * shape.head_dim)
+        if abs(achieved - sparsity) > 1e-9:
+            print(f"sparsity {sparsity:g} at align {args.align} keeps {1 - achieved:.1%} of the K channels", file=sys.stderr)
+        methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
         methods.append(evaluate.Method(f"static-k{achieved:.0%}", static))
     methods += [evaluate.Method(f"plan:{name}", plan) for name, plan in plans]
     report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME,

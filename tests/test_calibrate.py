@@ -7,7 +7,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvcompile import ModelShape
-from kvcompile.calibrate import RecipeError, kept_channels_per_head, qk_channel_scores, static_k_plan
+from kvcompile.calibrate import RecipeError, kept_channel_counts, qk_channel_scores, static_k_plan
 from kvcompile.text import CALIBRATION_TOPICS, EVALUATION_TOPICS, calibration_text, evaluation_text
 from tests.tiny_models import make_tiny_model
 
@@ -81,11 +81,27 @@ def test_scores_match_statistic_recorded_by_hf_attention(scores, chunks):
 
 
 @pytest.mark.parametrize(
-    "head_dim, sparsity, align, kept",
-    [(64, 0.5, 16, 32), (64, 0.0, 16, 64), (64, 0.7, 16, 16), (64, 0.95, 16, 16), (16, 0.3, 4, 12), (128, 0.6, 32, 64)],
+    "heads, head_dim, sparsity, align",
+    [(90, 64, 0.5, 16), (90, 64, 0.7, 16), (90, 64, 0.0, 16), (12, 16, 0.3, 4), (8, 128, 0.6, 32), (7, 64, 0.55, 16)],
 )
-def test_kept_count_rounds_to_nearest_alignment_but_never_to_zero(head_dim, sparsity, align, kept):
-    assert kept_channels_per_head(head_dim, sparsity, align) == kept
+def test_kept_counts_are_aligned_and_meet_the_sparsity_over_all_heads(heads, head_dim, sparsity, align):
+    scores = [torch.rand(head_dim, generator=torch.Generator().manual_seed(h)) for h in range(heads)]
+    counts = kept_channel_counts(scores, sparsity, align)
+    assert all(c % align == 0 and align <= c <= head_dim for c in counts)
+    target = heads * head_dim * (1 - sparsity)
+    assert abs(sum(counts) - target) <= align / 2  # the nearest multiple of align
+    assert max(counts) - min(counts) <= align  # as even as the alignment allows
+
+
+def test_left_over_units_go_to_the_heads_that_lose_the_most():
+    flat, peaked = torch.ones(64), torch.tensor([100.0] * 16 + [1.0] * 48)
+    # 40% of 2 x 64 channels: 51.2 -> 48 kept, 16 each and the one unit left for the flat head
+    assert kept_channel_counts([peaked, flat], 0.6, 16) == [16, 32]
+    assert kept_channel_counts([flat, peaked], 0.6, 16) == [32, 16]
+
+
+def test_a_head_never_keeps_nothing():
+    assert kept_channel_counts([torch.rand(64)] * 4, 0.99, 16) == [16] * 4
 
 
 @pytest.mark.parametrize(
