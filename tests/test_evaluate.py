@@ -1,8 +1,6 @@
 """The evaluation harness on a tiny random model with a byte-level tokenizer: every number checked
 against a plain computation, the dense row against the dense model run directly."""
 
-import math
-
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -11,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import kvcompile
 from kvcompile import Plan
 from kvcompile.evaluate import QUICK, EvalSettings, Method, evaluate, format_table, kv_bytes_per_token, plot, wilson_interval
-from kvcompile.text import evaluation_text, token_windows
+from tests import dense_scores
 
 SETTINGS = EvalSettings(lengths=(1024,), tasks=("passkey", "multikey"), samples=2, ppl_windows=2, score_last=6,
                         agreement_tokens=4)
@@ -53,23 +51,13 @@ def _row(report, name):
 
 
 def test_dense_perplexity_is_the_models_own(model, tokenizer, report):
-    windows = token_windows(tokenizer, evaluation_text(), length=1024, count=2, seed=SETTINGS.seed)
-    with torch.no_grad():
-        logits = model(windows).logits[:, -SETTINGS.score_last - 1 : -1]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), windows[:, -SETTINGS.score_last:].reshape(-1))
-    assert _row(report, "dense")["perplexity"]["1024"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    assert _row(report, "dense")["perplexity"]["1024"] == pytest.approx(
+        dense_scores.perplexity(model, tokenizer, SETTINGS, 1024), rel=1e-4)
 
 
 def test_dense_retrieval_row_is_what_the_dense_model_generates(model, tokenizer, report):
-    from kvcompile import tasks
-
     for task in SETTINGS.tasks:
-        hits = 0
-        for sample in tasks.make_samples(task, tokenizer, 1024, SETTINGS.samples, SETTINGS.seed):
-            out = model.generate(sample.prompt_ids, attention_mask=torch.ones_like(sample.prompt_ids),
-                                 max_new_tokens=sample.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.eos_token_id)
-            hits += tasks.score(sample, tokenizer.decode(out[0, sample.prompt_ids.shape[1]:], skip_special_tokens=True))
+        hits = dense_scores.retrieval_hits(model, tokenizer, SETTINGS, task, 1024)
         assert _row(report, "dense")["accuracy"][f"{task}@1024"]["correct"] == hits
 
 

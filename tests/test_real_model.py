@@ -9,6 +9,8 @@ import torch
 import kvcompile
 from kvcompile.models import default_model_available, load_default_model
 from kvcompile.text import evaluation_text
+from kvcompile.evaluate import QUICK, Method, evaluate
+from tests import dense_scores
 from tests.masked_reference import decode, masked_reference_decode
 
 pytestmark = [
@@ -19,8 +21,13 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def model_and_prompt():
-    model, tokenizer = load_default_model()
+def smollm2():
+    return load_default_model()
+
+
+@pytest.fixture(scope="module")
+def model_and_prompt(smollm2):
+    model, tokenizer = smollm2
     ids = tokenizer(evaluation_text()[:2000], return_tensors="pt").input_ids[:, :96]
     return model, torch.cat([ids, ids.roll(7, dims=1)])  # batch 2, different rows
 
@@ -58,3 +65,13 @@ def test_half_channel_plan_matches_masked_reference_on_smollm2(model_and_prompt)
         assert torch.equal(g.argmax(-1), w.argmax(-1))
     assert cache.nbytes == plan.cache_nbytes(tm.shape, torch.float32, batch=2, length=96 + STEPS)
     assert cache.k_nbytes * 2 == cache.v_nbytes  # half the K channels, all of V
+
+
+def test_dense_row_of_an_evaluation_scores_what_smollm2_scores_directly(smollm2):
+    model, tokenizer = smollm2
+    report = evaluate(model, tokenizer, [Method("dense")], QUICK, progress=False)
+    (row,) = report["rows"]
+    (length,) = QUICK.lengths
+    assert row["perplexity"][str(length)] == pytest.approx(dense_scores.perplexity(model, tokenizer, QUICK, length), rel=1e-4)
+    for task in QUICK.tasks:
+        assert row["accuracy"][f"{task}@{length}"]["correct"] == dense_scores.retrieval_hits(model, tokenizer, QUICK, task, length)
