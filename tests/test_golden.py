@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from tests.programs import GOLDEN_PLAN, pipeline
+from tests.programs import GOLDEN_PLAN, merged_programs, pipeline
 from tests.tiny_models import make_tiny_model
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -22,7 +22,8 @@ UPDATE = os.environ.get("KVCOMPILE_UPDATE_GOLDEN") == "1"
 
 @pytest.fixture(scope="module")
 def programs():
-    return pipeline(make_tiny_model("llama", num_layers=1), GOLDEN_PLAN)
+    model = make_tiny_model("llama", num_layers=1)
+    return {**pipeline(model, GOLDEN_PLAN), **merged_programs(model)}
 
 
 def render(gm) -> str:
@@ -30,7 +31,11 @@ def render(gm) -> str:
     return f"{VERSIONS}\n{body}\n"
 
 
-@pytest.mark.parametrize("stage", ["captured", "canonicalize_attention", "prune_k_channels.prefill", "prune_k_channels.decode"])
+STAGES = ["captured", "canonicalize_attention", "merge_kv_heads.commute", "merge_kv_heads.post", "prune_k_channels.prefill",
+          "prune_k_channels.decode"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_program_matches_golden(programs, stage):
     path = GOLDEN / f"{stage}.py.txt"
     text = render(programs[stage])
