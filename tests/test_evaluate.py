@@ -3,13 +3,13 @@ against a plain computation, the dense row against the dense model run directly.
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompile
 from kvcompile import Plan
 from kvcompile.evaluate import QUICK, EvalSettings, Method, evaluate, format_table, kv_bytes_per_token, plot, wilson_interval
 from tests import dense_scores
+from tests.tiny_models import byte_level_tokenizer
 
 SETTINGS = EvalSettings(lengths=(1024,), tasks=("passkey", "multikey"), samples=2, ppl_windows=2, score_last=6,
                         agreement_tokens=4)
@@ -17,11 +17,7 @@ SETTINGS = EvalSettings(lengths=(1024,), tasks=("passkey", "multikey"), samples=
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    byte_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="\u0100")
+    return byte_level_tokenizer(eos_token="\u0100")
 
 
 @pytest.fixture(scope="module")

