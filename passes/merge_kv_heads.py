@@ -153,7 +153,8 @@ class _LayerMerger:
             self._check_foldable(*parts[part])
             self._free_head_counts(*parts[part][:2])
         segments = {part: self._segment(linear, source) for part, (linear, source, _) in parts.items()}
-        for linear in {segment.linear for segment in segments.values()}:
+        # In q, k, v order (a set's order follows node ids and would reorder the parameters each run).
+        for linear in dict.fromkeys(segment.linear for segment in segments.values()):
             parts = sorted((p for p in segments if segments[p].linear is linear), key=lambda p: segments[p].start)
             if not any(p in new_rows for p in parts):
                 continue
