@@ -8,6 +8,12 @@ that faster implementations are tested against) and a fake implementation for tr
     mask         boolean (True = attend) or additive float, broadcastable to (B, Hq, S, T), or None
     k_groups[g]  (B, G_g, T, w_g) the keys of KV heads `heads[g]` (G_g,), keeping channels
                  `channels[g]` (G_g, w_g) of each: the compressed K cache of one width group
+
+Windowed layout (`windowed_attention`): the sequence of T = Tw + M tokens is split into a window
+(B, Hkv, Tw, D), every channel, holding the first `sink` tokens then the last Tw - sink, and a
+middle of M tokens in between, whose keys come as width groups (B, G_g, M, w_g) and whose values
+(B, Hm, M, D) cover only the KV heads of the groups (ascending). The mask is over the sequence
+order: tokens 0..T-1.
 """
 
 from __future__ import annotations
@@ -18,13 +24,7 @@ import torch.nn.functional as F
 
 def _masked_softmax_attention(scores, v, mask, is_causal):
     """softmax(scores + mask) @ v, scores (B, Hq, S, T) already scaled, v (B, Hkv, T, D)."""
-    if is_causal:
-        # SDPA's convention: top-left aligned, query i sees keys 0..i
-        s, t = scores.shape[-2:]
-        causal = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    scores = scores + _sequence_bias(mask, is_causal, scores.shape, scores.device)
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     repeats = scores.shape[1] // v.shape[1]
     return probs @ v.repeat_interleave(repeats, dim=1)
@@ -99,6 +99,99 @@ def pruned_attention(
 @pruned_attention.register_fake
 def _(q, k_groups, heads, channels, v, mask, scale, is_causal):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+@torch.library.custom_op("kvcompile::windowed_attention", mutates_args=())
+def windowed_attention(
+    q: torch.Tensor,
+    k_window: torch.Tensor,
+    v_window: torch.Tensor,
+    k_middle: list[torch.Tensor],
+    heads: list[torch.Tensor],
+    channels: list[torch.Tensor],
+    v_middle: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    sink: int,
+) -> torch.Tensor:
+    """One softmax over LeanK's regions: window keys score with every channel, middle keys of
+    group g with `channels[g]` only (original `scale`); KV heads in no group (streaming heads)
+    see the window only.
+
+    Computed the way a split-KV kernel does: a partial result (row max, sum of exponentials,
+    unnormalised output) per region (the window, then each middle width group), combined by
+    log-sum-exp. `mask` (bool or additive) and `is_causal` (top-left, like SDPA) refer to sequence
+    order; window column j < `sink` is token j, the rest follow the middle.
+    """
+    b, hq, s, d = q.shape
+    hkv, window = k_window.shape[1], k_window.shape[2]
+    middle = v_middle.shape[2]
+    r = hq // hkv
+    bias = _sequence_bias(mask, is_causal, (b, hq, s, window + middle), q.device).reshape(b, hkv, r, s, window + middle)
+    # the sequence is [window[:sink], middle, window[sink:]]
+    window_bias = torch.cat([bias[..., :sink], bias[..., sink + middle :]], dim=-1)
+    middle_bias = bias[..., sink : sink + middle]
+
+    q_by_kv_head = q.view(b, hkv, r, s, d).float()
+    window_scores = q_by_kv_head @ k_window.float().unsqueeze(2).transpose(-1, -2) * scale + window_bias
+    partials = [_partial_attention(window_scores, v_window)]
+    middle_heads = torch.cat(heads).sort().values if heads else None  # the heads v_middle holds
+    for keys, group_heads, group_channels in zip(k_middle, heads, channels):
+        g, w = group_channels.shape
+        q_group = q_by_kv_head.index_select(1, group_heads)
+        q_group = q_group.gather(-1, group_channels[None, :, None, None, :].expand(b, g, r, s, w))
+        scores = q_group @ keys.float().unsqueeze(2).transpose(-1, -2) * scale + middle_bias.index_select(1, group_heads)
+        values = v_middle.index_select(1, torch.searchsorted(middle_heads, group_heads))
+        partials.append(_on_all_heads(_partial_attention(scores, values), group_heads, hkv))
+    return _combine_partials(partials).view(b, hq, s, -1).to(v_window.dtype)
+
+
+def _sequence_bias(mask, is_causal, shape, device) -> torch.Tensor:
+    """The additive fp32 mask (0 where attended, -inf elsewhere, or the float mask) over (B, Hq, S, T)."""
+    s, t = shape[-2:]
+    bias = torch.zeros(s, t, device=device)
+    if is_causal:  # SDPA's convention: top-left aligned, query i sees keys 0..i
+        bias = bias.masked_fill(~torch.ones(s, t, dtype=torch.bool, device=device).tril(), float("-inf"))
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask.float()
+    return bias.broadcast_to(shape)
+
+
+def _partial_attention(scores, v):
+    """Softmax pieces of one region: scores (B, G, r, S, T_r) fp32, v (B, G, T_r, Dv) ->
+    (unnormalised output (B, G, r, S, Dv), row max (.., 1), row sum of exp(score - max) (.., 1))."""
+    if scores.shape[-1] == 0:  # an empty region (no middle yet): contributes nothing
+        row_max = scores.new_full(scores.shape[:-1] + (1,), float("-inf"))
+    else:
+        row_max = scores.amax(-1, keepdim=True)
+    probs = torch.exp(scores - _finite_or_zero(row_max))
+    return probs @ v.float().unsqueeze(2), row_max, probs.sum(-1, keepdim=True)
+
+
+def _on_all_heads(partial, heads, num_heads):
+    """A partial of KV heads `heads` spread over all `num_heads` (the others contribute nothing)."""
+    out, row_max, row_sum = partial
+    spread = lambda x, fill: x.new_full((x.shape[0], num_heads, *x.shape[2:]), fill).index_copy(1, heads, x)
+    return spread(out, 0.0), spread(row_max, float("-inf")), spread(row_sum, 0.0)
+
+
+def _combine_partials(partials):
+    """Log-sum-exp combination: sum_i e^(m_i - m) o_i / sum_i e^(m_i - m) l_i, m = max_i m_i."""
+    row_max = torch.stack([m for _, m, _ in partials]).amax(0)
+    weights = [torch.exp(m - _finite_or_zero(row_max)) for _, m, _ in partials]
+    out = sum(w * o for w, (o, _, _) in zip(weights, partials))
+    return out / sum(w * l for w, (_, _, l) in zip(weights, partials))
+
+
+def _finite_or_zero(x):
+    # a row with nothing to attend has max -inf; shifting by 0 instead keeps exp() from NaN
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+@windowed_attention.register_fake
+def _(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink):
+    return q.new_empty(q.shape[:-1] + v_window.shape[-1:])
 
 
 @torch.library.custom_op("kvcompile::merge_heads", mutates_args=())

@@ -57,8 +57,9 @@ class Row:
     agreement: dict = field(default_factory=dict)  # "length" -> fraction of dense greedy tokens
     k_bytes_per_token: float = 0.0
     v_bytes_per_token: float = 0.0
-    k_bytes_per_token_formula: int | None = None
-    v_bytes_per_token_formula: int | None = None
+    k_bytes_per_token_formula: float | None = None  # the plan's count at the measured cache length
+    v_bytes_per_token_formula: float | None = None
+    bytes_measured_at: int = 0  # the cache length (tokens) the bytes per token were measured at
 
 
 def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = EvalSettings(), *,
@@ -76,11 +77,12 @@ def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = E
         _retrieval(model, tokenizer, runners, rows, settings, length, device, progress)
         _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress)
     for runner, row in zip(runners, rows):
-        row.k_bytes_per_token, row.v_bytes_per_token = runner.bytes_per_token
+        (row.k_bytes_per_token, row.v_bytes_per_token), row.bytes_measured_at = runner.bytes_per_token, runner.length
         if runner.compiled is not None:
-            shape, dtype = runner.compiled.shape, runner.compiled.dtype
-            row.k_bytes_per_token_formula = runner.method.plan.k_bytes_per_token(shape, dtype)
-            row.v_bytes_per_token_formula = runner.method.plan.v_bytes_per_token(shape, dtype)
+            # windowed plans cost more per token at short lengths: compare at the measured length
+            k_bytes, v_bytes = runner.method.plan.kv_nbytes(runner.compiled.shape, runner.compiled.dtype, 1, runner.length)
+            row.k_bytes_per_token_formula = k_bytes / runner.length
+            row.v_bytes_per_token_formula = v_bytes / runner.length
     return {
         "model": model_name or model.config.name_or_path,
         "settings": asdict(settings),
@@ -100,7 +102,7 @@ class _Runner:
         self.compiled: TransformedModel | None = (
             None if method.plan is None else transform(model, method.plan, program=program)
         )
-        self.bytes_per_token = (0.0, 0.0)
+        self.bytes_per_token, self.length = (0.0, 0.0), 0
 
     @torch.no_grad()
     def continue_from(self, prompt: torch.Tensor, dense) -> tuple[torch.Tensor, object]:
@@ -120,6 +122,7 @@ class _Runner:
         runner = self.compiled if self.compiled is not None else self.model
         out = runner(token, past_key_values=cache, use_cache=True)
         self.bytes_per_token = kv_bytes_per_token(out.past_key_values)
+        self.length = out.past_key_values.get_seq_length()
         return out.logits[:, -1], out.past_key_values
 
 
@@ -242,14 +245,15 @@ def format_table(report: dict) -> str:
         cells += [f"{row['perplexity'][n]:.2f}" for n in lengths]
         cells += [f"{row['agreement'][n]:.3f}" for n in lengths]
         kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
-        cells += [f"{row['k_bytes_per_token']:g}", f"{row['v_bytes_per_token']:g}", f"{kv / dense_bytes:.2f}x"]
+        cells += [f"{row['k_bytes_per_token']:.0f}", f"{row['v_bytes_per_token']:.0f}", f"{kv / dense_bytes:.2f}x"]
         body.append(cells)
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header] + body]
     samples = rows[0]["accuracy"][accuracy_keys[0]]["samples"] if accuracy_keys else 0
     note = (f"retrieval: correct/samples [95% Wilson interval], {samples} prompts per cell; "
             f"ppl: last {report['settings']['score_last']} tokens of {report['settings']['ppl_windows']} windows, "
-            f"decoded one step at a time; agree: share of {report['settings']['agreement_tokens']} dense greedy tokens")
+            f"decoded one step at a time; agree: share of {report['settings']['agreement_tokens']} dense greedy tokens; "
+            f"B/tok: K/V bytes held per token at the last step ({rows[0]['bytes_measured_at']} tokens; windows cost more at short lengths)")
     return "\n".join(lines + [note])
 
 

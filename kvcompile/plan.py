@@ -7,6 +7,15 @@ K-channel part (LeanK): for each planned layer, for each KV head, the sorted ids
 key channels that are kept. Counts may differ between heads; a head may keep none. Layers absent
 from the plan keep every channel.
 
+Windows (LeanK's full-channel sink and recent tokens): with `sink` or `recent` > 0, the first
+`sink` and the last `recent` tokens of every planned layer keep all K channels, and the tokens in
+between (the *middle*) keep the planned channels. A head keeping no channel is then a *streaming
+head*: it holds no middle K or V and attends to the window only. Tokens move from the window to the
+middle `buffer` at a time: after a call that leaves T tokens, the middle holds tokens
+[sink, sink + M), M = max(0, (T - sink - recent) // buffer * buffer) (`middle_length`).
+Without windows (sink = recent = 0, the default) every token is "middle": all keep the planned
+channels, and a head keeping none scores 0 on every key, i.e. attends uniformly.
+
 Merge part (KV-head merging): for each merged layer, groups of t KV heads, each becoming one KV
 head of s·d channels (s sub-heads of the original width d; s = 1 is plain GQA with fewer heads),
 through `down`/`up` maps (see bases.py). Merging comes first: a layer's K channels then index its
@@ -27,8 +36,10 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "kvcompile.plan"
 FORMAT_VERSION = 1
+DEFAULT_BUFFER = 128  # LeanK's accumulation buffer: window tokens move to the middle 128 at a time
 _JSON_NAME = "plan.json"
 _TENSORS_NAME = "tensors.safetensors"
+_BUILTIN = Path(__file__).parent / "plans"  # package data: plans/<model>/<plan>/
 
 
 class PlanError(ValueError):
@@ -113,12 +124,27 @@ class LayerMerge:
 
 @dataclass(frozen=True)
 class Plan:
-    """Per-layer compression decisions. Build with `from_k_channels`, or load a saved one."""
+    """Per-layer compression decisions and the sink/recent windows that keep all channels.
+    Build with `from_k_channels` (then `with_merges`, `with_windows`), or load a saved one."""
 
     k_channels: Mapping[int, tuple[tuple[int, ...], ...]]
     model: ModelShape | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     merges: Mapping[int, LayerMerge] = field(default_factory=dict)
+    sink: int = 0
+    recent: int = 0
+    buffer: int = DEFAULT_BUFFER
+    # a learned plan's per-(layer, KV head, channel) scale factors (L, H, D): what its kept
+    # channels were cut from, kept for inspection (`kvcompile importance`); not applied
+    importance: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        # checked here so that every way of building a plan (constructor, replace, load) is covered
+        for name, least in (("sink", 0), ("recent", 0), ("buffer", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise PlanError(f"field {name}: expected {kind} int, got {value!r}")
 
     # -- construction -------------------------------------------------------------------------
 
@@ -129,8 +155,13 @@ class Plan:
         *,
         model: ModelShape | None = None,
         meta: Mapping[str, Any] | None = None,
+        sink: int = 0,
+        recent: int = 0,
+        buffer: int = DEFAULT_BUFFER,
+        importance: torch.Tensor | None = None,
     ) -> "Plan":
-        """`{layer: [[kept channel ids of KV head 0], [... head 1], ...]}`.
+        """`{layer: [[kept channel ids of KV head 0], [... head 1], ...]}`, with optional windows
+        (`sink`, `recent`, `buffer`: see the module docstring).
 
         Checks what can be checked without a model (types, sorted, unique, non-negative);
         `validate` checks the rest against a model.
@@ -142,7 +173,8 @@ class Plan:
             if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
                 raise PlanError(f"layer {layer}: expected a list of per-KV-head channel lists")
             parsed[layer] = tuple(_parse_head(layer, h, ids) for h, ids in enumerate(heads))
-        return cls(dict(sorted(parsed.items())), model, dict(meta or {}))
+        return cls(dict(sorted(parsed.items())), model, dict(meta or {}), sink=sink, recent=recent, buffer=buffer,
+                   importance=importance)
 
     def with_merges(self, merges: Mapping[int, LayerMerge]) -> "Plan":
         """This plan with KV-head merges for some layers (its K channels then index merged heads)."""
@@ -153,10 +185,32 @@ class Plan:
                 raise PlanError(f"layer {layer}, field merges: expected a LayerMerge, got {type(merge).__name__}")
         return replace(self, merges=dict(sorted({**self.merges, **merges}.items())))
 
+    def with_windows(self, sink: int, recent: int, buffer: int | None = None) -> "Plan":
+        """This plan keeping all channels of the first `sink` and last `recent` tokens; `buffer`
+        (default: this plan's) is how many tokens move to the middle at a time."""
+        return replace(self, sink=sink, recent=recent, buffer=self.buffer if buffer is None else buffer)
+
     # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def windowed(self) -> bool:
+        """Whether planned layers keep full-channel sink/recent windows (and streaming heads)."""
+        return self.sink > 0 or self.recent > 0
+
+    def middle_length(self, length: int) -> int:
+        """How many of `length` tokens a planned layer holds in its pruned middle region: all of
+        them without windows, else the tokens the move rule has moved out of the window."""
+        if not self.windowed:
+            return length
+        return max(0, (length - self.sink - self.recent) // self.buffer * self.buffer)
 
     def kept_counts(self, layer: int) -> tuple[int, ...]:
         return tuple(len(ids) for ids in self.k_channels[layer])
+
+    def middle_value_heads(self, layer: int) -> tuple[int, ...]:
+        """The KV heads of a planned, windowed layer whose middle V is kept: those keeping at least
+        one K channel (the others are streaming heads), ascending."""
+        return tuple(head for head, count in enumerate(self.kept_counts(layer)) if count)
 
     def kv_heads(self, layer: int, shape: ModelShape) -> tuple[int, int]:
         """(KV heads, channels per head) of `layer` once its merge, if any, is applied."""
@@ -166,7 +220,10 @@ class Plan:
         return len(merge.groups), merge.merged_head_dim(shape.head_dim)
 
     def k_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
-        """Bytes of K one token occupies in the cache, summed over layers (batch 1)."""
+        """Bytes of K one middle token occupies in the cache, summed over layers (batch 1).
+
+        Without windows that is every token; with windows, window tokens cost
+        `window_bytes_per_token` instead."""
         per_layer = [
             sum(self.kept_counts(layer)) if layer in self.k_channels else math.prod(self.kv_heads(layer, shape))
             for layer in range(shape.num_layers)
@@ -174,11 +231,36 @@ class Plan:
         return sum(per_layer) * _itemsize(dtype)
 
     def v_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
-        return sum(math.prod(self.kv_heads(layer, shape)) for layer in range(shape.num_layers)) * _itemsize(dtype)
+        """Bytes of V one middle token occupies (streaming heads of windowed plans hold none)."""
+        per_layer = [
+            len(self.middle_value_heads(layer)) * self.kv_heads(layer, shape)[1]
+            if self.windowed and layer in self.k_channels
+            else math.prod(self.kv_heads(layer, shape))
+            for layer in range(shape.num_layers)
+        ]
+        return sum(per_layer) * _itemsize(dtype)
+
+    def window_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
+        """Bytes of K and V one token occupies while it has all channels (a window token): every
+        layer's (possibly merged) heads in full."""
+        return 2 * sum(math.prod(self.kv_heads(layer, shape)) for layer in range(shape.num_layers)) * _itemsize(dtype)
 
     def cache_nbytes(self, shape: ModelShape, dtype: torch.dtype, batch: int, length: int) -> int:
         """Bytes of K and V the compressed cache holds for `batch` sequences of `length` tokens."""
-        return batch * length * (self.k_bytes_per_token(shape, dtype) + self.v_bytes_per_token(shape, dtype))
+        return sum(self.kv_nbytes(shape, dtype, batch, length))
+
+    def kv_nbytes(self, shape: ModelShape, dtype: torch.dtype, batch: int, length: int) -> tuple[int, int]:
+        """(K bytes, V bytes) of the compressed cache for `batch` sequences of `length` tokens.
+
+        Middle tokens cost the kept channels (K) and non-streaming heads (V); window tokens cost
+        every channel of every head, half in K and half in V. Without windows, every token is a
+        middle token."""
+        middle = self.middle_length(length)
+        window_half = (length - middle) * self.window_bytes_per_token(shape, dtype) // 2
+        return (
+            batch * (middle * self.k_bytes_per_token(shape, dtype) + window_half),
+            batch * (middle * self.v_bytes_per_token(shape, dtype) + window_half),
+        )
 
     def fingerprint(self) -> str:
         """A short hash of the plan's content, for reports and caches."""
@@ -187,6 +269,8 @@ class Plan:
             digest.update(json.dumps([layer, merge.groups, merge.heads_per_group, merge.rope]).encode())
             for tensor in merge.tensors().values():
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if self.windowed:  # plans without windows keep the fingerprints they had before windows existed
+            digest.update(json.dumps({"sink": self.sink, "recent": self.recent, "buffer": self.buffer}).encode())
         return digest.hexdigest()[:12]
 
     # -- validation ---------------------------------------------------------------------------
@@ -226,6 +310,10 @@ class Plan:
                         f"layer {layer}, KV head {head}, field k_channels: channel {ids[-1]} "
                         f"out of range [0, {head_dim}){merged}"
                     )
+        expected = (shape.num_layers, shape.num_kv_heads, shape.head_dim)
+        if self.importance is not None and tuple(self.importance.shape) != expected:
+            raise PlanError(f"field importance: shape {tuple(self.importance.shape)}, expected (layers, KV heads, "
+                            f"channels) = {expected}")
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -247,6 +335,9 @@ class Plan:
                 }
                 for layer, merge in self.merges.items()
             },
+            "sink": self.sink,
+            "recent": self.recent,
+            "buffer": self.buffer,
             "meta": dict(self.meta),
         }
         tensors = {
@@ -255,6 +346,8 @@ class Plan:
         }
         for layer, merge in self.merges.items():
             tensors.update({f"merges.{layer}.{name}": t.contiguous() for name, t in merge.tensors().items()})
+        if self.importance is not None:
+            tensors["importance"] = self.importance.detach().cpu().float().contiguous()
         save_file(tensors, str(directory / _TENSORS_NAME))
         (directory / _JSON_NAME).write_text(json.dumps(document, indent=2) + "\n")
         return directory
@@ -284,8 +377,23 @@ class Plan:
             groups = tuple(tuple(group) for group in fields["groups"])
             merges[int(key)] = LayerMerge(groups, fields["heads_per_group"], fields["rope"], **stored, method=fields["method"])
         model = None if document.get("model") is None else ModelShape(**document["model"])
-        plan = cls.from_k_channels(channels, model=model, meta=document.get("meta", {}))
+        # plans written before windows existed have none
+        windows = {name: document.get(name, default) for name, default in (("sink", 0), ("recent", 0), ("buffer", DEFAULT_BUFFER))}
+        plan = cls.from_k_channels(channels, model=model, meta=document.get("meta", {}), **windows,
+                                   importance=tensors.get("importance"))
         return plan.with_merges(merges) if merges else plan
+
+    @classmethod
+    def list_builtin(cls) -> list[str]:
+        """Names of the plans shipped with kvcompile, `model/plan`, for `load_builtin`."""
+        return sorted(f"{path.parent.parent.name}/{path.parent.name}" for path in _BUILTIN.glob(f"*/*/{_JSON_NAME}"))
+
+    @classmethod
+    def load_builtin(cls, name: str) -> "Plan":
+        """A plan shipped with kvcompile, e.g. "smollm2-135m-instruct/leank-k50" (see `list_builtin`)."""
+        if name not in cls.list_builtin():
+            raise PlanError(f"no built-in plan {name!r}; built-in plans: {', '.join(cls.list_builtin()) or 'none'}")
+        return cls.load(_BUILTIN / name)
 
 
 def _parse_head(layer: int, head: int, ids: Sequence[int]) -> tuple[int, ...]:

@@ -2,7 +2,9 @@
 
 The transformed model holds two programs compiled from one capture: `prefill` (no past: dense
 attention, writes the compressed cache) and `decode` (reads and extends the compressed cache).
-It is called like a Hugging Face causal LM and generates like one.
+It is called like a Hugging Face causal LM and generates like one. With a windowed plan, the
+programs append to each layer's full-channel window and the runtime moves tokens from it to the
+pruned middle after every call (`cache.flush_windows`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kvcompile.passes import (
 )
 from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
-from .cache import CompressedKVCache
+from .cache import CompressedKVCache, flush_windows
 from .capture import clone_program, program_for, signature_of
 from .plan import ModelShape, Plan
 
@@ -117,6 +119,7 @@ class TransformedModel(torch.nn.Module):
             return CausalLMOutputWithPast(logits=logits)
         result = past_key_values if past_key_values is not None else CompressedKVCache()
         result.update(outputs, length=start + seq)
+        flush_windows(result, self.plan)
         return CausalLMOutputWithPast(logits=logits, past_key_values=result)
 
     @torch.no_grad()
@@ -128,6 +131,7 @@ class TransformedModel(torch.nn.Module):
         outputs = self.cache_encoder(*keys, *values)
         cache = CompressedKVCache()
         cache.update(dict(zip(signature_of(self.cache_encoder).outputs, outputs)), length=keys[0].shape[2])
+        flush_windows(cache, self.plan)
         return cache
 
     def _empty_past(self, entry: str, batch: int) -> torch.Tensor:

@@ -6,6 +6,12 @@ channels only, i.e. the post-RoPE query of each query head in the KV head's GQA 
 channels zeroed before q.k; keys, values, softmax scale and mask are untouched. Unplanned layers are
 untouched; a head keeping no channel gets all-zero scores (uniform over the unmasked keys).
 
+With LeanK's windows (`Windows`), only the middle keys score with the kept channels: a forward
+whose past holds P tokens treats keys [sink, sink + M) as middle, M = max(0, (P - sink - recent)
+// buffer * buffer); every other key (the sink, the recent past, this forward's own tokens) scores
+with all channels, and a head keeping no channel does not see the middle keys at all. Scores are
+computed per key column: one plain softmax over all of them.
+
 This runs the unmodified HF model with a custom attention function (registered through
 `AttentionInterface`), so it shares no code with kvcompile's rewrite of the model.
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
@@ -24,7 +30,20 @@ ATTN_NAME = "kvcompile_masked_reference"
 
 KChannels = Mapping[int, Sequence[Sequence[int]]]
 
+
+class Windows(NamedTuple):
+    sink: int
+    recent: int
+    buffer: int
+
+    def middle_columns(self, past_len: int) -> tuple[int, int]:
+        """[start, stop) of the middle keys for a forward whose past holds `past_len` tokens."""
+        middle = max(0, (past_len - self.sink - self.recent) // self.buffer * self.buffer)
+        return self.sink, self.sink + middle
+
+
 _PLAN: contextvars.ContextVar[KChannels | None] = contextvars.ContextVar("kvcompile_masked_plan", default=None)
+_WINDOWS: contextvars.ContextVar[Windows | None] = contextvars.ContextVar("kvcompile_masked_windows", default=None)
 
 
 def _materialized_sdpa_mask(*args, **kwargs):
@@ -40,15 +59,24 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, d
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
     group = num_heads // num_kv_heads
 
-    plan = _PLAN.get()
+    plan, windows = _PLAN.get(), _WINDOWS.get()
     kept = plan.get(module.layer_idx) if plan is not None else None
-    if kept is not None and kv_len > q_len:  # a past exists: decode
-        query = query.masked_fill(~_query_channel_mask(kept, num_kv_heads, head_dim, group, query.device), 0)
 
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
     scale = head_dim**-0.5 if scaling is None else scaling
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if kept is not None and kv_len > q_len:  # a past exists: decode
+        keep = _query_channel_mask(kept, num_kv_heads, head_dim, group, query.device)
+        pruned = torch.matmul(query.masked_fill(~keep, 0).float(), key.float().transpose(-1, -2)) * scale
+        if windows is None:
+            scores = pruned
+        else:
+            start, stop = windows.middle_columns(kv_len - q_len)
+            middle = torch.zeros(kv_len, dtype=torch.bool, device=query.device)
+            middle[start:stop] = True
+            streaming = ~keep.any(-1, keepdim=True)  # (Hq, 1, 1)
+            scores = torch.where(middle, pruned, scores).masked_fill(middle & streaming, torch.finfo(scores.dtype).min)
 
     if attention_mask is None:
         # Only reached if a caller bypasses our mask builder. Follows sdpa_attention_forward: one query
@@ -85,16 +113,18 @@ AttentionMaskInterface.register(ATTN_NAME, _materialized_sdpa_mask)
 
 
 @contextlib.contextmanager
-def masked_attention(model, k_channels: KChannels) -> Iterator[None]:
-    """Within the block, `model` runs the reference attention for `k_channels`; restored on exit."""
+def masked_attention(model, k_channels: KChannels, windows: Windows | None = None) -> Iterator[None]:
+    """Within the block, `model` runs the reference attention for `k_channels` (and `windows`);
+    restored on exit."""
     original = model.config._attn_implementation
-    token = _PLAN.set(k_channels)
+    plan_token, windows_token = _PLAN.set(k_channels), _WINDOWS.set(windows)
     try:
         model.set_attn_implementation(ATTN_NAME)
         yield
     finally:
         model.set_attn_implementation(original)
-        _PLAN.reset(token)
+        _PLAN.reset(plan_token)
+        _WINDOWS.reset(windows_token)
 
 
 @torch.no_grad()
@@ -126,7 +156,9 @@ def masked_reference_decode(
     k_channels: KChannels,
     next_tokens: torch.Tensor | None = None,
     steps: int = 20,
+    windows: Windows | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """`decode` with K-channel pruning per `k_channels` ({layer: [[kept ids of KV head 0], ...]})."""
-    with masked_attention(model, k_channels):
+    """`decode` with K-channel pruning per `k_channels` ({layer: [[kept ids of KV head 0], ...]}),
+    within LeanK's `windows` if given."""
+    with masked_attention(model, k_channels, windows):
         return decode(model, input_ids, next_tokens, steps)

@@ -116,3 +116,72 @@ def test_project_heads_picks_and_maps_each_head(qkv):
     for i, head in enumerate(heads.tolist()):
         torch.testing.assert_close(out[:, i], q[:, head] @ weight[i])
     torch.library.opcheck(ops.project_heads.default, (q, heads, weight))
+
+
+def _per_column_reference(q, k, v, kept, sink, middle, mask, scale, is_causal):
+    """Attention over the whole sequence k, v (B, Hkv, T, D), each key column scored on its own:
+    the middle tokens [sink, sink + middle) with the query's non-kept channels zeroed (and not at
+    all for a KV head keeping none), every other token with all channels. One plain softmax."""
+    r = q.shape[1] // k.shape[1]
+    keep = torch.zeros(q.shape[1], q.shape[-1], dtype=torch.bool)
+    for kv_head, ids in enumerate(kept):
+        keep[kv_head * r : (kv_head + 1) * r, list(ids)] = True
+    streaming = torch.tensor([not ids for ids in kept]).repeat_interleave(r)[:, None, None]
+    k_rep, v_rep = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    full = q @ k_rep.transpose(-1, -2) * scale
+    pruned = (q * keep[None, :, None, :]) @ k_rep.transpose(-1, -2) * scale
+    in_middle = torch.zeros(k.shape[2], dtype=torch.bool)
+    in_middle[sink : sink + middle] = True
+    scores = torch.where(in_middle, pruned, full).masked_fill(in_middle & streaming, float("-inf"))
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, -1) @ v_rep
+
+
+def _windowed_inputs(k, v, kept, sink, middle):
+    """The op's arguments for the sequence k, v split into window and middle, groups by width."""
+    window = lambda x: torch.cat([x[:, :, :sink], x[:, :, sink + middle :]], dim=2)
+    middle_k = k[:, :, sink : sink + middle]
+    widths = sorted({len(ids) for ids in kept if ids}, reverse=True)
+    heads = [torch.tensor([h for h, ids in enumerate(kept) if len(ids) == w]) for w in widths]
+    channels = [torch.tensor([kept[h] for h in group.tolist()]) for group in heads]
+    k_middle = [ops.gather_kv_channels(middle_k, h, c) for h, c in zip(heads, channels)]
+    non_streaming = torch.tensor([h for h, ids in enumerate(kept) if ids], dtype=torch.long)
+    v_middle = v[:, :, sink : sink + middle].index_select(1, non_streaming)
+    return window(k), window(v), k_middle, heads, channels, v_middle
+
+
+WINDOW_KEPT = {
+    "streaming and one width": [(0, 3, 4, 9), (), (1, 2, 5, 6)],
+    "three widths": [tuple(range(16)), (4, 7), (0, 1, 2, 3, 8, 9, 10, 11)],
+    "all streaming": [(), (), ()],
+}
+
+
+@pytest.mark.parametrize("kept", WINDOW_KEPT.values(), ids=WINDOW_KEPT.keys())
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "is_causal"])
+@pytest.mark.parametrize("sink, middle", [(2, 3), (0, 4), (3, 0)])
+def test_windowed_attention_equals_per_column_scores(qkv, kept, mask_kind, sink, middle):
+    q, k, v = qkv
+    mask = {"none": None, "bool": _causal_mask(), "float": torch.randn(B, 1, S, T), "is_causal": None}[mask_kind]
+    out = ops.windowed_attention(q, *_windowed_inputs(k, v, kept, sink, middle), mask, 0.3, mask_kind == "is_causal", sink)
+    want = _per_column_reference(q, k, v, kept, sink, middle, mask, 0.3, mask_kind == "is_causal")
+    # top-left causal with sink 0 leaves a streaming head's first rows nothing to attend: NaN, as in SDPA
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_windowed_attention_prunes_only_the_middle(qkv):
+    # guards the reference itself: the middle's pruning and the streaming heads do change the result
+    q, k, v = qkv
+    kept = WINDOW_KEPT["streaming and one width"]
+    windowed = _per_column_reference(q, k, v, kept, 2, 3, None, 0.3, False)
+    dense = _per_column_reference(q, k, v, [tuple(range(D))] * HKV, 2, 3, None, 0.3, False)
+    assert (windowed - dense).abs().amax(dim=(0, 2, 3)).min() > 1e-2  # every query head moved
+
+
+def test_windowed_attention_fake_agrees_with_reference(qkv):
+    q, k, v = qkv
+    args = _windowed_inputs(k, v, WINDOW_KEPT["streaming and one width"], 2, 3)
+    torch.library.opcheck(ops.windowed_attention.default, (q, *args, _causal_mask(), 0.25, False, 2))

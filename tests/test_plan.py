@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvcompile import ModelShape, Plan, PlanError
+from kvcompile.leank import hard_mask
 
 SHAPE = ModelShape(model_type="llama", num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16)
 
@@ -128,3 +129,113 @@ def test_merges_roundtrip_through_safetensors(tmp_path):
     assert all(torch.equal(again.tensors()[k], v) for k, v in merge.tensors().items())
     assert loaded.fingerprint() == plan.fingerprint()
     assert json.loads((tmp_path / "p" / "plan.json").read_text())["merges"]["0"]["groups"] == [[0, 1]]
+
+
+WINDOWED = Plan.from_k_channels({0: [[0, 3, 5], []]}, sink=2, recent=4, buffer=4)
+
+
+@pytest.mark.parametrize(
+    "windows, message",
+    [
+        (dict(sink=-1), "field sink: expected a non-negative int, got -1"),
+        (dict(recent="4"), "field recent: expected a non-negative int, got '4'"),
+        (dict(recent=True), "field recent: expected a non-negative int, got True"),
+        (dict(buffer=0), "field buffer: expected a positive int, got 0"),
+        (dict(sink=1, buffer=2.0), "field buffer: expected a positive int, got 2.0"),
+    ],
+)
+def test_bad_windows_name_the_field(windows, message):
+    with pytest.raises(PlanError, match=message):
+        Plan.from_k_channels({0: [[0], [1]]}, **windows)
+    with pytest.raises(PlanError, match=message):
+        Plan.from_k_channels({0: [[0], [1]]}).with_windows(**{"sink": 0, "recent": 0, **windows})
+
+
+def test_with_windows_returns_a_copy_that_merges_keep():
+    plan = Plan.from_k_channels({1: [[0, 5]]})
+    windowed = plan.with_windows(2, 4)
+    assert (plan.sink, plan.recent, plan.windowed) == (0, 0, False)
+    assert (windowed.sink, windowed.recent, windowed.buffer, windowed.windowed) == (2, 4, 128, True)
+    assert windowed.with_windows(1, 1).buffer == 128 and windowed.with_windows(1, 1, buffer=8).buffer == 8
+    merged = windowed.with_merges({1: _merge()})
+    assert (merged.sink, merged.recent, merged.buffer) == (2, 4, 128)
+
+
+def test_middle_length_moves_whole_buffers():
+    # sink 2 + recent 4 stay in the window; the rest moves 4 tokens at a time
+    assert [WINDOWED.middle_length(t) for t in (0, 5, 6, 9, 10, 13, 14)] == [0, 0, 0, 0, 4, 4, 8]
+    assert Plan.from_k_channels({0: [[0], [1]]}).middle_length(13) == 13  # no windows: all middle
+    assert WINDOWED.with_windows(0, 3, buffer=1).middle_length(10) == 7
+
+
+def test_windowed_cache_formula_counts_window_middle_and_streaming_heads():
+    # 14 tokens: middle 8, window 6. Layer 0: window K and V 2 heads x 16 each; middle K 3 channels,
+    # middle V only head 0 (head 1 is streaming). Layer 1 is not planned: 2 x 16 for K and V, every token.
+    window, middle = 6, 8
+    layer_0 = window * 2 * (2 * 16) + middle * (3 + 16)
+    layer_1 = 14 * 2 * (2 * 16)
+    assert WINDOWED.cache_nbytes(SHAPE, torch.float32, batch=3, length=14) == 3 * (layer_0 + layer_1) * 4
+    assert WINDOWED.v_bytes_per_token(SHAPE, torch.float32) == (16 + 32) * 4  # a middle token's V
+    # short sequences are all window
+    assert WINDOWED.cache_nbytes(SHAPE, torch.float16, batch=1, length=5) == 5 * 2 * 64 * 2
+
+
+def test_windows_roundtrip_and_enter_the_fingerprint(tmp_path):
+    loaded = Plan.load(WINDOWED.save(tmp_path / "w"))
+    assert loaded == WINDOWED and (loaded.sink, loaded.recent, loaded.buffer) == (2, 4, 4)
+    assert loaded.fingerprint() == WINDOWED.fingerprint()
+    plain = Plan.from_k_channels({0: [[0, 3, 5], []]})
+    fingerprints = {p.fingerprint() for p in (plain, WINDOWED, WINDOWED.with_windows(2, 5), WINDOWED.with_windows(2, 4, 8))}
+    assert len(fingerprints) == 4
+
+
+def test_plans_saved_before_windows_load_without_them(tmp_path):
+    plain = Plan.from_k_channels({0: [[0, 3, 5], []]})
+    directory = plain.save(tmp_path / "old")
+    document = json.loads((directory / "plan.json").read_text())
+    for name in ("sink", "recent", "buffer"):
+        del document[name]
+    (directory / "plan.json").write_text(json.dumps(document))
+    loaded = Plan.load(directory)
+    assert (loaded.sink, loaded.recent, loaded.windowed) == (0, 0, False)
+    assert loaded == plain and loaded.fingerprint() == plain.fingerprint()
+
+
+def test_k_and_v_bytes_split_the_cache_formula():
+    # window tokens cost the same in K and V; the middle's K and V differ (kept channels, streaming heads)
+    for length in (0, 5, 14, 100):
+        k_bytes, v_bytes = WINDOWED.kv_nbytes(SHAPE, torch.float32, batch=2, length=length)
+        assert k_bytes + v_bytes == WINDOWED.cache_nbytes(SHAPE, torch.float32, batch=2, length=length)
+    middle = WINDOWED.middle_length(100)
+    k_bytes, v_bytes = WINDOWED.kv_nbytes(SHAPE, torch.float32, batch=1, length=100)
+    assert v_bytes - k_bytes == middle * (WINDOWED.v_bytes_per_token(SHAPE, torch.float32) - WINDOWED.k_bytes_per_token(SHAPE, torch.float32))
+
+
+def test_importance_roundtrips_and_is_checked_against_the_model(tmp_path):
+    factors = torch.rand(SHAPE.num_layers, SHAPE.num_kv_heads, SHAPE.head_dim)
+    plan = Plan.from_k_channels({0: [[0, 3, 5], []]}, importance=factors)
+    loaded = Plan.load(plan.save(tmp_path / "p"))
+    assert torch.equal(loaded.importance, factors)
+    assert loaded.fingerprint() == Plan.from_k_channels({0: [[0, 3, 5], []]}).fingerprint()  # not applied: not hashed
+    with pytest.raises(PlanError, match=r"field importance: shape \(1, 2, 16\), expected"):
+        Plan.from_k_channels({0: [[0, 3, 5], []]}, importance=factors[:1]).validate(SHAPE)
+
+
+def test_builtin_plans_list_load_and_fit_their_model():
+    names = Plan.list_builtin()
+    assert {"smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70"} <= set(names)
+    for name in names:
+        plan = Plan.load_builtin(name)
+        plan.validate(plan.model)
+        total = plan.model.num_layers * plan.model.num_kv_heads * plan.model.head_dim
+        kept = sum(sum(plan.kept_counts(layer)) for layer in plan.k_channels)
+        assert kept == round(total * (1 - plan.meta["sparsity"]) / plan.meta["align"]) * plan.meta["align"]
+        assert all(n % plan.meta["align"] == 0 for layer in plan.k_channels for n in plan.kept_counts(layer))
+        assert (plan.sink, plan.recent) == (plan.meta["sink"], plan.meta["recent"]) and plan.windowed
+        assert plan.meta["final_loss"]["stage2"] is not None
+        # the kept channels are the hard mask of the shipped factors
+        mask = hard_mask(plan.importance, plan.meta["sparsity"], plan.meta["align"])
+        assert all(list(plan.k_channels[layer][head]) == mask[layer, head].nonzero().flatten().tolist()
+                   for layer in plan.k_channels for head in range(plan.model.num_kv_heads))
+    with pytest.raises(PlanError, match="no built-in plan 'smollm2/leank-k99'; built-in plans: smollm2-135m-instruct/leank-k50"):
+        Plan.load_builtin("smollm2/leank-k99")
