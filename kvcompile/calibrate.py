@@ -22,6 +22,7 @@ what the passes later rewrite, for any architecture that captures.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -30,58 +31,12 @@ from tqdm import tqdm
 
 from kvcompile.passes import canonicalize_attention, find_attention_sites, merge_kv_heads
 
-from . import bases
+from . import bases, leank
 from .capture import capture, clone_program, program_for, signature_of
 from .plan import LayerMerge, ModelShape, Plan
+from .recipe import MERGE_METHODS, Recipe, RecipeError
 
 METHOD = "static-qk"
-MERGE_METHODS = ("svd", "mean-pool")
-
-
-class RecipeError(ValueError):
-    """Calibration settings that cannot produce a plan for this model."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What to calibrate. Merging and channel pruning compose: heads are merged first.
-
-    kv_group_size/kv_heads_per_group: each group of t contiguous KV heads becomes s heads' worth
-    (one KV head of s·head_dim channels). rope: "commute" (folded into the weights, a plain GQA
-    model) or "post" (projections after RoPE at run time); models without RoPE always fold.
-    merge_layers: the layers to merge (None: all). k_sparsity/align: static K-channel pruning.
-    """
-
-    kv_group_size: int | None = None
-    kv_heads_per_group: int = 1
-    rope: str = "commute"
-    merge_layers: tuple[int, ...] | None = None
-    merge_method: str = "svd"
-    k_sparsity: float | None = None
-    align: int = 16
-    calib_tokens: int = 8192
-    chunk_tokens: int = 512
-
-    def check(self, shape: ModelShape) -> None:
-        if self.kv_group_size is None and self.k_sparsity is None:
-            raise RecipeError("the recipe asks for nothing: set kv_group_size (merging) and/or k_sparsity (pruning)")
-        if self.kv_group_size is not None:
-            t, s = self.kv_group_size, self.kv_heads_per_group
-            if t < 2 or shape.num_kv_heads % t:
-                raise RecipeError(f"kv_group_size must be >= 2 and divide the model's {shape.num_kv_heads} KV heads, got {t}")
-            if not 1 <= s < t:
-                raise RecipeError(f"kv_heads_per_group must be in 1..{t - 1} for groups of {t}, got {s}")
-            if self.rope not in ("commute", "post"):
-                raise RecipeError(f"rope must be 'commute' or 'post', got {self.rope!r}")
-            if self.merge_method not in MERGE_METHODS:
-                raise RecipeError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
-            if self.merge_method == "mean-pool" and s != 1:
-                raise RecipeError("merge_method 'mean-pool' makes one head per group: kv_heads_per_group must be 1")
-            for layer in self.merge_layers or ():
-                if not 0 <= layer < shape.num_layers:
-                    raise RecipeError(f"merge_layers: layer {layer} out of range 0..{shape.num_layers - 1}")
-        if self.calib_tokens < 1 or self.chunk_tokens < 2:
-            raise RecipeError("calib_tokens must be >= 1 and chunk_tokens >= 2")
 
 
 def kept_channel_counts(head_scores: Sequence[torch.Tensor], sparsity: float, align: int) -> list[int]:
@@ -121,15 +76,20 @@ def calibrate(
     tokenizer=None,
     progress: bool = True,
     program: torch.fx.GraphModule | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> Plan:
     """A plan for `model` from `recipe`, measured on `texts` (strings with `tokenizer`, or token ids).
 
-    `program`, from `kvcompile.capture(model)`, saves tracing the model again.
+    `program`, from `kvcompile.capture(model)`, saves tracing the model again. A LeanK recipe
+    learns from retrieval prompts over `texts` (strings) and, with `checkpoint_dir`, saves its
+    state there as it goes and resumes from it.
     """
     shape = ModelShape.from_config(model.config)
     recipe.check(shape)
-    chunks = _calibration_chunks(texts, tokenizer, recipe)
     canonical = canonicalize_attention(program_for(model, program, shape))
+    if recipe.k_method == "leank" and recipe.k_sparsity is not None:
+        return _learned_plan(canonical, shape, recipe, texts, tokenizer, checkpoint_dir, progress)
+    chunks = _calibration_chunks(texts, tokenizer, recipe)
     meta = {"calibration_tokens": sum(chunk.numel() for chunk in chunks)}
     merges, k_channels = {}, {}
     if recipe.kv_group_size is not None:
@@ -139,9 +99,23 @@ def calibrate(
     if recipe.k_sparsity is not None:
         merged = Plan.from_k_channels({}).with_merges(merges)
         program = merge_kv_heads(clone_program(canonical), merged) if merges else canonical
-        k_channels = _top_channels(program, merged, shape, chunks, recipe.k_sparsity, recipe.align, progress)
-        meta.update(method=METHOD, sparsity=recipe.k_sparsity, align=recipe.align)
-    return Plan.from_k_channels(k_channels, model=shape, meta=meta).with_merges(merges)
+        k_channels = _top_channels(program, merged, shape, chunks, recipe.k_sparsity, recipe.align_for(shape), progress)
+        meta.update(method=METHOD, sparsity=recipe.k_sparsity, align=recipe.align_for(shape))
+    plan = Plan.from_k_channels(k_channels, model=shape, meta=meta, sink=recipe.sink, recent=recipe.recent)
+    return plan.with_merges(merges)
+
+
+def _learned_plan(canonical, shape: ModelShape, recipe: Recipe, texts, tokenizer, checkpoint_dir, progress) -> Plan:
+    if tokenizer is None or not texts or not all(isinstance(text, str) for text in texts):
+        raise RecipeError("k_method 'leank' builds retrieval prompts from texts: pass strings and tokenizer=")
+    channels, factors, provenance = leank.learn_k_channels(
+        canonical, shape, sparsity=recipe.k_sparsity, align=recipe.align_for(shape), sink=recipe.sink, recent=recipe.recent,
+        training=recipe.leank, tokenizer=tokenizer, haystack_text="\n\n".join(texts), checkpoint_dir=checkpoint_dir,
+        progress=progress)
+    meta = {"method": leank.METHOD, "sparsity": recipe.k_sparsity, "align": recipe.align_for(shape), "sink": recipe.sink,
+            "recent": recipe.recent, **provenance}
+    return Plan.from_k_channels(channels, model=shape, meta=meta, sink=recipe.sink, recent=recipe.recent,
+                                importance=factors)
 
 
 def static_k_plan(

@@ -1,4 +1,4 @@
-"""The `kvcompile` command line: `eval`, `calibrate`, `demo`.
+"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`.
 
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
 inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, text
-from .calibrate import Recipe, RecipeError, calibrate, random_k_plan
+from . import evaluate, importance, text
+from .calibrate import calibrate, random_k_plan
 from .capture import capture
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
 from .plan import ModelShape, Plan, PlanError
+from .recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,18 +56,49 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--merge-layers", type=_positive_or_zero_int, nargs="+", help="layers to merge (default all)")
     calib.add_argument("--merge-method", choices=("svd", "mean-pool"), default="svd")
     calib.add_argument("--k-sparsity", type=_fraction, help="share of post-RoPE key channels to drop")
-    calib.add_argument("--align", type=_positive_int, default=16, help="kept channels per head are a multiple of this")
+    calib.add_argument("--align", type=_positive_int, help="kept channels per head are a multiple of this "
+                       "(default 32, or head_dim/4 when smaller: 16 for SmolLM2)")
+    calib.add_argument("--k-method", choices=K_METHODS, default="static-qk",
+                       help="static |q|.|k| ranking, or LeanK's learned masks (train on a GPU)")
+    calib.add_argument("--sink", type=_positive_or_zero_int, default=0, help="first tokens that keep every K channel")
+    calib.add_argument("--recent", type=_positive_or_zero_int, default=0, help="last tokens that keep every K channel")
     calib.add_argument("--calib-tokens", type=_positive_int, default=8192)
+    leank_options = calib.add_argument_group("LeanK training (--k-method leank)")
+    defaults = LeanKTraining()
+    leank_options.add_argument("--stage1-steps", type=_positive_or_zero_int, default=defaults.stage1_steps)
+    leank_options.add_argument("--stage2-steps", type=_positive_int, default=defaults.stage2_steps)
+    leank_options.add_argument("--lr", type=float, default=defaults.lr)
+    leank_options.add_argument("--l1", type=float, default=defaults.l1, help="stage-1 penalty on the mean factor")
+    leank_options.add_argument("--train-lengths", type=_positive_int, nargs="+", default=list(defaults.lengths),
+                               help="prompt lengths, cycled over the steps")
+    leank_options.add_argument("--train-tasks", nargs="+", choices=evaluate.tasks.TASKS, default=list(defaults.tasks))
+    leank_options.add_argument("--checkpoint", type=Path, help="where training state goes and resumes from "
+                               "(default OUTPUT/checkpoint)")
+    calib.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     calib.add_argument("--no-progress", dest="progress", action="store_false")
     calib.set_defaults(run=_run_calibrate)
+
+    show = commands.add_parser("importance", help="a learned plan's channel importance: per-layer summary and heatmap")
+    show.add_argument("plan", help="a plan directory or a built-in plan name (see --list)")
+    show.add_argument("--png", type=Path, metavar="PATH", help="write the layer x head x channel heatmap here")
+    show.set_defaults(run=_run_importance)
+
+    builtin = commands.add_parser("plans", help="list the plans shipped with kvcompile")
+    builtin.set_defaults(run=_run_plans)
     return parser
 
 
 def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: list[float], default_output: str | None) -> None:
-    parser.add_argument("--plan", type=Path, action="append", default=[], metavar="PATH", help="add a saved plan's row (repeatable)")
+    parser.add_argument("--plan", action="append", default=[], metavar="PLAN",
+                        help="add the row of a saved plan: a directory or a built-in name (repeatable)")
+    parser.add_argument("--windows", type=_positive_or_zero_int, nargs=2, metavar=("SINK", "RECENT"),
+                        help="also run every K-channel plan with these full-channel windows (and plans that have "
+                             "windows also without)")
     parser.add_argument("--sparsity", type=_fraction, nargs="*", default=default_sparsities,
                         help="K sparsities for the random and static baselines" +
                         (f" (default {' '.join(map(str, default_sparsities))})" if default_sparsities else ""))
+    parser.add_argument("--baselines", nargs="*", choices=("static", "random"), default=["static", "random"],
+                        help="K-channel baselines run at each --sparsity (default both)")
     parser.add_argument("--align", type=_positive_int, default=16, help="baselines keep a multiple of this per head (default 16)")
     parser.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens for the static baseline (default 8192, 2048 with --quick)")
     parser.add_argument("--quick", action="store_true", help="the short setting (one length, two tasks, few samples)")
@@ -88,7 +120,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     settings = evaluate.with_overrides(settings, lengths=args.lengths and tuple(args.lengths),
                                        tasks=args.tasks and tuple(args.tasks), samples=args.samples,
                                        ppl_windows=args.ppl_windows)
-    plans = [(path.name, Plan.load(path)) for path in args.plan]  # fail on a bad path before loading the model
+    plans = [(Path(spec).name, _load_plan(spec)) for spec in args.plan]  # fail on a bad plan before loading the model
     start = time.perf_counter()
     model, tokenizer = load_default_model()
     model = model.to(args.device)
@@ -104,9 +136,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         achieved = 1 - kept / (shape.num_layers * shape.num_kv_heads * shape.head_dim)
         if abs(achieved - sparsity) > 1e-9:
             print(f"sparsity {sparsity:g} at align {args.align} keeps {1 - achieved:.1%} of the K channels", file=sys.stderr)
-        methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
-        methods.append(evaluate.Method(f"static-k{achieved:.0%}", static))
+        if "random" in args.baselines:
+            methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
+        if "static" in args.baselines:
+            methods.append(evaluate.Method(f"static-k{achieved:.0%}", static))
     methods += [evaluate.Method(f"plan:{name}", plan) for name, plan in plans]
+    if args.windows:
+        methods = [variant for method in methods for variant in _with_and_without_windows(method, *args.windows)]
     report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME,
                                progress=args.progress, program=program)
     report["seconds"] = round(time.perf_counter() - start, 1)
@@ -121,15 +157,55 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_and_without_windows(method: evaluate.Method, sink: int, recent: int) -> list[evaluate.Method]:
+    plan = method.plan
+    if plan is None or not plan.k_channels:
+        return [method]
+    name = method.name.removesuffix(f"+w{plan.sink}/{plan.recent}") if plan.windowed else method.name
+    return [evaluate.Method(name, plan.with_windows(0, 0)),
+            evaluate.Method(f"{name}+w{sink}/{recent}", plan.with_windows(sink, recent))]
+
+
 def _run_calibrate(args: argparse.Namespace) -> int:
+    training = LeanKTraining(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lr=args.lr, l1=args.l1,
+                             lengths=tuple(args.train_lengths), tasks=tuple(args.train_tasks))
     recipe = Recipe(kv_group_size=args.kv_group_size, kv_heads_per_group=args.kv_heads_per_group, rope=args.rope,
                     merge_layers=args.merge_layers and tuple(args.merge_layers), merge_method=args.merge_method,
-                    k_sparsity=args.k_sparsity, align=args.align, calib_tokens=args.calib_tokens)
+                    k_sparsity=args.k_sparsity, align=args.align, k_method=args.k_method, sink=args.sink,
+                    recent=args.recent, leank=training, calib_tokens=args.calib_tokens)
+    start = time.perf_counter()
     model, tokenizer = load_default_model()
-    plan = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress)
+    model = model.to(args.device)
+    plan = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
+                     checkpoint_dir=args.checkpoint or args.output / "checkpoint")
     plan.save(args.output)
-    print(f"wrote plan {plan.fingerprint()} to {args.output}", file=sys.stderr)
+    print(f"wrote plan {plan.fingerprint()} to {args.output} ({time.perf_counter() - start:.0f} s on {args.device})",
+          file=sys.stderr)
     return 0
+
+
+def _run_importance(args: argparse.Namespace) -> int:
+    plan = _load_plan(args.plan)
+    print(importance.summary(plan))
+    if args.png is not None:
+        print(f"wrote {importance.plot(plan, args.png, title=f'{args.plan}: learned K-channel importance')}")
+    return 0
+
+
+def _run_plans(args: argparse.Namespace) -> int:
+    for name in Plan.list_builtin():
+        meta = Plan.load_builtin(name).meta
+        print(f"{name}  {meta.get('method', '?')}, {meta.get('sparsity', 0):.0%} K sparsity")
+    return 0
+
+
+def _load_plan(spec: str) -> Plan:
+    """A plan from a directory, else a built-in plan of that name."""
+    if Path(spec).exists():
+        return Plan.load(spec)
+    if spec not in Plan.list_builtin():
+        raise PlanError(f"{spec}: no such plan directory, nor a built-in plan ({', '.join(Plan.list_builtin())})")
+    return Plan.load_builtin(spec)
 
 
 def _positive_int(value: str) -> int:

@@ -50,6 +50,7 @@ class Sample:
     seed: int  # make_samples' seed; with depth it tells the samples of one call apart
     prompt_ids: torch.Tensor  # (1, n) token ids, chat-templated when the tokenizer has a template
     answers: tuple[str, ...]  # every string that must appear (exact match)
+    ideal_answer: str  # a perfect reply's continuation of the prompt; training targets it
     max_new_tokens: int  # enough for the answer
 
 
@@ -122,6 +123,7 @@ def _make_sample(
         seed=seed,
         prompt_ids=torch.tensor([prompt_ids], dtype=torch.long),
         answers=puzzle.answers,
+        ideal_answer=puzzle.ideal_answer,
         max_new_tokens=answer_tokens + ANSWER_SLACK_TOKENS + LIST_ITEM_SLACK_TOKENS * len(puzzle.answers),
     )
 

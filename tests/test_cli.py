@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvcompile import cli, models
+from kvcompile import Plan, cli, models
 from kvcompile.models import INSTALL_COMMAND, ModelNotAvailable, default_model_available, load_default_model
 from tests.test_evaluate import model as tiny_model  # noqa: F401  (fixtures)
 from tests.test_evaluate import tokenizer as byte_tokenizer  # noqa: F401
@@ -34,7 +34,8 @@ def test_a_command_is_required(capsys):
         (["eval", "--align", "0"], "--align: must be a positive integer"),
         (["eval", "--lengths", "2K"], "--lengths: must be a positive integer, got 2K"),
         (["eval", "--tasks", "haystack"], "--tasks: invalid choice: 'haystack'"),
-        (["eval", "--plan", "/no/such/plan"], "no plan.json"),
+        (["eval", "--plan", "/no/such/plan"], "/no/such/plan: no such plan directory, nor a built-in plan"),
+        (["calibrate", "out", "--k-method", "learned"], "--k-method: invalid choice"),
         (["calibrate", "out", "--rope", "pre"], "--rope: invalid choice"),
     ],
 )
@@ -56,6 +57,42 @@ def test_eval_rows_table_json_and_plot(monkeypatch, tiny_model, byte_tokenizer, 
     assert report["settings"]["lengths"] == [1024] and report["settings"]["tasks"] == ["passkey"]
     assert "static-k50%" in capsys.readouterr().out
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_leank_calibrate_then_eval_with_and_without_windows_then_importance(
+        monkeypatch, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811
+    monkeypatch.setattr(cli, "load_default_model", lambda: (tiny_model, byte_tokenizer))
+    plan_dir = tmp_path / "learned"
+    assert cli.main(["calibrate", str(plan_dir), "--k-sparsity", "0.5", "--k-method", "leank", "--align", "4",
+                     "--sink", "4", "--recent", "8", "--stage1-steps", "2", "--stage2-steps", "2",
+                     "--train-lengths", "384", "--train-tasks", "passkey", "--device", "cpu", "--no-progress"]) == 0
+    plan = Plan.load(plan_dir)
+    assert plan.meta["method"] == "leank" and (plan.sink, plan.recent) == (4, 8)
+    assert (plan_dir / "checkpoint" / "state.json").is_file()
+
+    argv = ["eval", "--quick", "--lengths", "1024", "--tasks", "passkey", "--plan", str(plan_dir), "--windows", "4", "8",
+            "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert list(rows) == ["dense", "plan:learned", "plan:learned+w4/8"]
+    for row in rows.values():  # bytes held match the plan's count at the measured length, windows or not
+        if row["k_bytes_per_token_formula"] is not None:
+            assert row["k_bytes_per_token"] == pytest.approx(row["k_bytes_per_token_formula"])
+            assert row["v_bytes_per_token"] == pytest.approx(row["v_bytes_per_token_formula"])
+    assert rows["plan:learned+w4/8"]["k_bytes_per_token"] > rows["plan:learned"]["k_bytes_per_token"]
+
+    pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    assert cli.main(["importance", str(plan_dir), "--png", str(tmp_path / "i.png")]) == 0
+    assert capsys.readouterr().out.startswith("layer")
+    assert (tmp_path / "i.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_builtin_plans_are_listed_and_load_by_name(no_model, capsys):
+    assert cli.main(["plans"]) == 0
+    assert "smollm2-135m-instruct/leank-k70  leank, 70% K sparsity" in capsys.readouterr().out
+    assert cli.main(["importance", "smollm2-135m-instruct/leank-k50"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 30
 
 
 def test_missing_weights_name_the_install_command(monkeypatch, capsys):

@@ -184,7 +184,7 @@ def test_bad_arguments_are_refused(byte_tokenizer):
 
 
 def _sample(*answers: str) -> Sample:
-    return Sample("passkey", 1024, 0.5, 0, torch.zeros(1, 1, dtype=torch.long), answers, 8)
+    return Sample("passkey", 1024, 0.5, 0, torch.zeros(1, 1, dtype=torch.long), answers, f" {answers[0]}.", 8)
 
 
 @pytest.mark.parametrize(
