@@ -104,22 +104,16 @@ def _decode_from_groups(gm, site: AttentionSite, groups, indices) -> list[torch.
         present_groups = [
             graph.call_function(aten.cat.default, ([old, new], -2)) for old, new in zip(past_groups, new_groups)
         ]
-        pruned = graph.call_function(
-            torch.ops.kvcompile.pruned_attention.default,
-            (
-                site.query,
-                present_groups,
-                [heads for heads, _ in indices],
-                [channels for _, channels in indices],
-                site.value_cat,
-                site.mask,
-                site.scale,
-                site.is_causal,
-            ),
-        )
-    pruned.meta.update(site.attention.meta)
-    site.attention.replace_all_uses_with(pruned)
-    graph.erase_node(site.attention)
+    _swap_attention(gm, site, torch.ops.kvcompile.pruned_attention.default, (
+        site.query,
+        present_groups,
+        [heads for heads, _ in indices],
+        [channels for _, channels in indices],
+        site.value_cat,
+        site.mask,
+        site.scale,
+        site.is_causal,
+    ))
 
     # Sizes read off the old full-width past key (batch, past length) are the past value's too.
     for user in list(site.past_key.users):
@@ -159,26 +153,28 @@ def _attend_over_window_and_middle(gm, site: AttentionSite, plan: Plan) -> None:
     site.key_cat.replace_input_with(site.past_key, key_window)
     site.value_cat.replace_input_with(middle_values, value_window)
     graph.erase_node(site.past_key)
-    with graph.inserting_before(site.attention):
-        windowed = graph.call_function(
-            torch.ops.kvcompile.windowed_attention.default,
-            (
-                site.query,
-                site.key_cat,
-                site.value_cat,
-                middle_keys,
-                [heads for heads, _ in indices],
-                [channels for _, channels in indices],
-                middle_values,
-                site.mask,
-                site.scale,
-                site.is_causal,
-                plan.sink,
-            ),
-        )
-    windowed.meta.update(site.attention.meta)
-    site.attention.replace_all_uses_with(windowed)
-    graph.erase_node(site.attention)
+    _swap_attention(gm, site, torch.ops.kvcompile.windowed_attention.default, (
+        site.query,
+        site.key_cat,
+        site.value_cat,
+        middle_keys,
+        [heads for heads, _ in indices],
+        [channels for _, channels in indices],
+        middle_values,
+        site.mask,
+        site.scale,
+        site.is_causal,
+        plan.sink,
+    ))
+
+
+def _swap_attention(gm, site: AttentionSite, op, args: tuple) -> None:
+    """Replace the site's canonical attention by `op(*args)`."""
+    with gm.graph.inserting_before(site.attention):
+        attention = gm.graph.call_function(op, args)
+    attention.meta.update(site.attention.meta)
+    site.attention.replace_all_uses_with(attention)
+    gm.graph.erase_node(site.attention)
 
 
 def _split_input(gm, old: torch.fx.Node, old_entry: str, entries: list[str]) -> list[torch.fx.Node]:

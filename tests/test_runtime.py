@@ -191,14 +191,16 @@ def test_unsupported_inputs_are_refused_clearly():
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_cache_encoder_writes_what_the_prefill_writes(arch):
     model = make_tiny_model(arch)
-    tm = kvcompile.transform(model, PRUNE)
-    prompt = _prompt(2)
+    assert_encoded_cache_is_the_prefill_cache(model, kvcompile.transform(model, PRUNE), _prompt(2), _prompt(2, length=1, seed=9))
+
+
+def assert_encoded_cache_is_the_prefill_cache(model, tm, prompt, step):
+    """`encode_dense_cache` of the dense model's cache equals the prefill program's cache, and decoding
+    `step` from it gives the same logits."""
     compiled = tm(prompt).past_key_values
     dense = model(prompt, use_cache=True).past_key_values
     encoded = tm.encode_dense_cache([l.keys for l in dense.layers], [l.values for l in dense.layers])
     assert encoded.entries.keys() == compiled.entries.keys() and encoded.length == compiled.length
     for name, tensor in compiled.entries.items():
         torch.testing.assert_close(encoded.entries[name], tensor, atol=1e-6, rtol=1e-6)
-    # and decoding from it continues exactly like decoding from the compiled prefill
-    step = _prompt(2, length=1, seed=9)
     torch.testing.assert_close(tm(step, past_key_values=encoded).logits, tm(step, past_key_values=compiled).logits)

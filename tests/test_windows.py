@@ -12,6 +12,7 @@ import kvcompile
 from kvcompile import Plan, Recipe, calibrate
 from tests.masked_reference import Windows, decode, masked_attention, masked_reference_decode
 from tests.tiny_models import make_tiny_model
+from tests.test_runtime import assert_encoded_cache_is_the_prefill_cache
 
 STEPS = 20
 SINK, RECENT, BUFFER = 2, 4, 4
@@ -145,15 +146,7 @@ def test_without_windows_streaming_heads_still_attend_uniformly_over_everything(
 
 def test_encoded_dense_cache_is_the_prefill_cache():
     model, tm = _transform("phi3")
-    prompt = _prompt(2, 13)
-    compiled = tm(prompt).past_key_values
-    dense = model(prompt, use_cache=True).past_key_values
-    encoded = tm.encode_dense_cache([l.keys for l in dense.layers], [l.values for l in dense.layers])
-    assert encoded.entries.keys() == compiled.entries.keys() and encoded.length == compiled.length
-    for name, tensor in compiled.entries.items():
-        torch.testing.assert_close(encoded.entries[name], tensor, atol=1e-6, rtol=1e-6)
-    step = _prompt(2, 1, seed=9)
-    torch.testing.assert_close(tm(step, past_key_values=encoded).logits, tm(step, past_key_values=compiled).logits)
+    assert_encoded_cache_is_the_prefill_cache(model, tm, _prompt(2, 13), _prompt(2, 1, seed=9))
 
 
 def test_merged_heads_keep_windows_too(tmp_path):
