@@ -81,6 +81,10 @@ def pruned_attention(
     `q[idx] . k[idx]` is the score; `scale` stays the full head's. A KV head in no group keeps no
     channels: its scores are 0 and it attends uniformly over the unmasked keys.
     """
+    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal)
+
+
+def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal):
     b, hq, s, d = q.shape
     hkv, t = v.shape[1], v.shape[2]
     r = hq // hkv
@@ -124,6 +128,12 @@ def windowed_attention(
     log-sum-exp. `mask` (bool or additive) and `is_causal` (top-left, like SDPA) refer to sequence
     order; window column j < `sink` is token j, the rest follow the middle.
     """
+    return windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale,
+                                        is_causal, sink)
+
+
+def windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal,
+                                 sink):
     b, hq, s, d = q.shape
     hkv, window = k_window.shape[1], k_window.shape[2]
     middle = v_middle.shape[2]

@@ -1,4 +1,4 @@
-"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`.
+"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`, `bench`.
 
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
 inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("plan", help="a plan directory or a built-in plan name (see --list)")
     show.add_argument("--png", type=Path, metavar="PATH", help="write the layer x head x channel heatmap here")
     show.set_defaults(run=_run_importance)
+
+    bench = commands.add_parser("bench", help="decode attention on a LeanK cache vs dense SDPA (CUDA)")
+    bench.add_argument("--layers", type=_positive_int, help="benchmark this many of the mask's 32 layers (default all)")
+    bench.add_argument("--configs", nargs="+", metavar="BATCHxCONTEXT", type=_batch_context,
+                       help="default: 1x131072 8x32768 64x32768")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    bench.set_defaults(run=_run_bench)
 
     builtin = commands.add_parser("plans", help="list the plans shipped with kvcompile")
     builtin.set_defaults(run=_run_plans)
@@ -192,6 +199,20 @@ def _run_importance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if not torch.cuda.is_available():
+        print("kvcompile bench: error: the decode benchmark needs a CUDA device", file=sys.stderr)
+        return 1
+    report = bench.run(configs=args.configs or bench.CONFIGS, layers=args.layers)
+    print(bench.format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _run_plans(args: argparse.Namespace) -> int:
     for name in Plan.list_builtin():
         meta = Plan.load_builtin(name).meta
@@ -218,6 +239,13 @@ def _positive_or_zero_int(value: str) -> int:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return int(value)
+
+
+def _batch_context(value: str) -> tuple[int, int]:
+    batch, _, context = value.partition("x")
+    if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
+        raise argparse.ArgumentTypeError(f"expected BATCHxCONTEXT such as 8x32768, got {value}")
+    return int(batch), int(context)
 
 
 def _fraction(value: str) -> float:

@@ -30,3 +30,4 @@ def test_bf16_cache_is_bf16_and_counted_as_such():
     cache = tm(_prompt(2).cuda()).past_key_values
     assert all(t.dtype == torch.bfloat16 and t.is_cuda for t in cache.entries.values())
     assert cache.nbytes == PRUNE.cache_nbytes(tm.shape, torch.bfloat16, batch=2, length=12)
+

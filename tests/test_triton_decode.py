@@ -1,0 +1,244 @@
+"""The Triton decode kernels (kernels/triton_decode.py) against the reference ops
+`kvcompile::windowed_attention` and `kvcompile::pruned_attention`, for one query token and no mask.
+
+Without CUDA the kernels run under the Triton interpreter on CPU, so shapes stay tiny. The forced
+split (`block_tokens=16, split_tokens=32`) makes every region several chunks of several blocks with
+a partial last block, so the online softmax, the slot layout and the log-sum-exp combine are all
+exercised even at these lengths.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit reads it then
+
+pytest.importorskip("triton")
+
+import kvcompile  # noqa: E402
+import kvcompile.kernels  # noqa: E402,F401  (registers torch.ops.kvcompile.*)
+from kvcompile.kernels import triton_decode  # noqa: E402
+
+ops = torch.ops.kvcompile
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D = 16
+SINK = 3  # no effect without a mask, but passed as the runtime would
+FORCED_SPLIT = {"block_tokens": 16, "split_tokens": 32}
+
+# kept channel counts per KV head (Hkv = 4)
+PLANS = {
+    # head 0 keeps every channel, heads 1 and 3 share a width, head 2 keeps none (streaming)
+    "mixed": (16, 5, 0, 5),
+    # three widths, no streaming head
+    "no-streaming": (3, 8, 8, 1),
+    # every head streaming: windowed sees the window only, pruned attends uniformly
+    "all-streaming": (0, 0, 0, 0),
+}
+
+
+def _groups(counts, generator):
+    """Width groups as `kvcompile.cache.k_groups` builds them (widest first), with random
+    channels in random order: [(heads (G,), channels (G, w))]."""
+    kept = [torch.randperm(D, generator=generator)[:n] for n in counts]
+    groups = []
+    for width in sorted({n for n in counts if n}, reverse=True):
+        heads = [h for h, n in enumerate(counts) if n == width]
+        groups.append((torch.tensor(heads), torch.stack([kept[h] for h in heads])))
+    return groups
+
+
+def _randn(generator, *shape, scale=1.0):
+    return torch.randn(*shape, generator=generator) * scale
+
+
+def _windowed_inputs(counts, group_size, batch, window, middle, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hkv = len(counts)
+    groups = _groups(counts, g)
+    heads = [h for h, _ in groups]
+    channels = [c for _, c in groups]
+    middle_value_heads = sum(h.numel() for h in heads)
+    return dict(
+        q=_randn(g, batch, hkv * group_size, 1, D, scale=2.0),  # x2: a peaked softmax, not a mean
+        k_window=_randn(g, batch, hkv, window, D),
+        v_window=_randn(g, batch, hkv, window, D),
+        k_middle=[_randn(g, batch, c.shape[0], middle, c.shape[1]) for c in channels],
+        heads=heads,
+        channels=channels,
+        v_middle=_randn(g, batch, middle_value_heads, middle, D),
+    )
+
+
+def _pruned_inputs(counts, group_size, batch, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hkv = len(counts)
+    groups = _groups(counts, g)
+    channels = [c for _, c in groups]
+    return dict(
+        q=_randn(g, batch, hkv * group_size, 1, D, scale=2.0),
+        k_groups=[_randn(g, batch, c.shape[0], length, c.shape[1]) for c in channels],
+        heads=[h for h, _ in groups],
+        channels=channels,
+        v=_randn(g, batch, hkv, length, D),
+    )
+
+
+def _to(inputs, dtype=None, device=DEVICE):
+    """Inputs on `device`, floating tensors in `dtype` (index tensors untouched)."""
+
+    def move(x):
+        if isinstance(x, list):
+            return [move(t) for t in x]
+        return x.to(device, dtype) if x.is_floating_point() and dtype is not None else x.to(device)
+
+    return {name: move(x) for name, x in inputs.items()}
+
+
+def _windowed_reference(x):
+    return ops.windowed_attention(
+        x["q"], x["k_window"], x["v_window"], x["k_middle"], x["heads"], x["channels"], x["v_middle"],
+        None, D**-0.5, False, SINK,
+    )  # fmt: skip
+
+
+def _windowed_triton(x, **knobs):
+    return triton_decode.windowed_decode(
+        x["q"], x["k_window"], x["v_window"], x["k_middle"], x["heads"], x["channels"], x["v_middle"],
+        D**-0.5, SINK, **knobs,
+    )  # fmt: skip
+
+
+def _pruned_reference(x):
+    return ops.pruned_attention(x["q"], x["k_groups"], x["heads"], x["channels"], x["v"], None, D**-0.5, False)
+
+
+def _pruned_triton(x, **knobs):
+    return triton_decode.pruned_decode(x["q"], x["k_groups"], x["heads"], x["channels"], x["v"], D**-0.5, **knobs)
+
+
+def _assert_fp32_close(out, expected):
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+# (batch, window tokens, middle tokens): an empty middle (the first decode steps), then lengths
+# that are no multiple of the 16-token block
+WINDOWED_SHAPES = [(1, 7, 0), (3, 21, 37), (1, 33, 90)]
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+@pytest.mark.parametrize("plan", ["mixed", "no-streaming"])
+@pytest.mark.parametrize("batch, window, middle", WINDOWED_SHAPES)
+def test_windowed_decode_matches_reference_fp32(group_size, plan, batch, window, middle):
+    x = _to(_windowed_inputs(PLANS[plan], group_size, batch, window, middle))
+    _assert_fp32_close(_windowed_triton(x, **FORCED_SPLIT), _windowed_reference(x))
+
+
+# (batch, tokens)
+PRUNED_SHAPES = [(1, 9), (3, 50), (1, 95)]
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+@pytest.mark.parametrize("plan", ["mixed", "no-streaming"])
+@pytest.mark.parametrize("batch, length", PRUNED_SHAPES)
+def test_pruned_decode_matches_reference_fp32(group_size, plan, batch, length):
+    x = _to(_pruned_inputs(PLANS[plan], group_size, batch, length))
+    _assert_fp32_close(_pruned_triton(x, **FORCED_SPLIT), _pruned_reference(x))
+
+
+def test_all_streaming_heads():
+    # no width group at all: windowed attends over the window only, pruned uniformly over T
+    x = _to(_windowed_inputs(PLANS["all-streaming"], 2, 3, 21, 37))
+    assert x["heads"] == [] and x["v_middle"].shape[1] == 0
+    _assert_fp32_close(_windowed_triton(x, **FORCED_SPLIT), _windowed_reference(x))
+    x = _to(_pruned_inputs(PLANS["all-streaming"], 2, 3, 50))
+    out = _pruned_triton(x, **FORCED_SPLIT)
+    _assert_fp32_close(out, _pruned_reference(x))
+    _assert_fp32_close(out, x["v"].mean(2, keepdim=True).repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_default_splits(group_size):
+    # the device-sized split the runtime would use (one chunk per region under the interpreter)
+    x = _to(_windowed_inputs(PLANS["mixed"], group_size, 3, 33, 90))
+    _assert_fp32_close(_windowed_triton(x), _windowed_reference(x))
+    x = _to(_pruned_inputs(PLANS["mixed"], group_size, 3, 95))
+    _assert_fp32_close(_pruned_triton(x), _pruned_reference(x))
+
+
+def test_strided_inputs_and_other_value_dim():
+    # every input a strided view of a larger buffer (as a fused qkv projection or a preallocated
+    # cache would give), and a value head dim other than the key's
+    group_size, batch, window, middle, value_dim = 3, 3, 21, 37, 8
+    x = _to(_windowed_inputs(PLANS["mixed"], group_size, batch, window, middle))
+    x["q"] = torch.cat([x["q"], x["q"]], dim=-1)[..., :D]
+    x["k_window"] = torch.cat([x["k_window"], x["k_window"]], dim=2)[:, :, ::2]
+    x["v_window"] = x["v_window"][..., :value_dim]
+    x["v_middle"] = x["v_middle"][..., :value_dim]
+    x["k_middle"] = [torch.cat([k, k], dim=-1)[..., : k.shape[-1]] for k in x["k_middle"]]
+    assert not (x["q"].is_contiguous() or x["k_window"].is_contiguous() or x["v_window"].is_contiguous())
+    _assert_fp32_close(_windowed_triton(x, **FORCED_SPLIT), _windowed_reference(x))
+
+
+# 16-bit: compared with the reference on the same values in fp32. The kernel rounds the softmax
+# probabilities to the value dtype for p @ v (on GPU) and the output once, so a few ulps of slack.
+TOLERANCE_16 = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(dtype):
+    tol = TOLERANCE_16[dtype]
+    x = _to(_windowed_inputs(PLANS["mixed"], 3, 3, 21, 37), dtype)
+    out = _windowed_triton(x, **FORCED_SPLIT)
+    assert out.dtype == dtype and out.shape == (3, 12, 1, D)
+    expected = _windowed_reference(_to(x, torch.float32))
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+    x = _to(_pruned_inputs(PLANS["mixed"], 3, 3, 50), dtype)
+    out = _pruned_triton(x, **FORCED_SPLIT)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), _pruned_reference(_to(x, torch.float32)), atol=tol, rtol=tol)
+
+
+def test_supported():
+    q = torch.zeros(1, 4, 1, D, device=DEVICE)
+    assert triton_decode.supported(q, None)
+    assert not triton_decode.supported(q, torch.ones(1, 1, 1, 5, dtype=torch.bool, device=DEVICE))
+    assert not triton_decode.supported(torch.zeros(1, 4, 2, D, device=DEVICE), None)  # prefill
+    assert not triton_decode.supported(q.to(torch.int32), None)
+    with pytest.raises(ValueError, match="one query token"):
+        triton_decode.pruned_decode(torch.zeros(1, 4, 2, D), [], [], [], torch.zeros(1, 4, 5, D), 1.0)
+
+
+def test_a_windowed_decode_through_the_kernels_matches_the_masked_model(monkeypatch):
+    """The whole path: a transformed tiny Llama whose decode steps go through the op's CUDA face (on
+    CPU registered for the test, the kernels under the interpreter) against the HF model with the
+    middle channels masked."""
+    from kvcompile.kernels import cuda_decode
+    from tests import test_windows
+    from tests.masked_reference import masked_reference_decode
+    from tests.tiny_models import make_tiny_model
+
+    calls = []
+    monkeypatch.setattr(triton_decode, "windowed_decode", _counted(triton_decode.windowed_decode, calls))
+    model = make_tiny_model("llama", num_layers=test_windows.LAYERS).to(DEVICE)
+    tm = kvcompile.transform(model, test_windows.PLAN)
+    prompt = test_windows._prompt(2, 12).to(DEVICE)
+    with torch.library._scoped_library("kvcompile", "IMPL") as lib:
+        if DEVICE == "cpu":
+            lib.impl("windowed_attention", cuda_decode._windowed_attention_cuda, "CPU")
+        got, tokens, _ = test_windows._transformed_decode(tm, prompt)
+    want, _ = masked_reference_decode(model, prompt, test_windows.K_CHANNELS, next_tokens=tokens,
+                                      steps=test_windows.STEPS, windows=test_windows.WINDOWS)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+    assert len(calls) == test_windows.STEPS * len(test_windows.K_CHANNELS)  # every decode step, every planned layer
+
+
+def _counted(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counted
