@@ -1,19 +1,15 @@
 """The Triton decode kernels (kernels/triton_decode.py) against the reference ops
 `kvcompile::windowed_attention` and `kvcompile::pruned_attention`, for one query token and no mask.
 
-Without CUDA the kernels run under the Triton interpreter on CPU, so shapes stay tiny. The forced
-split (`block_tokens=16, split_tokens=32`) makes every region several chunks of several blocks with
-a partial last block, so the online softmax, the slot layout and the log-sum-exp combine are all
-exercised even at these lengths.
+Without CUDA the kernels run under the Triton interpreter on CPU (tests/conftest.py turns it on
+before anything imports triton), so shapes stay tiny. The forced split (`block_tokens=16,
+split_tokens=32`) makes every region several chunks of several blocks with a partial last block,
+so the online softmax, the slot layout and the log-sum-exp combine are all exercised even at
+these lengths.
 """
-
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit reads it then
 
 pytest.importorskip("triton")
 
