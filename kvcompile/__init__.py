@@ -9,6 +9,22 @@ from .runtime import TransformedModel, transform
 
 __version__ = "0.1.0"
 
+
+def export_onnx(model, plan, path, **options):
+    """`kvcompile.onnx.export_onnx`: the transformed model as ONNX files onnxruntime runs (needs
+    the `onnx` extra: onnx, onnxscript, onnxruntime)."""
+    from .onnx import export_onnx as export
+
+    return export(model, plan, path, **options)
+
+
+def __getattr__(name):
+    if name == "onnx":  # imported on first use: onnx, onnxscript and onnxruntime are optional
+        import importlib
+
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "LeanKTraining",
     "Recipe",
@@ -21,5 +37,6 @@ __all__ = [
     "PlanError",
     "TransformedModel",
     "capture",
+    "export_onnx",
     "transform",
 ]

