@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     calib.set_defaults(run=_run_calibrate)
 
     show = commands.add_parser("importance", help="a learned plan's channel importance: per-layer summary and heatmap")
-    show.add_argument("plan", help="a plan directory or a built-in plan name (see --list)")
+    show.add_argument("plan", help="a plan directory or a built-in plan name (`kvcompile plans` lists them)")
     show.add_argument("--png", type=Path, metavar="PATH", help="write the layer x head x channel heatmap here")
     show.set_defaults(run=_run_importance)
 
