@@ -232,8 +232,8 @@ def format_table(report: dict) -> str:
     rows = report["rows"]
     accuracy_keys = list(rows[0]["accuracy"])
     lengths = list(rows[0]["perplexity"])
-    header = ["method"] + [_short(k) for k in accuracy_keys] + [f"ppl@{_k(n)}" for n in lengths] \
-        + [f"agree@{_k(n)}" for n in lengths] + ["K B/tok", "V B/tok", "KV vs dense"]
+    header = ["method"] + [cell_label(k) for k in accuracy_keys] + [f"ppl@{length_label(n)}" for n in lengths] \
+        + [f"agree@{length_label(n)}" for n in lengths] + ["K B/tok", "V B/tok", "KV vs dense"]
     dense_bytes = rows[0]["k_bytes_per_token"] + rows[0]["v_bytes_per_token"]
     body = []
     for row in rows:
@@ -257,14 +257,16 @@ def format_table(report: dict) -> str:
     return "\n".join(lines + [note])
 
 
-def _k(n: str) -> str:
+def length_label(n: str) -> str:
+    """"2048" -> "2K"."""
     n = int(n)
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def _short(key: str) -> str:
+def cell_label(key: str) -> str:
+    """"passkey@2048" -> "passkey@2K"."""
     task, length = key.split("@")
-    return f"{task}@{_k(length)}"
+    return f"{task}@{length_label(length)}"
 
 
 def plot(report: dict, path) -> None:

@@ -46,7 +46,7 @@ import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
 
 from .capture import signature_of
 from .plan import Plan
-from .runtime import TransformedModel, transform
+from .runtime import TransformedModel, eos_token_ids, transform
 
 DOMAIN = "ai.kvcompile"
 DOMAIN_VERSION = 1
@@ -115,7 +115,7 @@ def export_onnx(
         "shape": dataclasses.asdict(tm.shape),
         "plan_fingerprint": plan.fingerprint(),
         "dtype": str(tm.dtype).removeprefix("torch."),
-        "eos_token_id": _eos_ids(tm),
+        "eos_token_id": eos_token_ids(None, tm.generation_config),
         "domain": {"name": DOMAIN, "version": DOMAIN_VERSION},
         "opset": prefill.model.opset_imports[""],
         "external_data": external_data,
@@ -141,17 +141,13 @@ class _Prefill(torch.nn.Module):
     def __init__(self, tm: TransformedModel):
         super().__init__()
         self.program = tm.prefill_program
-        sig = signature_of(tm.prefill_program)
-        # (heads, width) of each past the prefill reads: what the runtime's _empty_past builds
-        self.past_shapes = [tm.plan.kv_heads(int(name.split(".")[1]), tm.shape) for name in sig.inputs[2:]]
-        self.dtype = tm.dtype
+        self.entries = [name.removeprefix("past_") for name in signature_of(tm.prefill_program).inputs[2:]]
+        self.empty_past = tm.empty_past  # a bound method, not a submodule: the parameters stay the program's
         self.eval()  # no dropout to speak of, but the exporter warns about training mode
 
     def forward(self, input_ids, position_ids):
         batch = input_ids.shape[0]
-        pasts = [torch.zeros(batch, heads, 0, width, dtype=self.dtype, device=input_ids.device)
-                 for heads, width in self.past_shapes]
-        return self.program(input_ids, position_ids, *pasts)
+        return self.program(input_ids, position_ids, *(self.empty_past(entry, batch) for entry in self.entries))
 
 
 def _prefill_names(tm: TransformedModel):
@@ -226,9 +222,6 @@ def _export_program(module: torch.nn.Module, names, args: tuple, dynamic_shapes)
     return program
 
 
-def _eos_ids(tm: TransformedModel) -> list[int]:
-    eos = getattr(tm.generation_config, "eos_token_id", None)
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,8 +465,7 @@ def generate(
     has it, else CPU."""
     prefill, decode, manifest = load_sessions(path, providers)
     tokens = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
-    eos = np.array(manifest["eos_token_id"] if eos_token_id is None else
-                   [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, dtype=np.int64)
+    eos = np.array(manifest["eos_token_id"] if eos_token_id is None else eos_token_ids(eos_token_id), dtype=np.int64)
     batch, length = tokens.shape
     outputs = _run(prefill, manifest["prefill"], tokens, _positions(batch, 0, length), {})
     done = np.zeros(batch, dtype=bool)

@@ -111,7 +111,7 @@ class TransformedModel(torch.nn.Module):
         args = [input_ids, position_ids]
         for name in sig.inputs[2:]:
             entry = name.removeprefix("past_")
-            args.append(cache.entries[entry] if cache is not None else self._empty_past(entry, batch))
+            args.append(cache.entries[entry] if cache is not None else self.empty_past(entry, batch))
         outputs = dict(zip(sig.outputs, program(*args)))
 
         logits = outputs.pop("logits")
@@ -134,7 +134,7 @@ class TransformedModel(torch.nn.Module):
         flush_windows(cache, self.plan)
         return cache
 
-    def _empty_past(self, entry: str, batch: int) -> torch.Tensor:
+    def empty_past(self, entry: str, batch: int) -> torch.Tensor:
         """The prefill's past for cache entry `key.{l}` / `value.{l}`: no tokens, the layer's heads."""
         heads, width = self.plan.kv_heads(int(entry.split(".")[1]), self.shape)
         return torch.empty(batch, heads, 0, width, dtype=self._dtype, device=self._device)
@@ -189,10 +189,7 @@ class TransformedModel(torch.nn.Module):
         """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
-        if eos_token_id is None and self.generation_config is not None:
-            eos_token_id = self.generation_config.eos_token_id
-        eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
-                           device=self._device)
+        eos = torch.tensor(eos_token_ids(eos_token_id, self.generation_config), device=self._device)
         tokens = input_ids.to(self._device)
         out = self(tokens, use_cache=True)
         done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=self._device)
@@ -210,6 +207,13 @@ class TransformedModel(torch.nn.Module):
                 break
             out = self(next_token[:, None], past_key_values=out.past_key_values, use_cache=True)
         return tokens
+
+
+def eos_token_ids(eos_token_id: int | list[int] | None, generation_config=None) -> list[int]:
+    """The EOS ids generation stops at: `eos_token_id` if given, else the generation config's."""
+    if eos_token_id is None and generation_config is not None:
+        eos_token_id = generation_config.eos_token_id
+    return [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:

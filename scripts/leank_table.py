@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from kvcompile.evaluate import cell_label, length_label
+
 
 def table(reports: list[dict]) -> str:
     names = [row["name"] for row in reports[0]["rows"]]
@@ -26,9 +28,9 @@ def table(reports: list[dict]) -> str:
     last = {row["name"]: row for row in longest["rows"]}
     cells = [key for key in rows[names[0]]["accuracy"] if any(rows[n]["accuracy"][key]["correct"] for n in names)]
     lengths = sorted(rows[names[0]]["perplexity"], key=int)
-    at = f"@{_k(max(lengths, key=int))}"
-    header = ["method", *[_label(key) for key in cells], *[f"ppl@{_k(n)}" for n in lengths],
-              *[f"agree@{_k(n)}" for n in lengths], f"K B/tok{at}", f"V B/tok{at}", f"KV vs dense{at}"]
+    at = f"@{length_label(max(lengths, key=int))}"
+    header = ["method", *[cell_label(key) for key in cells], *[f"ppl@{length_label(n)}" for n in lengths],
+              *[f"agree@{length_label(n)}" for n in lengths], f"K B/tok{at}", f"V B/tok{at}", f"KV vs dense{at}"]
     dense = last[names[0]]["k_bytes_per_token"] + last[names[0]]["v_bytes_per_token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
@@ -39,15 +41,6 @@ def table(reports: list[dict]) -> str:
                 f"{measured['k_bytes_per_token']:.0f}", f"{measured['v_bytes_per_token']:.0f}", f"{kv / dense:.2f}x"]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
-
-
-def _k(n: str) -> str:
-    return f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n
-
-
-def _label(key: str) -> str:
-    task, length = key.split("@")
-    return f"{task}@{_k(length)}"
 
 
 if __name__ == "__main__":
