@@ -1,5 +1,6 @@
 """kvcompile: a compiler for the KV cache of decoder LLMs."""
 
+from .backend import register as _register_backend
 from .cache import CompressedKVCache
 from .calibrate import calibrate
 from .capture import CaptureError, capture
@@ -8,6 +9,8 @@ from .recipe import LeanKTraining, Recipe, RecipeError
 from .runtime import TransformedModel, transform
 
 __version__ = "0.1.0"
+
+_register_backend()
 
 
 def export_onnx(model, plan, path, **options):

@@ -2,6 +2,7 @@
 
 from .cache_encoder import NotEncodable, extract_cache_encoder
 from .canonicalize import canonicalize_attention
+from .hf_graph_attention import plan_attention_in_hf_graph
 from .manager import PassManager
 from .merge_kv_heads import MergeError, merge_kv_heads
 from .prune_k_channels import prune_k_channels
@@ -18,5 +19,6 @@ __all__ = [
     "extract_cache_encoder",
     "find_attention_sites",
     "merge_kv_heads",
+    "plan_attention_in_hf_graph",
     "prune_k_channels",
 ]
