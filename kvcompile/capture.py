@@ -72,16 +72,23 @@ class _ExplicitCacheLM(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, past_keys, past_values):
-        cache = DynamicCache()
-        for key, value in zip(past_keys, past_values):
-            # Seed each layer with the given tensors directly: DynamicLayer.update would first
-            # concatenate them onto an empty constant, which only clutters the graph.
-            layer = DynamicLayer()
-            layer.lazy_initialization(key, value)
-            layer.keys, layer.values = key, value
-            cache.layers.append(layer)
+        cache = dynamic_cache_holding(past_keys, past_values)
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def dynamic_cache_holding(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    """A transformers DynamicCache whose layers are the given (B, Hkv, T, D) tensors themselves.
+
+    DynamicCache.update would first concatenate them onto an empty tensor: a copy of the whole
+    cache, and in a traced program a node that only clutters the graph."""
+    cache = DynamicCache()
+    for key, value in zip(keys, values):
+        layer = DynamicLayer()
+        layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+        cache.layers.append(layer)
+    return cache
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`, `export`, `bench`.
+"""The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`, `export`, `bench`,
+`throughput`.
 
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
 inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
@@ -95,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="default: 1x131072 8x32768 64x32768")
     bench.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     bench.set_defaults(run=_run_bench)
+
+    rate = commands.add_parser("throughput", help="decode tokens/s: dense vs transformed vs torch.compile backend")
+    rate.add_argument("--model", choices=("smollm2", "llama-8b-random"), default="smollm2",
+                      help="the default SmolLM2 (with --plan) or a random Llama-3.1-8B-shaped model (CUDA) "
+                           "under the published LeanK mask's counts")
+    rate.add_argument("--plan", default="smollm2-135m-instruct/leank-k50", metavar="PLAN",
+                      help="for smollm2: a plan directory or a built-in plan name")
+    rate.add_argument("--batch", type=_positive_int, default=8)
+    rate.add_argument("--context", type=_positive_int, default=8192, help="cached tokens before decoding")
+    rate.add_argument("--steps", type=_positive_int, default=20, help="timed decode steps per method")
+    rate.add_argument("--layers", type=_positive_int, help="llama-8b-random: this many layers (default 32)")
+    rate.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    rate.set_defaults(run=_run_throughput)
 
     builtin = commands.add_parser("plans", help="list the plans shipped with kvcompile")
     builtin.set_defaults(run=_run_plans)
@@ -227,6 +241,27 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 1
     report = bench.run(configs=args.configs or bench.CONFIGS, layers=args.layers)
     print(bench.format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    from . import throughput
+
+    if args.model == "llama-8b-random":
+        if not torch.cuda.is_available():
+            print("kvcompile throughput: error: the 8B-shaped model needs a CUDA device", file=sys.stderr)
+            return 1
+        model = throughput.llama_8b_shaped(num_layers=args.layers or 32)
+        plan = throughput.leank_mask_plan(ModelShape.from_config(model.config))
+    else:
+        model, _ = load_default_model(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        plan = _load_plan(args.plan)
+    report = throughput.run(model, plan, args.batch, args.context, steps=args.steps)
+    print(throughput.format_row(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -1,0 +1,45 @@
+"""`kvcompile throughput`'s runner on a tiny model (CPU): every method decodes from a cache of the
+asked length; the numbers themselves are a benchmark's, not a test's."""
+
+import pytest
+import torch
+
+from kvcompile import Plan, PlanError, throughput
+from tests.tiny_models import make_tiny_model
+
+WINDOWED = Plan.from_k_channels({0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]], 1: [[], [1, 3, 5, 7, 9, 11]]},
+                                sink=4, recent=8, buffer=8)
+
+
+def test_every_method_decodes_and_the_report_compares_with_dense():
+    torch._dynamo.reset()
+    report = throughput.run(make_tiny_model("llama"), WINDOWED, batch=2, context=40, steps=2, warmup=3)
+    assert set(report["tokens_per_s"]) == set(throughput.METHODS)
+    assert all(rate > 0 for rate in report["tokens_per_s"].values())
+    assert report["speedup_vs_dense"]["dense"] == 1.0
+    assert "batch 2 x context 40" in throughput.format_row(report)
+    torch._dynamo.reset()
+
+
+def test_plan_is_checked_against_the_model_first():
+    with pytest.raises(PlanError, match="plan layer 5"):
+        throughput.run(make_tiny_model("llama"), Plan.from_k_channels({5: [[0], [1]]}), batch=1, context=8)
+    with pytest.raises(ValueError, match="unknown methods"):
+        throughput.run(make_tiny_model("llama"), WINDOWED, batch=1, context=8, methods=("fast",))
+
+
+def test_random_dense_cache_has_the_models_layout():
+    model = make_tiny_model("qwen3", num_layers=3)
+    shape = throughput.ModelShape.from_config(model.config)
+    layers = throughput.random_dense_cache(shape, batch=2, context=5, dtype=torch.float16, device=torch.device("cpu"))
+    assert len(layers) == 3
+    assert all(k.shape == v.shape == (2, 2, 5, 16) and k.dtype == torch.float16 for k, v in layers)
+
+
+def test_leank_mask_plan_keeps_the_published_counts():
+    shape = throughput.ModelShape("llama", num_layers=2, num_kv_heads=8, num_heads=32, head_dim=128)
+    plan = throughput.leank_mask_plan(shape)
+    counts = throughput.json.loads(throughput.LEANK_COUNTS.read_text())["kept_channels_per_layer_per_kv_head"]
+    assert [list(plan.kept_counts(layer)) for layer in range(2)] == counts[:2]
+    plan.validate(shape)
+    assert (plan.sink, plan.recent) == (128, 1024)
