@@ -42,7 +42,7 @@ def llama_8b_shaped(vocab_size: int = 128256, num_layers: int = 32):
         rope_theta=500000.0, attn_implementation="sdpa",
     )  # fmt: skip
     with torch.device("cuda"):
-        return LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
+        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
 
 
 def leank_mask_plan(shape: ModelShape, sink: int = 128, recent: int = 1024, seed: int = 0) -> Plan:
