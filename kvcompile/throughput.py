@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -97,21 +98,13 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
     plan.validate(shape)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    rates = {}
+    rates, failures = {}, {}
     for method in methods:
-        layers = random_dense_cache(shape, batch, context, dtype, device)
-        if method == "transformed":
-            runner = transform(model, plan)
-            cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers])
-        else:
-            runner = model
-            if method == "compiled":
-                torch._dynamo.reset()
-                runner = torch.compile(model, backend="kvcompile", options={"plan": replace(plan, sink=0, recent=0)})
-            cache = dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
-        del layers
-        rates[method] = round(_decode_rate(runner, cache, batch, model.config.vocab_size, device, warmup, steps), 1)
-        del cache, runner
+        print(f"throughput: {method} ...", file=sys.stderr, flush=True)
+        try:
+            rates[method] = _method_rate(method, model, plan, shape, batch, context, dtype, device, warmup, steps)
+        except torch.OutOfMemoryError as err:  # e.g. a compiled graph holds the old and new cache at once
+            failures[method] = f"out of memory: {str(err).splitlines()[0]}"
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -127,12 +120,29 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
         "steps": steps,
         "tokens_per_s": rates,
         "speedup_vs_dense": {m: round(rates[m] / rates["dense"], 3) for m in rates} if "dense" in rates else {},
+        "failed": failures,
     }
+
+
+def _method_rate(method, model, plan, shape, batch, context, dtype, device, warmup, steps) -> float:
+    layers = random_dense_cache(shape, batch, context, dtype, device)
+    if method == "transformed":
+        runner = transform(model, plan)
+        cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers])
+    else:
+        runner = model
+        if method == "compiled":
+            torch._dynamo.reset()
+            runner = torch.compile(model, backend="kvcompile", options={"plan": replace(plan, sink=0, recent=0)})
+        cache = dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
+    del layers
+    return round(_decode_rate(runner, cache, batch, model.config.vocab_size, device, warmup, steps), 1)
 
 
 def format_row(report: dict) -> str:
     rates = report["tokens_per_s"]
     cells = "  ".join(f"{m} {rates[m]:.1f}" + (f" ({report['speedup_vs_dense'][m]:.2f}x)" if m != "dense" and
                                                  report["speedup_vs_dense"] else "") for m in rates)
+    cells += "".join(f"  {m} failed ({why})" for m, why in report["failed"].items())
     return (f"{report['model']} {report['shape']['num_layers']}L, {report['dtype']}, batch {report['batch']} x "
             f"context {report['context']}, {report['device']}: tokens/s {cells}")
