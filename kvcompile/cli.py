@@ -1,5 +1,5 @@
 """The `kvcompile` command line: `eval`, `calibrate`, `demo`, `importance`, `plans`, `export`, `bench`,
-`throughput`.
+`throughput`, `onnx-latency`.
 
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
 inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
@@ -109,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--layers", type=_positive_int, help="llama-8b-random: this many layers (default 32)")
     rate.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     rate.set_defaults(run=_run_throughput)
+
+    latency = commands.add_parser("onnx-latency", help="onnxruntime CPU decode step: dense export vs compressed exports")
+    latency.add_argument("--plans", nargs="+", metavar="PLAN",
+                         default=["smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70"],
+                         help="plan directories or built-in names; windows are dropped (the export takes none)")
+    latency.add_argument("--contexts", nargs="+", type=_positive_int, default=[2048, 8192])
+    latency.add_argument("--reps", type=_positive_int, default=10, help="timed steps per variant and context")
+    latency.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    latency.set_defaults(run=_run_onnx_latency)
 
     builtin = commands.add_parser("plans", help="list the plans shipped with kvcompile")
     builtin.set_defaults(run=_run_plans)
@@ -262,6 +271,22 @@ def _run_throughput(args: argparse.Namespace) -> int:
         plan = _load_plan(args.plan)
     report = throughput.run(model, plan, args.batch, args.context, steps=args.steps)
     print(throughput.format_row(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_onnx_latency(args: argparse.Namespace) -> int:
+    from . import onnx_latency
+
+    model, _ = load_default_model()
+    plans = {}
+    for spec in args.plans:
+        plan = _load_plan(spec)
+        plans[Path(spec).name + ("-nowin" if plan.windowed else "")] = plan.with_windows(0, 0)
+    report = onnx_latency.run(model, plans, tuple(args.contexts), reps=args.reps)
+    print(onnx_latency.format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -1,0 +1,119 @@
+"""onnxruntime decode latency: the dense model's export vs compressed exports, in one run.
+
+Each variant is the decode program exported by `kvcompile.onnx` (the dense one is the captured
+program with only `canonicalize_attention` applied: the same calling convention and attention
+function, every channel), run in a CPU session on a cache of `context` random tokens. A step is one
+new token per sequence; the past is fed unchanged every repetition, so every timed step reads a
+cache of exactly `context` tokens. Reported: median milliseconds per step and dense / variant.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .capture import capture, signature_of
+from .onnx import _decode_dims, _export_program
+from .passes import PassManager, canonicalize_attention
+from .plan import ModelShape, Plan
+from .runtime import transform
+from .throughput import random_dense_cache
+
+DENSE = "dense"
+
+
+def _dense_decode(model):
+    program = PassManager([canonicalize_attention])(capture(model))
+    return program, lambda keys, values: {
+        **{f"key.{layer}": k for layer, k in enumerate(keys)},
+        **{f"value.{layer}": v for layer, v in enumerate(values)},
+    }
+
+
+def _compressed_decode(model, plan: Plan):
+    tm = transform(model, plan)
+    return tm.decode_program, lambda keys, values: tm.encode_dense_cache(keys, values).entries
+
+
+def _export_decode(program, pasts: dict[str, torch.Tensor], path: Path) -> Path:
+    """`program` (explicit-cache decode) as ONNX, traced on a 3-token call over `pasts`."""
+    sig = signature_of(program)
+    batch, past_length = next(iter(pasts.values())).shape[0], next(iter(pasts.values())).shape[2]
+    ids = torch.zeros(batch, 3, dtype=torch.long)
+    positions = torch.arange(past_length, past_length + 3).expand(batch, -1)
+    args = (ids, positions, *(pasts[name.removeprefix("past_")] for name in sig.inputs[2:]))
+    _export_program(program, sig, args, _decode_dims(len(sig.inputs) - 2)).save(path)
+    return path
+
+
+def _step_ms(session, names, feeds: dict[str, np.ndarray], reps: int) -> float:
+    session.run(names, feeds)  # first run allocates and plans
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        session.run(names, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1, reps: int = 10,
+        threads: int | None = None) -> dict:  # fmt: skip
+    """Median ms per decode step of the dense export and of each plan's, at each context length."""
+    import onnxruntime as ort
+
+    if DENSE in plans:
+        raise ValueError(f"{DENSE!r} names the dense baseline; give the plans other names")
+    shape = ModelShape.from_config(model.config)
+    for plan in plans.values():
+        plan.validate(shape)
+    model = model.float().cpu() if next(model.parameters()).dtype != torch.float32 else model.cpu()
+    variants = {DENSE: _dense_decode(model), **{name: _compressed_decode(model, plan) for name, plan in plans.items()}}
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    ms = {name: {} for name in variants}
+    with tempfile.TemporaryDirectory() as folder:
+        example = random_dense_cache(shape, 2, 4, torch.float32, torch.device("cpu"))
+        sessions = {}
+        for name, (program, encode) in variants.items():
+            path = _export_decode(program, encode([k for k, _ in example], [v for _, v in example]),
+                                  Path(folder) / f"{name}.onnx")
+            sessions[name] = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
+                              signature_of(program))
+        for context in contexts:
+            layers = random_dense_cache(shape, batch, context, torch.float32, torch.device("cpu"))
+            keys, values = [k for k, _ in layers], [v for _, v in layers]
+            for name, (session, sig) in sessions.items():
+                pasts = variants[name][1](keys, values)
+                feeds = {
+                    "input_ids": np.full((batch, 1), 3, dtype=np.int64),
+                    "position_ids": np.full((batch, 1), context, dtype=np.int64),
+                    **{input_name: pasts[input_name.removeprefix("past_")].numpy() for input_name in sig.inputs[2:]},
+                }
+                ms[name][context] = round(_step_ms(session, list(sig.outputs), feeds, reps), 3)
+    return {
+        "onnxruntime": ort.__version__,
+        "provider": "CPUExecutionProvider",
+        "threads": threads or "default",
+        "model": type(model).__name__,
+        "batch": batch,
+        "ms_per_step": ms,
+        "dense_over_variant": {name: {c: round(ms[DENSE][c] / ms[name][c], 3) for c in contexts} for name in ms},
+    }
+
+
+def format_table(report: dict) -> str:
+    contexts = list(report["ms_per_step"][DENSE])
+    lines = [f"onnxruntime {report['onnxruntime']} CPU decode step, {report['model']}, batch {report['batch']}: "
+             "median ms (dense / variant)",
+             f"{'export':>14}" + "".join(f"  {f'context {c}':>22}" for c in contexts)]
+    for name, row in report["ms_per_step"].items():
+        ratios = report["dense_over_variant"][name]
+        lines.append(f"{name:>14}" + "".join(f"  {row[c]:>12.2f} ({ratios[c]:.2f}x)" for c in contexts))
+    return "\n".join(lines)
