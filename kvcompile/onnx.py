@@ -44,7 +44,8 @@ import torch
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
 
-from .capture import signature_of
+from .capture import clone_program, signature_of
+from .passes import PassManager, fuse_cache_update
 from .plan import Plan
 from .runtime import TransformedModel, eos_token_ids, transform
 
@@ -58,7 +59,10 @@ PREFILL, DECODE = "prefill.onnx", "decode.onnx"
 # Above this many bytes of parameters the weights go to external data files (protobuf caps at 2 GB).
 EXTERNAL_DATA_THRESHOLD = 1.5e9
 
-SUPPORTED_OPS = ("attention", "gather_kv_channels", "pruned_attention", "merge_heads", "project_heads")
+SUPPORTED_OPS = ("attention", "attention_with_cache", "gather_kv_channels", "pruned_attention", "merge_heads",
+                 "project_heads")
+# onnxruntime's contrib ops, for the `gqa` option
+MS_DOMAIN = "com.microsoft"
 
 
 class OnnxExportError(RuntimeError):
@@ -76,15 +80,21 @@ def export_onnx(
     *,
     program: torch.fx.GraphModule | None = None,
     external_data: bool | None = None,
+    gqa: bool = False,
 ) -> Path:
     """Export `kvcompile.transform(model, plan, program=program)` to the folder `path`.
 
     Writes `prefill.onnx`, `decode.onnx` and `manifest.json` (input and output names in order,
     cache entries, model shape, plan fingerprint, dtype, EOS ids). `external_data`: store the
-    weights next to each file; by default only when the parameters exceed 1.5 GB. Returns the folder.
+    weights next to each file; by default only when the parameters exceed 1.5 GB. `gqa`: each
+    layer's cache update and attention as one onnxruntime `com.microsoft.GroupQueryAttention` node,
+    for plans that leave plain GQA attention (head merges folded into the weights, no K-channel
+    pruning). Returns the folder.
     """
     import onnx
 
+    if gqa:
+        _check_plain_attention(plan)
     if plan.windowed:
         raise OnnxExportError(
             f"plans with windows (plan.sink={plan.sink}, plan.recent={plan.recent}) are not supported by the ONNX "
@@ -92,7 +102,10 @@ def export_onnx(
             "which the ONNX decode loop does not replicate; use plan.with_windows(0, 0) or the PyTorch runtime"
         )
     tm = transform(model, plan, program=program)
-    for phase, gm in (("prefill", tm.prefill_program), ("decode", tm.decode_program)):
+    programs = {"prefill": tm.prefill_program, "decode": tm.decode_program}
+    if gqa:
+        programs = {phase: PassManager([fuse_cache_update])(clone_program(gm)) for phase, gm in programs.items()}
+    for phase, gm in programs.items():
         _check_ops(gm, phase)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_THRESHOLD
@@ -100,9 +113,9 @@ def export_onnx(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     prompt, past = _sample_call(tm)
-    prefill = _export_program(_Prefill(tm), _prefill_names(tm), prompt.prefill_args, _prefill_dims())
+    prefill = _export_program(_Prefill(tm, programs["prefill"]), _prefill_names(tm), prompt.prefill_args, _prefill_dims())
     decode_args = (*prompt.decode_args, *past.values())
-    decode = _export_program(tm.decode_program, signature_of(tm.decode_program), decode_args, _decode_dims(len(past)))
+    decode = _export_program(programs["decode"], signature_of(tm.decode_program), decode_args, _decode_dims(len(past)))
     for program_, file in ((prefill, PREFILL), (decode, DECODE)):
         program_.save(folder / file, external_data=external_data)
         onnx.checker.check_model(str(folder / file), full_check=True)
@@ -117,11 +130,26 @@ def export_onnx(
         "dtype": str(tm.dtype).removeprefix("torch."),
         "eos_token_id": eos_token_ids(None, tm.generation_config),
         "domain": {"name": DOMAIN, "version": DOMAIN_VERSION},
+        "attention": "com.microsoft.GroupQueryAttention" if gqa else f"{DOMAIN} functions",
         "opset": prefill.model.opset_imports[""],
         "external_data": external_data,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
+
+
+def _check_plain_attention(plan: Plan) -> None:
+    reasons = []
+    if plan.k_channels:
+        reasons.append(f"field k_channels prunes layers {sorted(plan.k_channels)}")
+    at_run_time = sorted(layer for layer, merge in plan.merges.items() if merge.rope == "post")
+    if at_run_time:
+        reasons.append(f"field merges: layers {at_run_time} merge with rope='post' (projections at run time)")
+    if reasons:
+        raise OnnxExportError(
+            "gqa=True needs plain GQA attention in every layer (head merges folded into the weights: rope='commute' "
+            "or 'none', no K-channel pruning): " + "; ".join(reasons)
+        )
 
 
 def _check_ops(gm: torch.fx.GraphModule, phase: str) -> None:
@@ -138,10 +166,10 @@ def _check_ops(gm: torch.fx.GraphModule, phase: str) -> None:
 class _Prefill(torch.nn.Module):
     """The prefill program with its empty pasts made inside, so the ONNX prefill takes only the prompt."""
 
-    def __init__(self, tm: TransformedModel):
+    def __init__(self, tm: TransformedModel, program: torch.fx.GraphModule):
         super().__init__()
-        self.program = tm.prefill_program
-        self.entries = [name.removeprefix("past_") for name in signature_of(tm.prefill_program).inputs[2:]]
+        self.program = program
+        self.entries = [name.removeprefix("past_") for name in signature_of(program).inputs[2:]]
         self.empty_past = tm.empty_past  # a bound method, not a submodule: the parameters stay the program's
         self.eval()  # no dropout to speak of, but the exporter warns about training mode
 
@@ -218,6 +246,8 @@ def _export_program(module: torch.nn.Module, names, args: tuple, dynamic_shapes)
         function.opset_imports[""] = model.opset_imports[""]
         model.functions[function.identifier()] = function
     model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    if any(node.domain == MS_DOMAIN for node in model.graph):
+        model.opset_imports[MS_DOMAIN] = 1
     onnxscript.optimizer.optimize(model, inline=False)
     return program
 
@@ -236,6 +266,9 @@ def _translation_table(functions: dict) -> dict[Callable, Callable]:
         return _emit(functions, "attention", [q, k, v, _bool_mask(mask)], _attention_attrs(scale, is_causal),
                      _attention_function)
 
+    def attention_with_cache(q, past_k, past_v, new_k, new_v, scale):
+        return _group_query_attention(q, past_k, past_v, new_k, new_v, scale)
+
     def gather_kv_channels(x, heads, channels):
         return _emit(functions, "gather_kv_channels", [x, heads, channels], {}, _gather_function)
 
@@ -252,6 +285,7 @@ def _translation_table(functions: dict) -> dict[Callable, Callable]:
 
     return {
         ops.attention.default: attention,
+        ops.attention_with_cache.default: attention_with_cache,
         ops.gather_kv_channels.default: gather_kv_channels,
         ops.pruned_attention.default: pruned_attention,
         ops.merge_heads.default: merge_heads,
@@ -263,22 +297,63 @@ def _attention_attrs(scale: float, is_causal: bool) -> dict:
     return {"scale": float(scale), "is_causal": int(bool(is_causal))}  # ONNX has no bool attribute
 
 
-def _emit(functions: dict, op_type: str, inputs: list, attributes: dict, build: Callable, overload: str = ""):
-    """Append one ai.kvcompile node to the translation being recorded; its function goes to
-    `functions`, added to the model after the export (see _export_program)."""
+def _record(domain: str, op_type: str, inputs: list, attributes: dict | None = None, num_outputs: int = 1, **node):
+    """Append one node to the translation being recorded (`onnxscript.evaluator.default()` while
+    torch.onnx.export runs one); returns its outputs."""
     import onnx_ir as ir
     import onnxscript.evaluator
 
     recorder = onnxscript.evaluator.default()
-    if not (hasattr(recorder, "nodes") and hasattr(recorder, "functions")):
-        raise OnnxExportError(f"kvcompile::{op_type} must be translated inside torch.onnx.export(dynamo=True)")
+    if not hasattr(recorder, "nodes"):
+        raise OnnxExportError(f"{domain or 'ai.onnx'}::{op_type} must be translated inside torch.onnx.export(dynamo=True)")
+    attrs = [value if isinstance(value, ir.Attr) else ir.convenience.convert_attribute(name, value)
+             for name, value in (attributes or {}).items()]
+    created = ir.Node(domain, op_type, inputs, attributes=attrs, num_outputs=num_outputs, **node)
+    recorder.nodes.append(created)
+    return created.outputs
+
+
+def _emit(functions: dict, op_type: str, inputs: list, attributes: dict, build: Callable, overload: str = ""):
+    """One ai.kvcompile node; its function goes to `functions`, added to the model after the
+    export (see _export_program)."""
     key = (DOMAIN, op_type, overload)
     if key not in functions:
         functions[key] = build()
-    node = ir.Node(DOMAIN, op_type, inputs, attributes=ir.convenience.convert_attributes(attributes),
-                   overload=overload, num_outputs=1, version=DOMAIN_VERSION)
-    recorder.nodes.append(node)
-    return node.outputs[0]
+    return _record(DOMAIN, op_type, inputs, attributes, overload=overload, version=DOMAIN_VERSION)[0]
+
+
+def _group_query_attention(q, past_k, past_v, new_k, new_v, scale: float):
+    """`attention_with_cache` as onnxruntime's GroupQueryAttention: tokens in (B, S, H·D) layout,
+    the cache in (B, Hkv, T, D); `seqlens_k` is each row's total length - 1 (no padding)."""
+    import onnx_ir as ir
+
+    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[3], new_k.shape[1]
+    if not all(isinstance(size, int) for size in (num_heads, head_dim, num_kv_heads)):
+        raise OnnxExportError(f"GroupQueryAttention needs static head counts and head_dim, got q {q.shape}, k {new_k.shape}")
+
+    def constant(values, dtype=np.int64):
+        return _record("", "Constant", [], {"value": ir.tensor(np.asarray(values, dtype=dtype))})[0]
+
+    def tokens_major(x):  # (B, H, S, D) -> (B, S, H·D)
+        x = _record("", "Transpose", [x], {"perm": [0, 2, 1, 3]})[0]
+        return _record("", "Reshape", [x, constant([0, 0, -1])])[0]
+
+    def length(x):
+        return _record("", "Shape", [x], {"start": 2, "end": 3})[0]
+
+    total = _record("", "Add", [length(past_k), length(new_k)])[0]  # (1,) int64
+    batch = _record("", "Shape", [q], {"start": 0, "end": 1})[0]
+    seqlens_k = _record("", "Expand", [_record("", "Sub", [total, constant([1])])[0], batch])[0]
+    seqlens_k = _record("", "Cast", [seqlens_k], {"to": ir.DataType.INT32})[0]
+    total = _record("", "Cast", [_record("", "Reshape", [total, constant([], np.int64)])[0]], {"to": ir.DataType.INT32})[0]
+    out, present_k, present_v = _record(
+        MS_DOMAIN, "GroupQueryAttention",
+        [tokens_major(q), tokens_major(new_k), tokens_major(new_v), past_k, past_v, seqlens_k, total],
+        {"num_heads": num_heads, "kv_num_heads": num_kv_heads, "scale": float(scale)},
+        num_outputs=3,
+    )  # fmt: skip
+    out = _record("", "Reshape", [out, constant([0, 0, num_heads, head_dim])])[0]
+    return _record("", "Transpose", [out], {"perm": [0, 2, 1, 3]})[0], present_k, present_v
 
 
 def _bool_mask(mask):
@@ -287,13 +362,7 @@ def _bool_mask(mask):
     import onnx_ir as ir
 
     if mask is None:
-        import onnxscript.evaluator
-
-        recorder = onnxscript.evaluator.default()
-        node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.ones((1, 1, 1, 1), bool)))],
-                       num_outputs=1)
-        recorder.nodes.append(node)
-        return node.outputs[0]
+        return _record("", "Constant", [], {"value": ir.tensor(np.ones((1, 1, 1, 1), bool))})[0]
     if mask.dtype != ir.DataType.BOOL:
         raise OnnxExportError(f"attention masks of type {mask.dtype} are not supported by the ONNX export (boolean only)")
     return mask

@@ -1,5 +1,6 @@
 """Graph passes over captured explicit-cache programs. Each module holds one pass."""
 
+from .attention_with_cache import fuse_cache_update
 from .cache_encoder import NotEncodable, extract_cache_encoder
 from .canonicalize import canonicalize_attention
 from .hf_graph_attention import plan_attention_in_hf_graph
@@ -18,6 +19,7 @@ __all__ = [
     "canonicalize_attention",
     "extract_cache_encoder",
     "find_attention_sites",
+    "fuse_cache_update",
     "merge_kv_heads",
     "plan_attention_in_hf_graph",
     "prune_k_channels",

@@ -112,6 +112,48 @@ def test_files_hold_kvcompile_nodes_with_functions(exported):
             assert width == int(name.rsplit(".w", 1)[1])
 
 
+def _merge_commute(model):
+    return calibrate(model, Recipe(kv_group_size=2, rope="commute"), CHUNKS, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gqa_option_emits_group_query_attention_and_matches_pytorch(tmp_path, arch):
+    """A weight-folded merge leaves plain GQA attention: with gqa=True each layer's cache update and
+    attention is one com.microsoft.GroupQueryAttention node, prefill and decode alike."""
+    model = make_tiny_model(arch)
+    plan = _merge_commute(model)
+    folder = export_onnx(model, plan, tmp_path, gqa=True)
+    for phase in ("prefill", "decode"):
+        graph = onnx.load(str(folder / f"{phase}.onnx")).graph
+        assert [n.op_type for n in graph.node if n.domain == "com.microsoft"] == ["GroupQueryAttention"] * 2
+        assert not [n for n in graph.node if n.domain == DOMAIN]
+    tm = kvcompile.transform(model, plan)
+    prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
+    prompt = _prompt()
+    want = tm(prompt, use_cache=True)
+    got = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
+    worst = 0.0
+    for _ in range(STEPS):
+        worst = max(worst, float((torch.from_numpy(got["logits"]) - want.logits).abs().max()))
+        past = {name.removeprefix("present_"): value for name, value in got.items() if name != "logits"}
+        assert {n: v.shape for n, v in past.items()} == {n: tuple(t.shape) for n, t in want.past_key_values.entries.items()}
+        token = want.logits[:, -1].argmax(-1, keepdim=True)
+        want = tm(token, past_key_values=want.past_key_values, use_cache=True)
+        got = run_program(decode, manifest["decode"], token.numpy(), want.past_key_values.length - 1, past)
+    assert worst <= 1e-4
+    prompt = _prompt(batch=1, length=9, seed=3)
+    assert torch.equal(generate(folder, prompt, max_new_tokens=STEPS), tm.generate(prompt, max_new_tokens=STEPS))
+
+
+def test_gqa_option_refuses_plans_that_change_attention(tmp_path):
+    model = make_tiny_model("llama")
+    with pytest.raises(OnnxExportError, match=r"field k_channels prunes layers \[0, 1\]"):
+        export_onnx(model, PRUNE, tmp_path, gqa=True)
+    with pytest.raises(OnnxExportError, match=r"field merges: layers \[0, 1\] merge with rope='post'"):
+        export_onnx(model, _merge_post(model), tmp_path, gqa=True)
+    assert not any(tmp_path.iterdir())
+
+
 def test_windowed_plan_is_refused_naming_the_field(tmp_path):
     model = make_tiny_model("llama")
     with pytest.raises(OnnxExportError, match=r"plan\.sink=2, plan\.recent=4"):
