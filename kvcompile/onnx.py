@@ -454,24 +454,36 @@ def _attention_function():
 
 
 def _pruned_function(count: int):
-    """Scores per width group on the group's kept channels, scattered into the (B, Hkv, r, S, T)
-    score tensor; KV heads in no group keep score 0 (uniform attention), as in the reference."""
+    """Scores per width group on the group's kept channels, stacked with one block of zeros and
+    gathered into KV-head order, (B, Hkv, r, S, T): a KV head in no group reads the zeros
+    (uniform attention), as in the reference. The gather index is built on the Hkv head ids alone,
+    so no per-score index tensor is materialized."""
     names = ["q", *(f"k_{g}" for g in range(count)), *(f"heads_{g}" for g in range(count)),
              *(f"channels_{g}" for g in range(count)), "v", "mask"]
     b = _Body(names)
     q, v, mask = b.inputs[0], b.inputs[-2], b.inputs[-1]
     keys, heads, channels = (b.inputs[1 + i * count : 1 + (i + 1) * count] for i in range(3))
     q5 = _by_kv_head(b, q, v)
-    full = b.op("Concat", b.shape(q5, 0, 4), b.shape(v, 2, 3), axis=0)
-    scores = b.op("ConstantOfShape", full, value=_zero())
+    blocks = []
     for k, group_heads, group_channels in zip(keys, heads, channels):
         q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r, S, D)
         index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2, 3)),
                      b.op("Concat", b.shape(q_group, 0, 4), b.shape(group_channels, 1, 2), axis=0))
         q_group = b.op("GatherElements", q_group, index, axis=4)  # (B, G, r, S, w)
-        group_scores = b.op("MatMul", q_group, _keys_transposed(b, k))  # (B, G, r, S, T)
-        where = b.op("Expand", b.op("Unsqueeze", group_heads, b.ints(0, 2, 3, 4)), b.op("Shape", group_scores))
-        scores = b.op("ScatterElements", scores, where, group_scores, axis=1)
+        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r, S, T)
+    zeros_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 4), b.shape(v, 2, 3), axis=0)
+    blocks.append(b.op("ConstantOfShape", zeros_shape, value=_zero()))
+    scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r, S, T)
+    if count:
+        # slot of each KV head in `scores`: its place among the groups' heads, else the zeros block
+        grouped = b.op("Concat", *heads, axis=0)
+        num_grouped = b.op("Shape", grouped)
+        slots = b.op("Expand", num_grouped, b.shape(v, 1, 2))
+        places = b.op("Range", b.op("Constant", value_int=0), b.op("Squeeze", num_grouped), b.op("Constant", value_int=1))
+        scores = b.op("Gather", scores, b.op("ScatterElements", slots, grouped, places, axis=0), axis=1)
+    else:
+        scores = b.op("Expand", scores, b.op("Concat", b.shape(q5, 0, 1), b.shape(v, 1, 2), b.shape(q5, 2, 4),
+                                             b.shape(v, 2, 3), axis=0))
     out = _masked_softmax_attention(b, _scaled(b, scores, q), q, v, mask)
     return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=f"groups{count}")
 
