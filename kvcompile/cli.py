@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("output", type=Path, help="folder for prefill.onnx, decode.onnx and manifest.json")
     export.add_argument("--plan", required=True, metavar="PLAN", help="a plan directory or a built-in plan name")
     export.add_argument("--external-data", action="store_true", help="weights in external data files")
+    export.add_argument("--gqa", action="store_true",
+                        help="attention as onnxruntime's GroupQueryAttention (plans that only fold head merges)")
     export.set_defaults(run=_run_export)
 
     bench = commands.add_parser("bench", help="decode attention on a LeanK cache vs dense SDPA (CUDA)")
@@ -234,7 +236,7 @@ def _run_export(args: argparse.Namespace) -> int:
     plan = _load_plan(args.plan)
     model, _ = load_default_model()
     try:
-        export_onnx(model, plan, args.output, external_data=args.external_data or None)
+        export_onnx(model, plan, args.output, external_data=args.external_data or None, gqa=args.gqa)
     except OnnxExportError as err:
         print(f"kvcompile export: error: {err}", file=sys.stderr)
         return 2

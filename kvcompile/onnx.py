@@ -26,6 +26,10 @@ Design, and why:
   variadic, and this keeps one code path for all ops. The functions are added to the model only
   after `torch.onnx.export` returns, and its optimizer runs afterwards with `inline=False`: the
   exporter's opset conversion and optimizer inline every model-local function they see.
+- **`gqa=True` hands attention to onnxruntime.** Where a plan leaves plain GQA attention, the
+  `fuse_cache_update` pass turns each site's cache concats and attention into one
+  `kvcompile::attention_with_cache`, translated to `com.microsoft.GroupQueryAttention` (which
+  appends to the cache itself); every other plan is refused for it, by field.
 - **Windowed plans are refused.** Their runtime moves tokens from the full-channel window to the
   pruned middle between calls (`cache.flush_windows`), which an ONNX loop would have to replicate;
   until it does, exporting one would give a cache the loop cannot maintain. Any `kvcompile::` op
