@@ -23,8 +23,7 @@ import torch
 import torch.fx
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the rewritten graphs call)
-from kvcompile.passes import PassManager
-from kvcompile.passes.hf_graph_attention import check_plan_for_hf_graphs, plan_attention_in_hf_graph
+from kvcompile.passes import PassManager, plan_attention_in_hf_graph
 
 from .plan import Plan
 
@@ -44,7 +43,6 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
             "the kvcompile backend needs options={'plan': plan} with a kvcompile.Plan, got "
             f"{type(plan).__name__ if plan is not None else 'no plan'}"
         )
-    check_plan_for_hf_graphs(plan)
     gm = PassManager([functools.partial(plan_attention_in_hf_graph, plan=plan)])(gm)
     if not use_inductor:
         return gm.forward

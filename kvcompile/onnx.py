@@ -270,9 +270,6 @@ def _translation_table(functions: dict) -> dict[Callable, Callable]:
         return _emit(functions, "attention", [q, k, v, _bool_mask(mask)], _attention_attrs(scale, is_causal),
                      _attention_function)
 
-    def attention_with_cache(q, past_k, past_v, new_k, new_v, scale):
-        return _group_query_attention(q, past_k, past_v, new_k, new_v, scale)
-
     def gather_kv_channels(x, heads, channels):
         return _emit(functions, "gather_kv_channels", [x, heads, channels], {}, _gather_function)
 
@@ -289,7 +286,7 @@ def _translation_table(functions: dict) -> dict[Callable, Callable]:
 
     return {
         ops.attention.default: attention,
-        ops.attention_with_cache.default: attention_with_cache,
+        ops.attention_with_cache.default: _group_query_attention,
         ops.gather_kv_channels.default: gather_kv_channels,
         ops.pruned_attention.default: pruned_attention,
         ops.merge_heads.default: merge_heads,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import key_entry, value_entry
 from .capture import capture, signature_of
 from .onnx import _decode_dims, _export_program
 from .passes import PassManager, canonicalize_attention
@@ -30,8 +31,8 @@ DENSE = "dense"
 def _dense_decode(model):
     program = PassManager([canonicalize_attention])(capture(model))
     return program, lambda keys, values: {
-        **{f"key.{layer}": k for layer, k in enumerate(keys)},
-        **{f"value.{layer}": v for layer, v in enumerate(values)},
+        **{key_entry(layer): k for layer, k in enumerate(keys)},
+        **{value_entry(layer): v for layer, v in enumerate(values)},
     }
 
 
