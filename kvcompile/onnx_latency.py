@@ -9,6 +9,7 @@ cache of exactly `context` tokens. Reported: median milliseconds per step and de
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -73,7 +74,9 @@ def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1,
     shape = ModelShape.from_config(model.config)
     for plan in plans.values():
         plan.validate(shape)
-    model = model.float().cpu() if next(model.parameters()).dtype != torch.float32 else model.cpu()
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or param.device.type != "cpu":
+        model = copy.deepcopy(model).float().cpu()  # .float()/.cpu() would convert the user's model in place
     variants = {DENSE: _dense_decode(model), **{name: _compressed_decode(model, plan) for name, plan in plans.items()}}
     options = ort.SessionOptions()
     if threads:
