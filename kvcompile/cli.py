@@ -244,6 +244,15 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(table: str, report: dict, json_path: Path | None) -> int:
+    """A measuring command's ending: its table on stdout, its report as JSON where asked."""
+    print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return 0
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -251,11 +260,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("kvcompile bench: error: the decode benchmark needs a CUDA device", file=sys.stderr)
         return 1
     report = bench.run(configs=args.configs or bench.CONFIGS, layers=args.layers)
-    print(bench.format_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+    return _print_report(bench.format_table(report), report, args.json)
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
@@ -272,11 +277,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         plan = _load_plan(args.plan)
     report = throughput.run(model, plan, args.batch, args.context, steps=args.steps)
-    print(throughput.format_row(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+    return _print_report(throughput.format_row(report), report, args.json)
 
 
 def _run_onnx_latency(args: argparse.Namespace) -> int:
@@ -288,11 +289,7 @@ def _run_onnx_latency(args: argparse.Namespace) -> int:
         plan = _load_plan(spec)
         plans[Path(spec).name + ("-nowin" if plan.windowed else "")] = plan.with_windows(0, 0)
     report = onnx_latency.run(model, plans, tuple(args.contexts), reps=args.reps)
-    print(onnx_latency.format_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+    return _print_report(onnx_latency.format_table(report), report, args.json)
 
 
 def _run_plans(args: argparse.Namespace) -> int:

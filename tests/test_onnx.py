@@ -54,8 +54,8 @@ def _prompt(batch=2, length=12, seed=0):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_prefill_and_decode_match_pytorch(exported):
-    model, plan, folder, _ = exported
+def _check_against_pytorch(model, plan, folder):
+    """Prefill and STEPS decode steps of the exported files against the PyTorch transformed model."""
     tm = kvcompile.transform(model, plan)
     prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
     prompt = _prompt()
@@ -76,6 +76,12 @@ def test_prefill_and_decode_match_pytorch(exported):
         want = tm(token, past_key_values=cache, use_cache=True)
         got = run_program(decode, manifest["decode"], token.numpy(), cache.length - 1, past)
     assert worst <= 1e-4
+    return tm
+
+
+def test_prefill_and_decode_match_pytorch(exported):
+    model, plan, folder, _ = exported
+    _check_against_pytorch(model, plan, folder)
 
 
 def test_generate_reproduces_the_greedy_tokens(exported):
@@ -127,20 +133,7 @@ def test_gqa_option_emits_group_query_attention_and_matches_pytorch(tmp_path, ar
         graph = onnx.load(str(folder / f"{phase}.onnx")).graph
         assert [n.op_type for n in graph.node if n.domain == "com.microsoft"] == ["GroupQueryAttention"] * 2
         assert not [n for n in graph.node if n.domain == DOMAIN]
-    tm = kvcompile.transform(model, plan)
-    prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
-    prompt = _prompt()
-    want = tm(prompt, use_cache=True)
-    got = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
-    worst = 0.0
-    for _ in range(STEPS):
-        worst = max(worst, float((torch.from_numpy(got["logits"]) - want.logits).abs().max()))
-        past = {name.removeprefix("present_"): value for name, value in got.items() if name != "logits"}
-        assert {n: v.shape for n, v in past.items()} == {n: tuple(t.shape) for n, t in want.past_key_values.entries.items()}
-        token = want.logits[:, -1].argmax(-1, keepdim=True)
-        want = tm(token, past_key_values=want.past_key_values, use_cache=True)
-        got = run_program(decode, manifest["decode"], token.numpy(), want.past_key_values.length - 1, past)
-    assert worst <= 1e-4
+    tm = _check_against_pytorch(model, plan, folder)
     prompt = _prompt(batch=1, length=9, seed=3)
     assert torch.equal(generate(folder, prompt, max_new_tokens=STEPS), tm.generate(prompt, max_new_tokens=STEPS))
 
