@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _masked_softmax_attention(scores, v, mask, is_causal):
+def masked_softmax_attention(scores, v, mask, is_causal):
     """softmax(scores + mask) @ v, scores (B, Hq, S, T) already scaled, v (B, Hkv, T, D)."""
     scores = scores + _sequence_bias(mask, is_causal, scores.shape, scores.device)
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
@@ -117,7 +117,7 @@ def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_
         group_scores = q_group.float() @ keys.float().unsqueeze(2).transpose(-1, -2)
         scores.index_copy_(1, group_heads, group_scores)
     scores = (scores * scale).view(b, hq, s, t)
-    return _masked_softmax_attention(scores, v, mask, is_causal)
+    return masked_softmax_attention(scores, v, mask, is_causal)
 
 
 @pruned_attention.register_fake

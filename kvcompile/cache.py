@@ -19,8 +19,8 @@ the rule is integer arithmetic on T and attention does not depend on where the b
 the programs keep one straight-line graph with no size-dependent branches.
 
 The cache is a flat dict of named tensors. A program reads entry `name` as input `past_{name}` and
-writes it as output `present_{name}`, so the runtime needs no knowledge of what a pass stored
-beyond the window flush. Entries a program does not write (the windowed middle) stay as they are.
+writes it as output `present_{name}` (program.py), so the runtime needs no knowledge of what a pass
+stored beyond the window flush. Entries a program does not write (the windowed middle) stay as they are.
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ def value_window_entry(layer: int) -> str:
     return f"value_window.{layer}"
 
 
+def entry_layer(entry: str) -> int:
+    """The layer of a cache entry name (`key.3.w32` -> 3)."""
+    return int(entry.split(".")[1])
+
+
+def entry_kind(entry: str) -> str:
+    """What an entry holds: `key`, `value`, `key_window` or `value_window`."""
+    return entry.partition(".")[0]
+
+
 def flush_windows(cache: "CompressedKVCache", plan: Plan) -> None:
     """Move window tokens to the middle until each planned layer's middle holds
     `plan.middle_length(cache.length)` tokens: their kept K channels go to the width groups, their V
@@ -121,10 +131,9 @@ class CompressedKVCache:
         self.entries: dict[str, torch.Tensor] = dict(entries or {})
         self.length = length
 
-    def update(self, outputs: dict[str, torch.Tensor], length: int) -> None:
-        """Take a program's `present_{entry}` outputs as the new entries, holding `length` tokens
-        (entries it did not output are kept)."""
-        self.entries.update({name.removeprefix("present_"): tensor for name, tensor in outputs.items()})
+    def update(self, entries: dict[str, torch.Tensor], length: int) -> None:
+        """Take the entries a program wrote, now holding `length` tokens (entries it did not write are kept)."""
+        self.entries.update(entries)
         self.length = length
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -140,11 +149,11 @@ class CompressedKVCache:
 
     @property
     def k_nbytes(self) -> int:
-        return sum(t.nbytes for name, t in self.entries.items() if name.partition(".")[0] in ("key", "key_window"))
+        return sum(t.nbytes for name, t in self.entries.items() if entry_kind(name) in ("key", "key_window"))
 
     @property
     def v_nbytes(self) -> int:
-        return sum(t.nbytes for name, t in self.entries.items() if name.partition(".")[0] in ("value", "value_window"))
+        return sum(t.nbytes for name, t in self.entries.items() if entry_kind(name) in ("value", "value_window"))
 
     @property
     def batch_size(self) -> int:

@@ -1,23 +1,18 @@
 """Capture: a Hugging Face causal LM as an explicit-cache FX program.
 
-The program's calling convention is the one every backend shares (eager runtime, ONNX, tests):
+The captured program follows the calling convention of program.py with the model's own cache:
 
     inputs : input_ids (B, S), position_ids (B, S), past_key.{l} (B, Hkv, P, D) for each layer,
              past_value.{l} (B, Hkv, P, D) for each layer
     outputs: logits (B, S, V), present_key.{l}, present_value.{l}  (B, Hkv, P + S, D)
 
-`past_X` / `present_X` read and write entry X of the runtime's cache (see cache.py).
-
-Batch, sequence and past length are dynamic. The names live in `Signature`, stored in
-`graph_module.meta["kvcompile.signature"]`; passes that change the cache's shape update it.
+Batch, sequence and past length are dynamic.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -26,8 +21,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .cache import key_entry, value_entry
 from .plan import ModelShape
+from .program import LOGITS, SIGNATURE_KEY, TOKEN_INPUTS, Signature, clone_program, past, placeholder_name, present
 
-SIGNATURE_KEY = "kvcompile.signature"
 SOURCE_KEY = "kvcompile.source"  # weak reference to the model a program was captured from
 # The wrapper holds the user's model as `self.model`: module paths in the graph start with this.
 USER_MODEL_PREFIX = "model."
@@ -35,33 +30,6 @@ USER_MODEL_PREFIX = "model."
 
 class CaptureError(RuntimeError):
     """The model could not be traced into an explicit-cache program."""
-
-
-@dataclass
-class Signature:
-    """Names of a program's positional inputs and flat outputs, in order."""
-
-    inputs: list[str]
-    outputs: list[str]
-
-
-def past(entry: str) -> str:
-    """Program input name of cache entry `entry`."""
-    return f"past_{entry}"
-
-
-def present(entry: str) -> str:
-    """Program output name of cache entry `entry`."""
-    return f"present_{entry}"
-
-
-def placeholder_name(input_name: str) -> str:
-    """FX placeholder name of a program input (FX names are identifiers)."""
-    return input_name.replace(".", "_")
-
-
-def signature_of(gm: torch.fx.GraphModule) -> Signature:
-    return gm.meta[SIGNATURE_KEY]
 
 
 class _ExplicitCacheLM(torch.nn.Module):
@@ -161,7 +129,7 @@ def _to_plain_graph_module(module: torch.fx.GraphModule, num_layers: int) -> tor
             graph.erase_node(node)
     graph._codegen = torch.fx.graph.CodeGen()
 
-    names = ["input_ids", "position_ids"]
+    names = list(TOKEN_INPUTS)
     names += [past(key_entry(layer)) for layer in range(num_layers)]
     names += [past(value_entry(layer)) for layer in range(num_layers)]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -171,22 +139,9 @@ def _to_plain_graph_module(module: torch.fx.GraphModule, num_layers: int) -> tor
         node._rename(placeholder_name(name))
         node.target = node.name
 
-    outputs = ["logits"]
+    outputs = [LOGITS]
     outputs += [present(key_entry(layer)) for layer in range(num_layers)]
     outputs += [present(value_entry(layer)) for layer in range(num_layers)]
     gm = torch.fx.GraphModule(module, graph)
     gm.meta[SIGNATURE_KEY] = Signature(inputs=names, outputs=outputs)
     return gm
-
-
-def clone_program(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of the graph that passes may rewrite; parameters stay shared, not copied."""
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    graph._codegen = gm.graph._codegen
-    clone = torch.fx.GraphModule(gm, graph)
-    # passes append to or rewrite these; everything else in meta is shared
-    clone.meta.update({key: copy.copy(value) for key, value in gm.meta.items()})
-    sig = signature_of(gm)
-    clone.meta[SIGNATURE_KEY] = Signature(list(sig.inputs), list(sig.outputs))
-    return clone

@@ -2,7 +2,7 @@
 `throughput`, `onnx-latency`.
 
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
-inputs (evaluate.py): RULER-style retrieval, perplexity through compressed decode steps, greedy
+inputs (evaluation/): RULER-style retrieval, perplexity through compressed decode steps, greedy
 agreement, K/V bytes per token. With `--sparsity`, it adds the K-channel baselines at that
 sparsity: random channels and the static |q|·|k| ranking. `kvcompile demo` is the main job: both
 baselines at 50% and 70%. Tables go to stdout, progress bars to stderr.
@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, importance, text
-from .calibrate import calibrate, random_k_plan
+from .calibration import importance
+from .calibration.calibrate import calibrate
+from .calibration.recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
 from .capture import capture
+from .evaluation import evaluate, text
+from .evaluation.methods import BASELINES, evaluation_methods
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
 from .plan import ModelShape, Plan, PlanError
-from .recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +137,7 @@ def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: lis
     parser.add_argument("--sparsity", type=_fraction, nargs="*", default=default_sparsities,
                         help="K sparsities for the random and static baselines" +
                         (f" (default {' '.join(map(str, default_sparsities))})" if default_sparsities else ""))
-    parser.add_argument("--baselines", nargs="*", choices=("static", "random"), default=["static", "random"],
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
                         help="K-channel baselines run at each --sparsity (default both)")
     parser.add_argument("--align", type=_positive_int, default=16, help="baselines keep a multiple of this per head (default 16)")
     parser.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens for the static baseline (default 8192, 2048 with --quick)")
@@ -162,25 +164,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = load_default_model()
     model = model.to(args.device)
-    shape = ModelShape.from_config(model.config)
-    program = capture(model, shape)  # traced once, compiled for every row
-    methods = [evaluate.Method("dense")]
-    for sparsity in args.sparsity:
-        recipe = Recipe(k_sparsity=sparsity, align=args.align, calib_tokens=args.calib_tokens or (2048 if args.quick else 8192))
-        static = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
-                           program=program)
-        # rows are named by what they keep: the aligned counts may round the asked sparsity
-        kept = sum(sum(static.kept_counts(layer)) for layer in static.k_channels)
-        achieved = 1 - kept / (shape.num_layers * shape.num_kv_heads * shape.head_dim)
-        if abs(achieved - sparsity) > 1e-9:
-            print(f"sparsity {sparsity:g} at align {args.align} keeps {1 - achieved:.1%} of the K channels", file=sys.stderr)
-        if "random" in args.baselines:
-            methods.append(evaluate.Method(f"random-k{achieved:.0%}", random_k_plan(shape, sparsity, args.align, seed=0)))
-        if "static" in args.baselines:
-            methods.append(evaluate.Method(f"static-k{achieved:.0%}", static))
-    methods += [evaluate.Method(f"plan:{name}", plan) for name, plan in plans]
-    if args.windows:
-        methods = [variant for method in methods for variant in _with_and_without_windows(method, *args.windows)]
+    program = capture(model)  # traced once, compiled for every row
+    methods = evaluation_methods(
+        model, tokenizer, sparsities=args.sparsity, baselines=args.baselines, align=args.align,
+        calib_tokens=args.calib_tokens or (2048 if args.quick else 8192), plans=plans,
+        windows=args.windows and tuple(args.windows), program=program, progress=args.progress,
+    )
     report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME,
                                progress=args.progress, program=program)
     report["seconds"] = round(time.perf_counter() - start, 1)
@@ -193,15 +182,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         evaluate.plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def _with_and_without_windows(method: evaluate.Method, sink: int, recent: int) -> list[evaluate.Method]:
-    plan = method.plan
-    if plan is None or not plan.k_channels:
-        return [method]
-    name = method.name.removesuffix(f"+w{plan.sink}/{plan.recent}") if plan.windowed else method.name
-    return [evaluate.Method(name, plan.with_windows(0, 0)),
-            evaluate.Method(f"{name}+w{sink}/{recent}", plan.with_windows(sink, recent))]
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -231,7 +211,7 @@ def _run_importance(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .onnx import OnnxExportError, export_onnx
+    from .export.onnx import OnnxExportError, export_onnx
 
     plan = _load_plan(args.plan)
     model, _ = load_default_model()
@@ -254,7 +234,7 @@ def _print_report(table: str, report: dict, json_path: Path | None) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .benchmarks import bench
 
     if not torch.cuda.is_available():
         print("kvcompile bench: error: the decode benchmark needs a CUDA device", file=sys.stderr)
@@ -264,7 +244,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_throughput(args: argparse.Namespace) -> int:
-    from . import throughput
+    from .benchmarks import throughput
 
     if args.model == "llama-8b-random":
         if not torch.cuda.is_available():
@@ -281,7 +261,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
 
 
 def _run_onnx_latency(args: argparse.Namespace) -> int:
-    from . import onnx_latency
+    from .benchmarks import onnx_latency
 
     model, _ = load_default_model()
     plans = {}

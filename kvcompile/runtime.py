@@ -10,25 +10,18 @@ pruned middle after every call (`cache.flush_windows`).
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
-from kvcompile.passes import (
-    PassManager,
-    canonicalize_attention,
-    extract_cache_encoder,
-    find_attention_sites,
-    merge_kv_heads,
-    prune_k_channels,
-)
 from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
 from .cache import CompressedKVCache, flush_windows
-from .capture import clone_program, program_for, signature_of
+from .capture import program_for
+from .pipeline import compile_programs
 from .plan import ModelShape, Plan
+from .program import call_program, empty_entries, signature_of
 
 
 def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModule | None = None) -> "TransformedModel":
@@ -56,17 +49,9 @@ class TransformedModel(torch.nn.Module):
         self.generation_config = getattr(model, "generation_config", None)
         self.plan = plan
         self.shape = shape
-        captured = program_for(model, program, shape)
-        find_attention_sites(captured)  # fail early, naming the layer, if a site does not match
-        canonical = PassManager([canonicalize_attention, functools.partial(merge_kv_heads, plan=plan)])(captured)
-        self.prefill_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="prefill")])(
-            clone_program(canonical)
-        )
-        self.decode_program = PassManager([functools.partial(prune_k_channels, plan=plan, phase="decode")])(
-            clone_program(canonical)
-        )
-        # Without merges the prefill is the dense model's up to the cache: one dense prefill can feed it.
-        self.cache_encoder = None if plan.merges else extract_cache_encoder(self.prefill_program)
+        programs = compile_programs(program_for(model, program, shape), plan)
+        self.prefill_program, self.decode_program = programs.prefill, programs.decode
+        self.cache_encoder = programs.cache_encoder
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
         self._source = [model]  # kept out of the module tree: its parameters are already the programs'
@@ -106,19 +91,14 @@ class TransformedModel(torch.nn.Module):
             raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
         position_ids = torch.arange(start, start + seq, device=self._device).expand(batch, -1)
 
-        program = self.decode_program if cache is not None else self.prefill_program
-        sig = signature_of(program)
-        args = [input_ids, position_ids]
-        for name in sig.inputs[2:]:
-            entry = name.removeprefix("past_")
-            args.append(cache.entries[entry] if cache is not None else self.empty_past(entry, batch))
-        outputs = dict(zip(sig.outputs, program(*args)))
-
-        logits = outputs.pop("logits")
+        if cache is not None:
+            logits, present = call_program(self.decode_program, input_ids, position_ids, cache.entries)
+        else:
+            logits, present = call_program(self.prefill_program, input_ids, position_ids, self.empty_cache(batch))
         if not use_cache:
             return CausalLMOutputWithPast(logits=logits)
         result = past_key_values if past_key_values is not None else CompressedKVCache()
-        result.update(outputs, length=start + seq)
+        result.update(present, length=start + seq)
         flush_windows(result, self.plan)
         return CausalLMOutputWithPast(logits=logits, past_key_values=result)
 
@@ -130,14 +110,14 @@ class TransformedModel(torch.nn.Module):
             raise ValueError("this plan merges KV heads: its cache is not a function of the dense model's K/V")
         outputs = self.cache_encoder(*keys, *values)
         cache = CompressedKVCache()
-        cache.update(dict(zip(signature_of(self.cache_encoder).outputs, outputs)), length=keys[0].shape[2])
+        cache.update(dict(zip(signature_of(self.cache_encoder).cache_outputs, outputs)), length=keys[0].shape[2])
         flush_windows(cache, self.plan)
         return cache
 
-    def empty_past(self, entry: str, batch: int) -> torch.Tensor:
-        """The prefill's past for cache entry `key.{l}` / `value.{l}`: no tokens, the layer's heads."""
-        heads, width = self.plan.kv_heads(int(entry.split(".")[1]), self.shape)
-        return torch.empty(batch, heads, 0, width, dtype=self._dtype, device=self._device)
+    def empty_cache(self, batch: int) -> dict[str, torch.Tensor]:
+        """The prefill program's past: every entry it reads, holding no tokens."""
+        entries = signature_of(self.prefill_program).cache_inputs
+        return empty_entries(entries, self.plan, self.shape, batch, self._dtype, self._device)
 
     def save_pretrained(self, path) -> None:
         """Write a plain transformers checkpoint of a model whose plan only folds weights.

@@ -1,18 +1,22 @@
-"""Graph passes over captured explicit-cache programs. Each module holds one pass."""
+"""Graph passes over captured explicit-cache programs. Each module holds one pass; `graph` holds
+what they share, `manager` runs them. kvcompile/pipeline.py says which run in which order."""
 
 from .attention_with_cache import fuse_cache_update
 from .cache_encoder import NotEncodable, extract_cache_encoder
 from .canonicalize import canonicalize_attention
+from .graph import PassError
 from .hf_graph_attention import plan_attention_in_hf_graph
-from .manager import PassManager
+from .manager import Pass, PassManager
 from .merge_kv_heads import MergeError, merge_kv_heads
-from .prune_k_channels import prune_k_channels
+from .prune_k_channels import prune_k_channels_decode, prune_k_channels_prefill
 from .sites import AttentionSite, RoPE, SiteMatchError, find_attention_sites
 
 __all__ = [
     "AttentionSite",
     "MergeError",
     "NotEncodable",
+    "Pass",
+    "PassError",
     "PassManager",
     "RoPE",
     "SiteMatchError",
@@ -22,5 +26,6 @@ __all__ = [
     "fuse_cache_update",
     "merge_kv_heads",
     "plan_attention_in_hf_graph",
-    "prune_k_channels",
+    "prune_k_channels_decode",
+    "prune_k_channels_prefill",
 ]

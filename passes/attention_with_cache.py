@@ -15,16 +15,17 @@ import operator
 import torch
 import torch.fx
 
-from .prune_k_channels import PassError
+from kvcompile.plan import Plan
+
+from .graph import PassError, require_canonical
 from .sites import find_attention_sites
 
 
-def fuse_cache_update(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def fuse_cache_update(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     graph = gm.graph
     order = {node: index for index, node in enumerate(graph.nodes)}
     for site in find_attention_sites(gm):
-        if site.attention.target != torch.ops.kvcompile.attention.default:
-            raise PassError(f"layer {site.layer}: attention is {site.attention.target}, not plain kvcompile::attention")
+        require_canonical(site, "fuse_cache_update")
         if site.past_key.op != "placeholder" or site.past_value.op != "placeholder":
             raise PassError(f"layer {site.layer}: the cache concat does not read the cache inputs directly")
         last_input = max(site.key_cat, site.value_cat, site.query, key=order.__getitem__)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvcompile.capture import SIGNATURE_KEY, Signature, placeholder_name, signature_of
+from kvcompile.program import LOGITS, SIGNATURE_KEY, Signature, placeholder_name, signature_of
 
+from .graph import PassError
 from .sites import find_attention_sites
 
 
-class NotEncodable(RuntimeError):
+class NotEncodable(PassError):
     pass
 
 
@@ -38,8 +39,9 @@ def extract_cache_encoder(prefill: torch.fx.GraphModule) -> torch.fx.GraphModule
             copied[node] = graph.node_copy(node, copy)
         return copied[node]
 
-    outputs = list(prefill.graph.output_node().args[0])[1:]  # all but the logits
-    graph.output(tuple(copy(node) for node in outputs))
+    sig = signature_of(prefill)
+    cache_outputs = [(name, node) for name, node in zip(sig.outputs, prefill.graph.output_node().args[0]) if name != LOGITS]
+    graph.output(tuple(copy(node) for _, node in cache_outputs))
     encoder = torch.fx.GraphModule(prefill, graph)
-    encoder.meta[SIGNATURE_KEY] = Signature(inputs=names, outputs=signature_of(prefill).outputs[1:])
+    encoder.meta[SIGNATURE_KEY] = Signature(inputs=names, outputs=[name for name, _ in cache_outputs])
     return encoder

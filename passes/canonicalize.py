@@ -12,22 +12,20 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from kvcompile.plan import Plan
+
+from .graph import replace_with_call
 from .sites import SDPA, find_attention_sites
 
 
-def canonicalize_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def canonicalize_attention(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     graph = gm.graph
     for site in find_attention_sites(gm):
         if site.attention.target != SDPA:
             continue
-        with graph.inserting_before(site.attention):
-            canonical = graph.call_function(
-                torch.ops.kvcompile.attention.default,
-                (site.query, site.key_cat, site.value_cat, site.mask, site.scale, site.is_causal),
-            )
-        canonical.meta.update(site.attention.meta)
-        site.attention.replace_all_uses_with(canonical)
-        graph.erase_node(site.attention)
+        canonical = replace_with_call(gm, site.attention, torch.ops.kvcompile.attention.default, (
+            site.query, site.key_cat, site.value_cat, site.mask, site.scale, site.is_causal,
+        ))  # fmt: skip
         for user in list(canonical.users):
             if _is_identity_reshape(user):
                 user.replace_all_uses_with(canonical)

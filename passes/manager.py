@@ -1,4 +1,4 @@
-"""Run a sequence of passes, checking the graph after each and recording what ran."""
+"""Run a stage: a sequence of passes over one program, checking the graph after each."""
 
 from __future__ import annotations
 
@@ -6,23 +6,20 @@ from typing import Callable, Sequence
 
 import torch.fx
 
-Pass = Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
-APPLIED_KEY = "kvcompile.passes"
+from kvcompile.plan import Plan
 
-
-def pass_name(p: Pass) -> str:
-    func = getattr(p, "func", p)  # functools.partial
-    return getattr(func, "__name__", type(func).__name__)
+# Every pass takes the program and the plan (passes that need no plan ignore it) and returns the
+# program, rewritten in place.
+Pass = Callable[[torch.fx.GraphModule, Plan], torch.fx.GraphModule]
 
 
 class PassManager:
     def __init__(self, passes: Sequence[Pass]):
-        self.passes = list(passes)
+        self.passes = tuple(passes)
 
-    def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    def __call__(self, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         for p in self.passes:
-            gm = p(gm)
+            gm = p(gm, plan)
             gm.graph.lint()
             gm.recompile()
-            gm.meta.setdefault(APPLIED_KEY, []).append(pass_name(p))
         return gm

@@ -1,6 +1,6 @@
 """Merge KV heads: each group of t KV heads of a layer becomes one KV head of s·d channels.
 
-Runs on canonical sites. With `down`/`up` maps per group (bases.py; c = k_group @ down,
+Runs on canonical sites. With `down`/`up` maps per group (calibration/bases.py; c = k_group @ down,
 k_group ≈ c @ up), for query head j of original KV head h (position p in its group):
 
     scores   q_j · k_h ≈ (q_j @ up_pᵀ) · c          queries become s·d wide
@@ -28,17 +28,18 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kvcompile.bases import RopeLayout, apply_rope
 from kvcompile.capture import USER_MODEL_PREFIX
 from kvcompile.plan import LayerMerge, Plan
+from kvcompile.rope import RopeLayout, apply_rope
 
+from .graph import PassError, add_constant, require_canonical
 from .sites import LAYOUT_OPS, AttentionSite, data_input, find_attention_sites
 
 aten = torch.ops.aten
 REPLACED_PARAMETERS_KEY = "kvcompile.replaced_parameters"
 
 
-class MergeError(RuntimeError):
+class MergeError(PassError):
     pass
 
 
@@ -47,8 +48,7 @@ def merge_kv_heads(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule
         merge = plan.merges.get(site.layer)
         if merge is None:
             continue
-        if site.attention.target != torch.ops.kvcompile.attention.default:
-            raise MergeError(f"layer {site.layer}: merge_kv_heads needs canonical sites; run canonicalize_attention first")
+        require_canonical(site, "merge_kv_heads")
         _LayerMerger(gm, site, merge).run()
     gm.graph.eliminate_dead_code()
     return gm
@@ -224,22 +224,14 @@ class _LayerMerger:
     def _swap_parameter(self, linear: torch.fx.Node, index: int, tensor: torch.Tensor) -> None:
         old = linear.args[index]
         name = f"merged_{old.target.replace('.', '_')}"
-        self.gm.register_buffer(name, tensor.detach().contiguous())
+        linear.update_arg(index, add_constant(self.gm, name, tensor.detach()))
         replaced = self.gm.meta.setdefault(REPLACED_PARAMETERS_KEY, {})
         replaced[old.target.removeprefix(USER_MODEL_PREFIX)] = getattr(self.gm, name)
-        linear.update_arg(index, self._get_attr(name))
 
     def _constant(self, kind: str, tensor: torch.Tensor) -> torch.fx.Node:
-        name = f"merge_{kind}_{self.layer}"
         like = _fetch(self.gm, self.site.o_proj.args[1].target)
         dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
-        self.gm.register_buffer(name, tensor.to(device=like.device, dtype=dtype).contiguous())
-        return self._get_attr(name)
-
-    def _get_attr(self, name: str) -> torch.fx.Node:
-        graph = self.gm.graph
-        with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
-            return graph.get_attr(name)
+        return add_constant(self.gm, f"merge_{kind}_{self.layer}", tensor.to(device=like.device, dtype=dtype))
 
     def _insert_after(self, node: torch.fx.Node, build, *args) -> torch.fx.Node:
         """Route every user of `node` except the new nodes through `build(graph, node, *args)`."""

@@ -1,19 +1,19 @@
 """Prune K channels (LeanK): the cache keeps only each KV head's planned post-RoPE key channels.
 
-Runs on canonical sites (`kvcompile::attention`). One program per phase, since LeanK attends
+Runs on canonical sites (`kvcompile::attention`). One pass per phase, since LeanK attends
 densely while prefilling and with the kept channels once tokens come from the cache:
 
-- ``prefill``: attention unchanged; the present K of a planned layer leaves the program as one
+- `prune_k_channels_prefill`: attention unchanged; the present K of a planned layer leaves the program as one
   tensor per width group, `gather_kv_channels(cat_k)`, instead of the full-width key.
-- ``decode``: the past K arrives as width groups; the new key is gathered the same way and
+- `prune_k_channels_decode`: the past K arrives as width groups; the new key is gathered the same way and
   appended per group; `pruned_attention` scores `q[idx] . k[idx]` with the original scale.
   The query is gathered inside the op, per KV head's channels, for every head of its GQA group.
 
 With windows (`plan.windowed`, layout in cache.py) the programs work on the window only:
 
-- ``prefill``: attention unchanged; the present K/V leave whole as the window
+- prefill: attention unchanged; the present K/V leave whole as the window
   (`key_window.{l}`, `value_window.{l}`).
-- ``decode``: the new key and value are appended to the window; the middle (K width groups, V of
+- decode: the new key and value are appended to the window; the middle (K width groups, V of
   the non-streaming heads) is read, not written; `windowed_attention` attends over both.
 
 The runtime then moves tokens from the window to the middle (`cache.flush_windows`).
@@ -30,27 +30,31 @@ import torch
 import torch.fx
 
 from kvcompile.cache import KGroup, k_groups, key_entry, key_window_entry, value_entry, value_window_entry
-from kvcompile.capture import past, placeholder_name, present, signature_of
 from kvcompile.plan import Plan
+from kvcompile.program import past, placeholder_name, present, signature_of
 
+from .graph import PassError, add_constant, gather_kept_channels, replace_with_call, require_canonical
 from .sites import AttentionSite, find_attention_sites
 
 aten = torch.ops.aten
 Phase = Literal["prefill", "decode"]
 
 
-class PassError(RuntimeError):
-    pass
+def prune_k_channels_prefill(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """The prefill program: dense attention, the cache written in the plan's layout."""
+    return _prune(gm, plan, "prefill")
 
 
-def prune_k_channels(gm: torch.fx.GraphModule, plan: Plan, phase: Phase) -> torch.fx.GraphModule:
-    if phase not in ("prefill", "decode"):
-        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+def prune_k_channels_decode(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """The decode program: the plan's layout read and extended, attention on the kept channels."""
+    return _prune(gm, plan, "decode")
+
+
+def _prune(gm: torch.fx.GraphModule, plan: Plan, phase: Phase) -> torch.fx.GraphModule:
     for site in find_attention_sites(gm):
         if site.layer not in plan.k_channels:
             continue
-        if site.attention.target != torch.ops.kvcompile.attention.default:
-            raise PassError(f"layer {site.layer}: prune_k_channels needs canonical sites; run canonicalize_attention first")
+        require_canonical(site, f"prune_k_channels_{phase}")
         if plan.windowed:
             _windowed(gm, site, plan, phase)
             continue
@@ -71,25 +75,16 @@ def prune_k_channels(gm: torch.fx.GraphModule, plan: Plan, phase: Phase) -> torc
 
 def _index_constants(gm, layer: int, group: KGroup) -> tuple[torch.fx.Node, torch.fx.Node]:
     device = next(gm.parameters()).device
-    nodes = []
-    for kind, tensor in (("heads", group.heads_tensor()), ("channels", group.channels_tensor())):
-        name = f"k_{kind}_{layer}_w{group.width}"
-        gm.register_buffer(name, tensor.to(device))
-        with gm.graph.inserting_before(_first_compute_node(gm.graph)):
-            nodes.append(gm.graph.get_attr(name))
-    return nodes[0], nodes[1]
-
-
-def _first_compute_node(graph: torch.fx.Graph) -> torch.fx.Node:
-    return next(n for n in graph.nodes if n.op != "placeholder")
+    return (
+        add_constant(gm, f"k_heads_{layer}_w{group.width}", group.heads_tensor().to(device)),
+        add_constant(gm, f"k_channels_{layer}_w{group.width}", group.channels_tensor().to(device)),
+    )
 
 
 def _gather_groups(gm, key: torch.fx.Node, indices) -> list[torch.fx.Node]:
+    # each insertion lands right after `key`: create the last group first to keep the groups in order
     with gm.graph.inserting_after(key):
-        return [
-            gm.graph.call_function(torch.ops.kvcompile.gather_kv_channels.default, (key, heads, channels))
-            for heads, channels in reversed(indices)
-        ][::-1]
+        return gather_kept_channels(gm.graph, key, indices[::-1])[::-1]
 
 
 def _decode_from_groups(gm, site: AttentionSite, groups, indices) -> list[torch.fx.Node]:
@@ -97,14 +92,11 @@ def _decode_from_groups(gm, site: AttentionSite, groups, indices) -> list[torch.
     past_groups = _split_input(gm, site.past_key, key_entry(site.layer), [key_entry(site.layer, g.width) for g in groups])
 
     with graph.inserting_before(site.attention):
-        new_groups = [
-            graph.call_function(torch.ops.kvcompile.gather_kv_channels.default, (site.new_key, heads, channels))
-            for heads, channels in indices
-        ]
+        new_groups = gather_kept_channels(graph, site.new_key, indices)
         present_groups = [
             graph.call_function(aten.cat.default, ([old, new], -2)) for old, new in zip(past_groups, new_groups)
         ]
-    _swap_attention(gm, site, torch.ops.kvcompile.pruned_attention.default, (
+    replace_with_call(gm, site.attention, torch.ops.kvcompile.pruned_attention.default, (
         site.query,
         present_groups,
         [heads for heads, _ in indices],
@@ -153,7 +145,7 @@ def _attend_over_window_and_middle(gm, site: AttentionSite, plan: Plan) -> None:
     site.key_cat.replace_input_with(site.past_key, key_window)
     site.value_cat.replace_input_with(middle_values, value_window)
     graph.erase_node(site.past_key)
-    _swap_attention(gm, site, torch.ops.kvcompile.windowed_attention.default, (
+    replace_with_call(gm, site.attention, torch.ops.kvcompile.windowed_attention.default, (
         site.query,
         site.key_cat,
         site.value_cat,
@@ -166,15 +158,6 @@ def _attend_over_window_and_middle(gm, site: AttentionSite, plan: Plan) -> None:
         site.is_causal,
         plan.sink,
     ))
-
-
-def _swap_attention(gm, site: AttentionSite, op, args: tuple) -> None:
-    """Replace the site's canonical attention by `op(*args)`."""
-    with gm.graph.inserting_before(site.attention):
-        attention = gm.graph.call_function(op, args)
-    attention.meta.update(site.attention.meta)
-    site.attention.replace_all_uses_with(attention)
-    gm.graph.erase_node(site.attention)
 
 
 def _split_input(gm, old: torch.fx.Node, old_entry: str, entries: list[str]) -> list[torch.fx.Node]:

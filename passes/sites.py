@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from kvcompile.capture import USER_MODEL_PREFIX, placeholder_name, signature_of
+from kvcompile.cache import entry_kind, entry_layer
+from kvcompile.capture import USER_MODEL_PREFIX
+from kvcompile.program import past, placeholder_name, signature_of
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -97,12 +99,11 @@ def is_attention(node: torch.fx.Node) -> bool:
 
 def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """Every site of the program, one per layer, ordered by layer; raises SiteMatchError."""
-    sig = signature_of(gm)
-    layer_of_past = {}
-    for name in sig.inputs:
-        kind, _, layer = name.partition(".")
-        if kind in ("past_key", "past_value"):
-            layer_of_past[placeholder_name(name)] = int(layer.split(".")[0])
+    layer_of_past = {
+        placeholder_name(past(entry)): entry_layer(entry)
+        for entry in signature_of(gm).cache_inputs
+        if entry_kind(entry) in ("key", "value")
+    }
     sites = [_match_site(node, layer_of_past) for node in gm.graph.nodes if is_attention(node)]
     sites.sort(key=lambda site: site.layer)
 

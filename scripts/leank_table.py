@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kvcompile.evaluate import cell_label, length_label
+from kvcompile.evaluation.evaluate import cell_label, length_label
 
 
 def table(reports: list[dict]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import kvcompile
-from kvcompile import evaluate, text
+from kvcompile.evaluation import evaluate, text
 from kvcompile.models import DEFAULT_MODEL_NAME, load_default_model
 
 UPPER_HALF = tuple(range(15, 30))

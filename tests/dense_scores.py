@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from kvcompile import tasks
-from kvcompile.evaluate import EvalSettings
-from kvcompile.text import evaluation_text, token_windows
+from kvcompile.evaluation import tasks
+from kvcompile.evaluation.evaluate import EvalSettings
+from kvcompile.evaluation.text import evaluation_text, token_windows
 
 
 def perplexity(model, tokenizer, settings: EvalSettings, length: int) -> float:

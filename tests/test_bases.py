@@ -5,18 +5,16 @@ from functools import cache
 import pytest
 import torch
 
-from kvcompile.bases import (
+from kvcompile.calibration.bases import (
     Merge,
-    RopeLayout,
-    apply_rope,
     commuting_merge,
     down_for_head,
     mean_pool_merge,
     relative_error,
-    rotary_pairs,
     svd_merge,
     up_for_head,
 )
+from kvcompile.rope import RopeLayout, apply_rope, rotary_pairs
 
 T, D = 4, 16
 TOKENS = 2048

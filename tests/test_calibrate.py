@@ -7,9 +7,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvcompile import ModelShape
-from kvcompile.calibrate import kept_channel_counts, qk_channel_scores, static_k_plan
-from kvcompile.recipe import RecipeError
-from kvcompile.text import CALIBRATION_TOPICS, EVALUATION_TOPICS, calibration_text, evaluation_text
+from kvcompile.calibration.calibrate import kept_channel_counts, qk_channel_scores, static_k_plan
+from kvcompile.calibration.recipe import RecipeError
+from kvcompile.evaluation.text import CALIBRATION_TOPICS, EVALUATION_TOPICS, calibration_text, evaluation_text
 from tests.tiny_models import make_tiny_model
 
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 2

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from kvcompile import capture
-from kvcompile.capture import clone_program
+from kvcompile import Plan, capture
 from kvcompile.passes import canonicalize_attention, find_attention_sites
 from kvcompile.passes.sites import SDPA
+from kvcompile.program import clone_program
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
+
+NO_PLAN = Plan.from_k_channels({})  # the pass reads no plan
 
 
 def _run(gm, batch=2, seq=5, past=3, seed=0):
@@ -25,7 +27,7 @@ def _targets(gm):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_canonical_program_computes_the_same(arch):
     captured = capture(make_tiny_model(arch))
-    canonical = canonicalize_attention(clone_program(captured))
+    canonical = canonicalize_attention(clone_program(captured), NO_PLAN)
     canonical.recompile()
     targets = _targets(canonical)
     assert targets.count(torch.ops.kvcompile.attention.default) == 2
@@ -41,8 +43,8 @@ def test_canonical_program_computes_the_same(arch):
 
 
 def test_canonicalize_is_idempotent_and_sites_survive():
-    canonical = canonicalize_attention(capture(make_tiny_model("llama")))
+    canonical = canonicalize_attention(capture(make_tiny_model("llama")), NO_PLAN)
     before = canonical.graph.python_code("self").src
-    again = canonicalize_attention(canonical)
+    again = canonicalize_attention(canonical, NO_PLAN)
     assert again.graph.python_code("self").src == before
     assert [s.layer for s in find_attention_sites(again)] == [0, 1]

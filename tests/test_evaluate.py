@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompile
 from kvcompile import Plan
-from kvcompile.evaluate import QUICK, EvalSettings, Method, evaluate, format_table, kv_bytes_per_token, plot, wilson_interval
+from kvcompile.evaluation.evaluate import QUICK, EvalSettings, Method, evaluate, format_table, kv_bytes_per_token, plot, wilson_interval
 from tests import dense_scores
 from tests.tiny_models import byte_level_tokenizer
 

@@ -6,9 +6,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompile
-from kvcompile import importance, leank
-from kvcompile.recipe import LeanKTraining, Recipe, RecipeError
-from kvcompile.text import calibration_text
+from kvcompile.calibration import importance, leank
+from kvcompile.pipeline import canonical_program
+from kvcompile.calibration.recipe import LeanKTraining, Recipe, RecipeError
+from kvcompile.evaluation.text import calibration_text
 from tests.tiny_models import byte_level_tokenizer
 
 TRAINING = LeanKTraining(stage1_steps=6, stage2_steps=4, lr=0.1, lengths=(384,), tasks=("passkey",), checkpoint_every=2)
@@ -67,7 +68,7 @@ def test_middle_keys_are_past_the_sink_and_outside_the_recent_window():
 
 def test_scaled_program_with_unit_factors_is_the_dense_program(model, tokenizer):
     shape = kvcompile.ModelShape.from_config(model.config)
-    canonical = kvcompile.passes.canonicalize_attention(kvcompile.capture(model))
+    canonical = canonical_program(kvcompile.capture(model), kvcompile.Plan.from_k_channels({}))
     trainer = leank._Trainer(canonical, shape, 0.5, 4, 2, 3, TRAINING, tokenizer, calibration_text()[:20000])
     prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     answer = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(1))
@@ -91,7 +92,7 @@ def test_training_lowers_the_loss_and_meets_the_sparsity_exactly(model, tokenize
 
 def test_stage_one_loss_falls(model, tokenizer):
     shape = kvcompile.ModelShape.from_config(model.config)
-    canonical = kvcompile.passes.canonicalize_attention(kvcompile.capture(model))
+    canonical = canonical_program(kvcompile.capture(model), kvcompile.Plan.from_k_channels({}))
     training = LeanKTraining(stage1_steps=10, stage2_steps=1, lr=0.01, warmup=0.0, lengths=(384,), tasks=("passkey",))
     trainer = leank._Trainer(canonical, shape, 0.5, 4, 4, 8, training, tokenizer, calibration_text()[:20000])
     trainer.samples = trainer.samples[:1]  # one prompt: the loss curve is the optimizer's, not the data's

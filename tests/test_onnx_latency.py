@@ -8,7 +8,8 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from kvcompile import Plan, onnx_latency  # noqa: E402
+from kvcompile import Plan  # noqa: E402
+from kvcompile.benchmarks import onnx_latency  # noqa: E402
 from kvcompile.capture import dynamic_cache_holding, signature_of  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 

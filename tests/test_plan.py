@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvcompile import ModelShape, Plan, PlanError
-from kvcompile.leank import hard_mask
+from kvcompile.calibration.leank import hard_mask
 
 SHAPE = ModelShape(model_type="llama", num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16)
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from kvcompile import Plan
-from kvcompile.capture import signature_of
-from kvcompile.passes import prune_k_channels
-from kvcompile.passes.prune_k_channels import PassError
+from kvcompile.passes import PassError, prune_k_channels_decode
+from kvcompile.program import signature_of
 from tests.programs import pipeline
 from tests.tiny_models import make_tiny_model
 
@@ -59,10 +58,5 @@ def test_decode_program_extends_each_group(programs):
 
 
 def test_needs_canonical_sites(programs):
-    with pytest.raises(PassError, match="layer 0: prune_k_channels needs canonical sites"):
-        prune_k_channels(programs["captured"], PLAN, "decode")
-
-
-def test_rejects_unknown_phase(programs):
-    with pytest.raises(ValueError, match="phase"):
-        prune_k_channels(programs["canonicalize_attention"], PLAN, "both")
+    with pytest.raises(PassError, match="layer 0: prune_k_channels_decode needs canonical sites"):
+        prune_k_channels_decode(programs["captured"], PLAN)

@@ -8,8 +8,8 @@ import torch
 
 import kvcompile
 from kvcompile.models import default_model_available, load_default_model
-from kvcompile.text import evaluation_text
-from kvcompile.evaluate import QUICK, Method, evaluate
+from kvcompile.evaluation.text import evaluation_text
+from kvcompile.evaluation.evaluate import QUICK, Method, evaluate
 from tests import dense_scores
 from tests.masked_reference import decode, masked_reference_decode
 

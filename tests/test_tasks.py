@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kvcompile.tasks import TASKS, Sample, make_samples, score
-from kvcompile.text import calibration_text, evaluation_text
+from kvcompile.evaluation.tasks import TASKS, Sample, make_samples, score
+from kvcompile.evaluation.text import calibration_text, evaluation_text
 from tests.tiny_models import byte_level_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

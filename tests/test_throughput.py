@@ -4,7 +4,8 @@ asked length; the numbers themselves are a benchmark's, not a test's."""
 import pytest
 import torch
 
-from kvcompile import Plan, PlanError, throughput
+from kvcompile import Plan, PlanError
+from kvcompile.benchmarks import throughput
 from tests.tiny_models import make_tiny_model
 
 WINDOWED = Plan.from_k_channels({0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]], 1: [[], [1, 3, 5, 7, 9, 11]]},

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from .bench import LEANK_COUNTS
-from .capture import dynamic_cache_holding
-from .plan import ModelShape, Plan
-from .runtime import transform
+from kvcompile.capture import dynamic_cache_holding
+from kvcompile.plan import ModelShape, Plan
+from kvcompile.runtime import transform
 
 METHODS = ("dense", "transformed", "compiled")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .plan import Plan, PlanError
+from kvcompile.plan import Plan, PlanError
 
 
 def _factors(plan: Plan) -> torch.Tensor:

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import key_entry, value_entry
-from .capture import capture, signature_of
-from .onnx import _decode_dims, _export_program
-from .passes import PassManager, canonicalize_attention
-from .plan import ModelShape, Plan
-from .runtime import transform
+from kvcompile.cache import key_entry, value_entry
+from kvcompile.capture import capture, signature_of
+from kvcompile.export.onnx import _decode_dims, _export_program
+from kvcompile.passes import PassManager, canonicalize_attention
+from kvcompile.plan import ModelShape, Plan
+from kvcompile.runtime import transform
 from .throughput import random_dense_cache
 
 DENSE = "dense"

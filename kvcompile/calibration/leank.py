@@ -31,16 +31,16 @@ import torch.fx
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from kvcompile.kernels.ops import _masked_softmax_attention
+from kvcompile.kernels.ops import masked_softmax_attention
 from kvcompile.passes import find_attention_sites
 
-from . import tasks
-from .capture import clone_program, past, present, signature_of
-from .plan import ModelShape
+from kvcompile.plan import ModelShape, Plan
+from kvcompile.program import call_program, clone_program, empty_entries, signature_of
 from .recipe import LeanKTraining, RecipeError
 
 METHOD = "leank"
 _STATE_JSON, _STATE_TENSORS = "state.json", "state.safetensors"
+_DENSE = Plan.from_k_channels({})  # training runs the dense canonical program
 
 
 def hard_mask(factors: torch.Tensor, sparsity: float, align: int) -> torch.Tensor:
@@ -173,8 +173,10 @@ def _warmup_decay(step: int, steps: int, warmup: float) -> float:
     return max(0.0, (steps - step) / max(1, steps - rise))
 
 
-def _training_samples(training: LeanKTraining, tokenizer, haystack_text: str) -> list[tasks.Sample]:
+def _training_samples(training: LeanKTraining, tokenizer, haystack_text: str) -> list:
     """Enough prompts for the longer stage, cycling over tasks and lengths; depths spread per cell."""
+    from kvcompile.evaluation import tasks  # the task generator loads only when LeanK trains
+
     cells = [(task, length) for length in training.lengths for task in training.tasks]
     per_cell = max(1, math.ceil(max(training.stage1_steps, training.stage2_steps) / len(cells)))
     by_cell = [tasks.make_samples(task, tokenizer, length, per_cell, training.seed, haystack_text=haystack_text)
@@ -211,7 +213,7 @@ class _ScaledKeyAttention(torch.nn.Module):
         keys = k.repeat_interleave(repeats, dim=1).transpose(-1, -2)
         full, scaled = q @ keys, (q * scales[:, None, :]) @ keys
         middle = _middle_keys(q.shape[2], k.shape[2], self.trainer.sink, self.trainer.recent, q.device)
-        return _masked_softmax_attention(torch.where(middle, scaled, full) * scale, v, mask, is_causal)
+        return masked_softmax_attention(torch.where(middle, scaled, full) * scale, v, mask, is_causal)
 
 
 def _middle_keys(queries: int, keys: int, sink: int, recent: int, device) -> torch.Tensor:
@@ -236,22 +238,19 @@ def _with_scaled_attention(program: torch.fx.GraphModule, trainer: _Trainer) -> 
 
 def _prefill(program: torch.fx.GraphModule, shape: ModelShape, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
     """The cache entries (by name) after a dense prefill of `prompt`."""
-    empty = prompt.new_empty(prompt.shape[0], shape.num_kv_heads, 0, shape.head_dim, dtype=next(program.parameters()).dtype)
-    entries = {name.removeprefix("past_"): empty for name in signature_of(program).inputs[2:]}
-    outputs = _call(program, prompt, 0, entries)
-    return {name.removeprefix("present_"): t for name, t in outputs.items() if name.startswith("present_")}
+    dtype = next(program.parameters()).dtype
+    empty = empty_entries(signature_of(program).cache_inputs, _DENSE, shape, prompt.shape[0], dtype, prompt.device)
+    return _call(program, prompt, 0, empty)[1]
 
 
 def _run(program, ids: torch.Tensor, past_length: int, cache: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states of `ids` following `past_length` cached tokens."""
-    return _call(program, ids, past_length, cache)["logits"]
+    return _call(program, ids, past_length, cache)[0]
 
 
-def _call(program, ids, past_length: int, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    signature = signature_of(program)
+def _call(program, ids, past_length: int, cache: dict[str, torch.Tensor]):
     positions = torch.arange(past_length, past_length + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    pasts = [cache[name.removeprefix("past_")] for name in signature.inputs[2:]]
-    return dict(zip(signature.outputs, program(ids, positions, *pasts)))
+    return call_program(program, ids, positions, cache)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ import transformers
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from . import tasks, text
-from .cache import CompressedKVCache
-from .plan import Plan
-from .runtime import TransformedModel, transform
+from . import tasks
+from . import text
+from kvcompile.cache import CompressedKVCache
+from kvcompile.plan import Plan
+from kvcompile.runtime import TransformedModel, transform
 
 
 @dataclass(frozen=True)

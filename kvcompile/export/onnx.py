@@ -48,10 +48,10 @@ import torch
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
 
-from .capture import clone_program, signature_of
-from .passes import PassManager, fuse_cache_update
-from .plan import Plan
-from .runtime import TransformedModel, eos_token_ids, transform
+from kvcompile.capture import clone_program, signature_of
+from kvcompile.passes import PassManager, fuse_cache_update
+from kvcompile.plan import Plan
+from kvcompile.runtime import TransformedModel, eos_token_ids, transform
 
 DOMAIN = "ai.kvcompile"
 DOMAIN_VERSION = 1

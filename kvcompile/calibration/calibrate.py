@@ -29,14 +29,19 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
-from kvcompile.passes import canonicalize_attention, find_attention_sites, merge_kv_heads
+from kvcompile.passes import find_attention_sites
 
-from . import bases, leank
-from .capture import capture, clone_program, program_for, signature_of
-from .plan import LayerMerge, ModelShape, Plan
+from . import bases
+from . import leank
+from kvcompile.capture import capture, program_for
+from kvcompile.pipeline import canonical_program
+from kvcompile.plan import LayerMerge, ModelShape, Plan
+from kvcompile.program import call_program, empty_entries, signature_of
+from kvcompile.rope import RopeLayout
 from .recipe import MERGE_METHODS, Recipe, RecipeError
 
 METHOD = "static-qk"
+_NO_PLAN = Plan.from_k_channels({})  # the dense model's programs
 
 
 def kept_channel_counts(head_scores: Sequence[torch.Tensor], sparsity: float, align: int) -> list[int]:
@@ -86,7 +91,8 @@ def calibrate(
     """
     shape = ModelShape.from_config(model.config)
     recipe.check(shape)
-    canonical = canonicalize_attention(program_for(model, program, shape))
+    captured = program_for(model, program, shape)
+    canonical = canonical_program(captured, _NO_PLAN)
     if recipe.k_method == "leank" and recipe.k_sparsity is not None:
         return _learned_plan(canonical, shape, recipe, texts, tokenizer, checkpoint_dir, progress)
     chunks = _calibration_chunks(texts, tokenizer, recipe)
@@ -97,8 +103,8 @@ def calibrate(
         meta.update(merge=_recipe_fields(recipe, "kv_group_size", "kv_heads_per_group", "rope", "merge_layers",
                                          "merge_method"), merge_relative_error=errors)
     if recipe.k_sparsity is not None:
-        merged = Plan.from_k_channels({}).with_merges(merges)
-        program = merge_kv_heads(clone_program(canonical), merged) if merges else canonical
+        merged = _NO_PLAN.with_merges(merges)
+        program = canonical_program(captured, merged) if merges else canonical
         k_channels = _top_channels(program, merged, shape, chunks, recipe.k_sparsity, recipe.align_for(shape), progress)
         meta.update(method=METHOD, sparsity=recipe.k_sparsity, align=recipe.align_for(shape))
     plan = Plan.from_k_channels(k_channels, model=shape, meta=meta, sink=recipe.sink, recent=recipe.recent)
@@ -139,8 +145,8 @@ def qk_channel_scores(
     holds (L,) or (B, L) tensors. Every chunk is prefilled on its own, from an empty cache.
     """
     shape = ModelShape.from_config(model.config)
-    program = canonicalize_attention(capture(model, shape))
-    statistics = _record(program, Plan.from_k_channels({}), shape, _as_chunks(token_ids), _ChannelStatistics(), progress)
+    program = canonical_program(capture(model, shape), _NO_PLAN)
+    statistics = _record(program, _NO_PLAN, shape, _as_chunks(token_ids), _ChannelStatistics(), progress)
     return torch.stack([statistics.channel_scores(layer) for layer in range(shape.num_layers)])
 
 
@@ -196,30 +202,22 @@ class _AttentionRecorder(torch.fx.Interpreter):
 
 def _record(program, plan: Plan, shape: ModelShape, chunks, statistics, progress: bool):
     recorder = _AttentionRecorder(program, statistics)
+    param = next(program.parameters())
     with torch.no_grad():
         for chunk in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress):
-            recorder.run(*_prefill_inputs(program, plan, shape, chunk))
+            input_ids = chunk.to(param.device)
+            batch, seq = input_ids.shape
+            empty = empty_entries(signature_of(program).cache_inputs, plan, shape, batch, param.dtype, param.device)
+            positions = torch.arange(seq, device=param.device).expand(batch, -1)
+            call_program(program, input_ids, positions, empty, run=recorder.run)
     return statistics
-
-
-def _prefill_inputs(program: torch.fx.GraphModule, plan: Plan, shape: ModelShape, input_ids: torch.Tensor):
-    """Positional inputs of the program for a prefill of `input_ids`: an empty past for every cache input."""
-    param = next(program.parameters())
-    input_ids = input_ids.to(param.device)
-    batch, seq = input_ids.shape
-    position_ids = torch.arange(seq, device=param.device).expand(batch, -1)
-    pasts = []
-    for name in signature_of(program).inputs[2:]:
-        heads, width = plan.kv_heads(int(name.split(".")[1]), shape)
-        pasts.append(torch.empty(batch, heads, 0, width, dtype=param.dtype, device=param.device))
-    return [input_ids, position_ids, *pasts]
 
 
 # -- plans from statistics ---------------------------------------------------------------------
 
 
 def _merges(canonical, shape: ModelShape, recipe: Recipe, chunks, progress):
-    moments = _record(canonical, Plan.from_k_channels({}), shape, chunks, _SecondMoments(), progress)
+    moments = _record(canonical, _NO_PLAN, shape, chunks, _SecondMoments(), progress)
     rope_of = {site.layer: site.rope for site in find_attention_sites(canonical)}
     t, s, d = recipe.kv_group_size, recipe.kv_heads_per_group, shape.head_dim
     groups = tuple(tuple(range(g * t, (g + 1) * t)) for g in range(shape.num_kv_heads // t))
@@ -237,7 +235,7 @@ def _merges(canonical, shape: ModelShape, recipe: Recipe, chunks, progress):
                 key_merge = value_merge = bases.mean_pool_merge(t, d)
             else:
                 if mode == "commute":
-                    key_merge = bases.commuting_merge(key_cov, t, s, d, bases.RopeLayout(rope.layout, rope.rotary_dims))
+                    key_merge = bases.commuting_merge(key_cov, t, s, d, RopeLayout(rope.layout, rope.rotary_dims))
                 else:
                     key_merge = bases.svd_merge(key_cov, s, d)
                 value_merge = bases.svd_merge(value_cov, s, d)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import tasks
-from .plan import ModelShape
+from kvcompile.plan import ModelShape
 
 MERGE_METHODS = ("svd", "mean-pool")
 K_METHODS = ("static-qk", "leank")
@@ -34,9 +33,11 @@ class LeanKTraining:
             raise RecipeError("leank: stage1_steps must be >= 0 and stage2_steps >= 1")
         if not self.lengths or min(self.lengths) < 64:
             raise RecipeError(f"leank: lengths must be >= 64 tokens, got {self.lengths}")
+        from kvcompile.evaluation.tasks import TASKS  # the task generator loads only for LeanK recipes
+
         for task in self.tasks:
-            if task not in tasks.TASKS:
-                raise RecipeError(f"leank: unknown task {task!r}; expected one of {tasks.TASKS}")
+            if task not in TASKS:
+                raise RecipeError(f"leank: unknown task {task!r}; expected one of {TASKS}")
 
 
 @dataclass(frozen=True)

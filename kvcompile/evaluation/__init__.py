@@ -1,0 +1,1 @@
+"""Evaluation: retrieval tasks, perplexity and agreement of plans against the dense model, on real text."""

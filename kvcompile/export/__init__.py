@@ -1,0 +1,1 @@
+"""Export: transformed models as files other runtimes run (ONNX for onnxruntime)."""

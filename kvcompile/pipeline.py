@@ -1,0 +1,69 @@
+"""The compiler's pipeline, as data: which passes make which program, in which order.
+
+    captured ──CANONICAL──▶ canonical ──PREFILL──▶ prefill ──extract_cache_encoder──▶ cache encoder
+                                      └─DECODE───▶ decode
+
+`compile_programs` is the one place a captured program becomes a plan's programs: the runtime,
+calibration (the canonical program, merged where the plan merges), the ONNX export, its latency
+benchmark and the golden tests all go through it. Stages run through `PassManager`, which lints
+and recompiles the graph after every pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from .passes import (
+    PassManager,
+    canonicalize_attention,
+    extract_cache_encoder,
+    find_attention_sites,
+    fuse_cache_update,
+    merge_kv_heads,
+    plan_attention_in_hf_graph,
+    prune_k_channels_decode,
+    prune_k_channels_prefill,
+)
+from .plan import Plan
+from .program import clone_program
+
+# One GQA-native attention op per site, then the plan's head merges (weights folded or projections added).
+CANONICAL = (canonicalize_attention, merge_kv_heads)
+# The cache in the plan's layout: written by the prefill (dense attention), read and extended by decode.
+PREFILL = (prune_k_channels_prefill,)
+DECODE = (prune_k_channels_decode,)
+# ONNX export, gqa=True: each site's cache update and attention as one op onnxruntime implements.
+FUSED_CACHE_UPDATE = (fuse_cache_update,)
+# The torch.compile backend, on the torch-level graphs dynamo captures from a transformers forward.
+HF_GRAPH = (plan_attention_in_hf_graph,)
+
+
+@dataclass
+class Programs:
+    """A plan's programs, all sharing the captured model's parameters."""
+
+    canonical: torch.fx.GraphModule
+    prefill: torch.fx.GraphModule
+    decode: torch.fx.GraphModule
+    cache_encoder: torch.fx.GraphModule | None  # None when the plan merges heads (see extract_cache_encoder)
+
+
+def run_stage(stage, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    return PassManager(stage)(gm, plan)
+
+
+def canonical_program(captured: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """The CANONICAL stage on a copy of `captured`; raises SiteMatchError naming the layer first."""
+    find_attention_sites(captured)
+    return run_stage(CANONICAL, clone_program(captured), plan)
+
+
+def compile_programs(captured: torch.fx.GraphModule, plan: Plan) -> Programs:
+    canonical = canonical_program(captured, plan)
+    prefill = run_stage(PREFILL, clone_program(canonical), plan)
+    decode = run_stage(DECODE, clone_program(canonical), plan)
+    # Without merges the prefill is the dense model's up to the cache: one dense prefill can feed it.
+    encoder = None if plan.merges else extract_cache_encoder(prefill)
+    return Programs(canonical, prefill, decode, encoder)

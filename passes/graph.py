@@ -1,0 +1,54 @@
+"""What every pass does to a graph: fail naming the layer, check its sites are canonical, add a
+constant, replace a node by an op call, read a call's arguments by name."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch.fx.operator_schemas import normalize_function
+
+from .sites import AttentionSite
+
+
+class PassError(RuntimeError):
+    """A program a pass cannot rewrite; the message names the layer and what is in the way."""
+
+
+def require_canonical(site: AttentionSite, pass_name: str) -> None:
+    """Passes that rewrite attention run after `canonicalize_attention` (one op per site)."""
+    if site.attention.target != torch.ops.kvcompile.attention.default:
+        raise PassError(f"layer {site.layer}: {pass_name} needs canonical sites; run canonicalize_attention first")
+
+
+def add_constant(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+    """`tensor` as buffer `name` of the program, read by a get_attr ahead of all computation."""
+    gm.register_buffer(name, tensor.contiguous())
+    graph = gm.graph
+    with graph.inserting_before(next(node for node in graph.nodes if node.op != "placeholder")):
+        return graph.get_attr(name)
+
+
+def replace_with_call(gm: torch.fx.GraphModule, node: torch.fx.Node, op, args: tuple) -> torch.fx.Node:
+    """Replace `node` by `op(*args)` at its place: same metadata, same users."""
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(op, args)
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
+def gather_kept_channels(graph: torch.fx.Graph, key: torch.fx.Node, indices) -> list[torch.fx.Node]:
+    """One `gather_kv_channels(key, heads, channels)` per width group, at the graph's insert point."""
+    return [
+        graph.call_function(torch.ops.kvcompile.gather_kv_channels.default, (key, heads, channels))
+        for heads, channels in indices
+    ]
+
+
+def call_arguments(node: torch.fx.Node) -> dict:
+    """A call's arguments by parameter name, defaults filled in (torch.fx's schema normalisation)."""
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:
+        raise PassError(f"cannot read the arguments of {node.format_node()}")
+    return dict(normalized.kwargs)
