@@ -16,15 +16,14 @@ True; False runs the rewritten graphs as they are, which is quicker to compile).
 
 from __future__ import annotations
 
-import functools
 from importlib.metadata import entry_points
 
 import torch
 import torch.fx
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the rewritten graphs call)
-from kvcompile.passes import PassManager, plan_attention_in_hf_graph
 
+from .pipeline import HF_GRAPH, run_stage
 from .plan import Plan
 
 BACKEND_NAME = "kvcompile"
@@ -43,7 +42,7 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
             "the kvcompile backend needs options={'plan': plan} with a kvcompile.Plan, got "
             f"{type(plan).__name__ if plan is not None else 'no plan'}"
         )
-    gm = PassManager([functools.partial(plan_attention_in_hf_graph, plan=plan)])(gm)
+    gm = run_stage(HF_GRAPH, gm, plan)
     if not use_inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -48,9 +48,10 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The facts about a model that a plan depends on; checked before any rewrite."""
+    """The facts about a model that a plan depends on; checked before any rewrite. `model_type` is
+    None where it is unknown (a graph dynamo captured shows the shape, not the model)."""
 
-    model_type: str
+    model_type: str | None
     num_layers: int
     num_kv_heads: int
     num_heads: int
@@ -282,13 +283,14 @@ class Plan:
                 "plan is empty: it names no layer. Use Plan.from_k_channels({layer: [[...], ...]}) "
                 "with the kept channels of each KV head, or kvcompile.calibrate"
             )
-        if self.model is not None and self.model != shape:
-            diffs = [
+        if self.model is not None:
+            diffs = [  # a field the shape does not know (None) cannot differ
                 f"{name}: plan {getattr(self.model, name)!r}, model {getattr(shape, name)!r}"
                 for name in ModelShape.__dataclass_fields__
-                if getattr(self.model, name) != getattr(shape, name)
+                if getattr(shape, name) is not None and getattr(self.model, name) != getattr(shape, name)
             ]
-            raise PlanError("plan was made for another model (" + "; ".join(diffs) + ")")
+            if diffs:
+                raise PlanError("plan was made for another model (" + "; ".join(diffs) + ")")
         for layer in [*self.merges, *self.k_channels]:
             if not 0 <= layer < shape.num_layers:
                 raise PlanError(

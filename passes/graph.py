@@ -1,11 +1,10 @@
-"""What every pass does to a graph: fail naming the layer, check its sites are canonical, add a
-constant, replace a node by an op call, read a call's arguments by name."""
+"""What the passes share: their error, the canonical-sites precondition, adding a constant,
+replacing a node by an op call, gathering a key's kept channels."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.operator_schemas import normalize_function
 
 from .sites import AttentionSite
 
@@ -44,11 +43,3 @@ def gather_kept_channels(graph: torch.fx.Graph, key: torch.fx.Node, indices) -> 
         graph.call_function(torch.ops.kvcompile.gather_kv_channels.default, (key, heads, channels))
         for heads, channels in indices
     ]
-
-
-def call_arguments(node: torch.fx.Node) -> dict:
-    """A call's arguments by parameter name, defaults filled in (torch.fx's schema normalisation)."""
-    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    if normalized is None:
-        raise PassError(f"cannot read the arguments of {node.format_node()}")
-    return dict(normalized.kwargs)

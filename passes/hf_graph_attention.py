@@ -8,13 +8,16 @@ Such a graph is torch-level and carries the HF cache object's update inline:
 `past_keys` is a graph input when the call got a filled cache (a decode call) and an empty
 constant when the call created its cache (a prefill). Decode sites get the plan's attention:
 every key, past and new, is gathered to its KV head's kept channels and `kvcompile::pruned_attention`
-scores with them, the op and layout of `prune_k_channels`' decode program. Prefill attention stays
+scores with them, the op and layout of `prune_k_channels_decode`'s program. Prefill attention stays
 dense, as LeanK prefills.
 
 HF's cache code concatenates full-width keys of the model's head count, and dynamo re-traces that
 code on every new cache shape, so the cache object must keep the model's layout: this pass changes
 what attention computes, never what the cache holds (the compressed cache is `kvcompile.transform`'s).
 That also rules out plans that merge heads or keep windows.
+
+The plan is checked by `Plan.validate` against the shape the graph shows (layers, heads, head dim);
+the graph does not say which model type it came from.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import torch.fx
 import torch.nn.functional as F
 
 from kvcompile.cache import k_groups
-from kvcompile.plan import Plan, PlanError
+from kvcompile.plan import ModelShape, Plan, PlanError
+
+from .graph import gather_kept_channels, replace_with_call
+from .sites import attention_arguments, walk_back
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 # HF's repeat_kv: x[:, :, None, :, :].expand(...).reshape(...)
@@ -41,7 +47,7 @@ _CACHE_KEYS_SOURCE = re.compile(r"\.layers\[(\d+)\]\.keys$")
 class DecodeSite:
     layer: int
     attention: torch.fx.Node
-    query: torch.fx.Node
+    arguments: dict  # the attention call's, by SDPA's parameter names
     key_cat: torch.fx.Node
     value_cat: torch.fx.Node
 
@@ -49,7 +55,8 @@ class DecodeSite:
 def plan_attention_in_hf_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     check_plan_for_hf_graphs(plan)
     sites = find_decode_sites(gm)
-    _check_plan_fits(plan, sites)
+    if sites:
+        plan.validate(_shape_seen(sites))
     for site in sites:
         if site.layer in plan.k_channels:
             _attend_with_kept_channels(gm, site, plan)
@@ -77,8 +84,9 @@ def find_decode_sites(gm: torch.fx.GraphModule) -> list[DecodeSite]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _SDPA:
             continue
-        key_cat = _cache_cat(_argument(node, 1, "key"))
-        value_cat = _cache_cat(_argument(node, 2, "value"))
+        arguments = attention_arguments(node)
+        key_cat = walk_back(arguments["key"], _is_repeat_kv, _is_cache_cat)
+        value_cat = walk_back(arguments["value"], _is_repeat_kv, _is_cache_cat)
         if key_cat is None or value_cat is None:
             raise PlanError(
                 f"{node.format_node()}: its key/value do not come from a cache concat cat([past, new], -2); "
@@ -87,29 +95,22 @@ def find_decode_sites(gm: torch.fx.GraphModule) -> list[DecodeSite]:
         past_keys = key_cat.args[0][0]
         if past_keys.op != "placeholder":
             continue  # the cache was created in this call: a prefill, attended densely
-        sites.append(DecodeSite(_layer_of(past_keys), node, _argument(node, 0, "query"), key_cat, value_cat))
+        sites.append(DecodeSite(_layer_of(past_keys), node, arguments, key_cat, value_cat))
     sites.sort(key=lambda site: site.layer)
     return sites
 
 
-def _argument(node: torch.fx.Node, position: int, name: str):
-    return node.args[position] if len(node.args) > position else node.kwargs[name]
+def _is_repeat_kv(node: torch.fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _REPEAT_METHODS) or (
+        node.op == "call_function" and node.target is operator.getitem
+    )
 
 
-def _cache_cat(node) -> torch.fx.Node | None:
-    """Walk back from an attention input through repeat_kv to the cache update's concat."""
-    while isinstance(node, torch.fx.Node):
-        if node.op == "call_function" and node.target is torch.cat:
-            tensors = node.args[0]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            return node if len(tensors) == 2 and dim in (-2, 2) else None
-        if node.op == "call_method" and node.target in _REPEAT_METHODS:
-            node = node.args[0]
-        elif node.op == "call_function" and node.target is operator.getitem:
-            node = node.args[0]
-        else:
-            return None
-    return None
+def _is_cache_cat(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not torch.cat:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return len(node.args[0]) == 2 and dim in (-2, 2)
 
 
 def _layer_of(past_keys: torch.fx.Node) -> int:
@@ -121,67 +122,43 @@ def _layer_of(past_keys: torch.fx.Node) -> int:
     return int(match.group(1))
 
 
-def _check_plan_fits(plan: Plan, sites: list[DecodeSite]) -> None:
-    """The checks of `Plan.validate` that a graph can answer: heads and channels per planned layer,
-    and planned layers beyond the cache's."""
-    if not sites:
-        return
+def _shape_seen(sites: list[DecodeSite]) -> ModelShape:
+    """The model shape the graph shows, for `Plan.validate`; every layer's cache must be in it."""
     layers = {site.layer for site in sites}
     if layers != set(range(len(layers))):
         raise PlanError(
             f"this graph attends over cache layers {sorted(layers)}, not all of them: the forward was split "
             "(a graph break); torch.compile(..., fullgraph=True) shows where"
         )
-    beyond = [layer for layer in plan.k_channels if layer not in layers]
-    if beyond:
-        raise PlanError(f"plan layer {beyond[0]}: the model's cache has layers 0..{len(layers) - 1}")
-    for site in sites:
-        if site.layer not in plan.k_channels:
-            continue
-        _, num_kv_heads, _, head_dim = site.key_cat.meta["example_value"].shape
-        heads = plan.k_channels[site.layer]
-        if len(heads) != num_kv_heads:
-            raise PlanError(f"layer {site.layer}, field k_channels: plan lists {len(heads)} KV heads, "
-                            f"model has {num_kv_heads}")
-        for head, ids in enumerate(heads):
-            if ids and ids[-1] >= head_dim:
-                raise PlanError(f"layer {site.layer}, KV head {head}, field k_channels: channel {ids[-1]} "
-                                f"out of range [0, {head_dim})")
+    _, num_kv_heads, _, head_dim = sites[0].key_cat.meta["example_value"].shape
+    num_heads = sites[0].arguments["query"].meta["example_value"].shape[1]
+    return ModelShape(model_type=None, num_layers=len(layers), num_kv_heads=num_kv_heads, num_heads=num_heads,
+                      head_dim=head_dim)
 
 
 def _attend_with_kept_channels(gm: torch.fx.GraphModule, site: DecodeSite, plan: Plan) -> None:
-    graph, attention = gm.graph, site.attention
-    if _argument_or(attention, 4, "dropout_p", 0.0) != 0.0:
+    arguments, graph = site.arguments, gm.graph
+    if arguments["dropout_p"] != 0.0:
         raise PlanError(f"layer {site.layer}: attention with dropout (is the model in training mode?)")
-    device = site.query.meta["example_value"].device
-    scale = _argument_or(attention, 6, "scale", None)
-    if scale is None:
-        scale = site.query.meta["example_value"].shape[-1] ** -0.5
-    heads, channels, key_groups = [], [], []
-    with graph.inserting_before(attention):
-        for group in k_groups(plan, site.layer):
-            heads.append(_index_tensor(graph, list(group.heads), device))
-            channels.append(_index_tensor(graph, [list(ids) for ids in group.channels], device))
-            key_groups.append(graph.call_function(
-                torch.ops.kvcompile.gather_kv_channels.default, (site.key_cat, heads[-1], channels[-1])
-            ))
-        pruned = graph.call_function(torch.ops.kvcompile.pruned_attention.default, (
-            site.query,
-            key_groups,
-            heads,
-            channels,
-            site.value_cat,
-            _argument_or(attention, 3, "attn_mask", None),
-            float(scale),
-            bool(_argument_or(attention, 5, "is_causal", False)),
-        ))
-    pruned.meta.update(attention.meta)
-    attention.replace_all_uses_with(pruned)
-    graph.erase_node(attention)
-
-
-def _argument_or(node: torch.fx.Node, position: int, name: str, default):
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+    query = arguments["query"]
+    device = query.meta["example_value"].device
+    scale = arguments["scale"] if arguments["scale"] is not None else query.meta["example_value"].shape[-1] ** -0.5
+    with graph.inserting_before(site.attention):
+        indices = [
+            (_index_tensor(graph, list(group.heads), device), _index_tensor(graph, [list(ids) for ids in group.channels], device))
+            for group in k_groups(plan, site.layer)
+        ]
+        key_groups = gather_kept_channels(graph, site.key_cat, indices)
+    replace_with_call(gm, site.attention, torch.ops.kvcompile.pruned_attention.default, (
+        query,
+        key_groups,
+        [heads for heads, _ in indices],
+        [channels for _, channels in indices],
+        site.value_cat,
+        arguments["attn_mask"],
+        float(scale),
+        bool(arguments["is_causal"]),
+    ))  # fmt: skip
 
 
 def _index_tensor(graph: torch.fx.Graph, values, device: torch.device) -> torch.fx.Node:

@@ -18,9 +18,11 @@ these ATen ops. A site that cannot be matched raises `SiteMatchError` naming lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import normalize_function
 
 from kvcompile.cache import entry_kind, entry_layer
 from kvcompile.capture import USER_MODEL_PREFIX
@@ -126,9 +128,9 @@ def _module_path(node: torch.fx.Node) -> str:
 
 def _match_site(attn: torch.fx.Node, layer_of_past: dict[str, int]) -> AttentionSite:
     path = _module_path(attn)
-    args = _attention_args(attn)
-    key_cat = _through(args["key"], _REPEAT_OPS, _is_cache_cat)
-    value_cat = _through(args["value"], _REPEAT_OPS, _is_cache_cat)
+    args = attention_arguments(attn)
+    key_cat = walk_back(args["key"], _is_repeat, _is_cache_cat)
+    value_cat = walk_back(args["value"], _is_repeat, _is_cache_cat)
     # the cache input a concat reads says which layer this is
     cache_inputs = [cat.args[0][0].target for cat in (key_cat, value_cat) if cat is not None]
     layer = next((layer_of_past[name] for name in cache_inputs if name in layer_of_past), "?")
@@ -180,24 +182,24 @@ def _match_site(attn: torch.fx.Node, layer_of_past: dict[str, int]) -> Attention
         v_proj=v_proj,
         o_proj=o_proj,
         rope=k_rope,
-        mask=args["mask"],
+        mask=args["attn_mask"],
         scale=float(scale),
         is_causal=bool(args["is_causal"]),
     )
 
 
-def _attention_args(node: torch.fx.Node) -> dict:
-    """Normalise SDPA and kvcompile::attention calls to one dict of arguments."""
-    if node.target == SDPA:
-        names = ("query", "key", "value", "mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        defaults = dict(mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
-    else:
-        names = ("query", "key", "value", "mask", "scale", "is_causal")
-        defaults = dict(dropout_p=0.0)
-    out = dict(defaults)
-    out.update(zip(names, node.args))
-    out.update({("mask" if k == "attn_mask" else k): v for k, v in node.kwargs.items()})
-    return out
+# kvcompile::attention's parameter names -> SDPA's, so both read as one dict
+_CANONICAL_NAMES = {"q": "query", "k": "key", "v": "value", "mask": "attn_mask"}
+
+
+def attention_arguments(node: torch.fx.Node) -> dict:
+    """An SDPA or `kvcompile::attention` call's arguments under SDPA's names, defaults filled in."""
+    arguments = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if arguments is None:
+        raise SiteMatchError("?", f"arguments of {node.format_node()}")
+    named = {_CANONICAL_NAMES.get(name, name): value for name, value in arguments.kwargs.items()}
+    named.setdefault("dropout_p", 0.0)
+    return named
 
 
 def _is_cache_cat(node: torch.fx.Node) -> bool:
@@ -207,12 +209,17 @@ def _is_cache_cat(node: torch.fx.Node) -> bool:
     return dim in (-2, 2) and node.args[0][0].op == "placeholder"
 
 
-def _through(node, ops, stop):
-    """Follow first inputs back through `ops` until `stop(node)`; None if another op comes first."""
+def _is_repeat(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _REPEAT_OPS
+
+
+def walk_back(node, through: Callable[[torch.fx.Node], bool], stop: Callable[[torch.fx.Node], bool]):
+    """Follow first inputs back through nodes where `through` holds until `stop(node)`; None if
+    another node comes first."""
     while isinstance(node, torch.fx.Node):
         if stop(node):
             return node
-        if node.op != "call_function" or node.target not in ops:
+        if not through(node):
             return None
         node = node.args[0]
     return None

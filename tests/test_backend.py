@@ -127,7 +127,7 @@ def _merge_both_heads():
     [
         (Plan.from_k_channels({0: [[0, 1]]}), "layer 0, field k_channels: plan lists 1 KV heads, model has 2"),
         (Plan.from_k_channels({0: [[0, 16], [1]]}), "layer 0, KV head 0, field k_channels: channel 16 out of range"),
-        (Plan.from_k_channels({5: [[0], [1]]}), "plan layer 5: the model's cache has layers 0..1"),
+        (Plan.from_k_channels({5: [[0], [1]]}), "plan layer 5: model has 2 layers (0..1)"),
         (PRUNE.with_windows(sink=4, recent=8), "fields sink=4, recent=8"),
         (PRUNE.with_merges({0: _merge_both_heads()}), "field merges"),
     ],

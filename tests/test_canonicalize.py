@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from kvcompile import Plan, capture
 from kvcompile.passes import canonicalize_attention, find_attention_sites
 from kvcompile.passes.sites import SDPA
+
+from kvcompile import Plan, capture
 from kvcompile.program import clone_program
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
 

@@ -7,9 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompile
 from kvcompile.calibration import importance, leank
-from kvcompile.pipeline import canonical_program
 from kvcompile.calibration.recipe import LeanKTraining, Recipe, RecipeError
 from kvcompile.evaluation.text import calibration_text
+from kvcompile.pipeline import canonical_program
 from tests.tiny_models import byte_level_tokenizer
 
 TRAINING = LeanKTraining(stage1_steps=6, stage2_steps=4, lr=0.1, lengths=(384,), tasks=("passkey",), checkpoint_every=2)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from kvcompile.passes import PassError, prune_k_channels_decode
 
 from kvcompile import Plan
-from kvcompile.passes import PassError, prune_k_channels_decode
 from kvcompile.program import signature_of
 from tests.programs import pipeline
 from tests.tiny_models import make_tiny_model

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .bench import LEANK_COUNTS
 from kvcompile.capture import dynamic_cache_holding
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.runtime import transform
+
+from .bench import LEANK_COUNTS
 
 METHODS = ("dense", "transformed", "compiled")
 

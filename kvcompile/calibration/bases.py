@@ -35,6 +35,7 @@ from torch import Tensor
 
 from kvcompile.rope import RopeLayout, check_layout_fits, rotary_pairs
 
+
 @dataclass(frozen=True)
 class Merge:
     """down (t·d × s·d): c = k_G @ down. up (s·d × t·d): k_G ≈ c @ up. float32."""

@@ -29,15 +29,14 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
-from kvcompile.passes import find_attention_sites
-
-from . import bases
-from . import leank
 from kvcompile.capture import capture, program_for
+from kvcompile.passes import find_attention_sites
 from kvcompile.pipeline import canonical_program
 from kvcompile.plan import LayerMerge, ModelShape, Plan
 from kvcompile.program import call_program, empty_entries, signature_of
 from kvcompile.rope import RopeLayout
+
+from . import bases, leank
 from .recipe import MERGE_METHODS, Recipe, RecipeError
 
 METHOD = "static-qk"

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from kvcompile.kernels.ops import masked_softmax_attention
 from kvcompile.passes import find_attention_sites
-
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.program import call_program, clone_program, empty_entries, signature_of
+
 from .recipe import LeanKTraining, RecipeError
 
 METHOD = "leank"

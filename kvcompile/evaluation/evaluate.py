@@ -19,11 +19,11 @@ import transformers
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from . import tasks
-from . import text
 from kvcompile.cache import CompressedKVCache
 from kvcompile.plan import Plan
 from kvcompile.runtime import TransformedModel, transform
+
+from . import tasks, text
 
 
 @dataclass(frozen=True)
