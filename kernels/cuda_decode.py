@@ -3,23 +3,33 @@ elsewhere.
 
 Registered as the CUDA kernels of `kvcompile::pruned_attention` and `kvcompile::windowed_attention`,
 so one program runs the reference on CPU and Triton on a GPU, decided per call by the tensors'
-device (the dispatcher is the lowering). The kernels take one query token and no mask. A decode
-step of a kvcompile program has a mask, built from positions, that lets its one token see every
-cached key; the call checks that the mask allows every key before dropping it (one device sync per
-call), so a caller passing a real mask still gets the reference.
+device (the dispatcher is the lowering). The kernels take one query token and no mask.
+
+A decode step over a cache written in place passes per-row lengths instead of a mask: the one
+token sees each row's first lengths[b] slots, which the kernels bound on the device, so such a call
+goes to Triton without a look at any tensor's values. A decode step of a kvcompile program without
+lengths has a mask, built from positions, that lets its one token see every cached key; the call
+checks that the mask allows every key before dropping it (one device sync per call), so a caller
+passing a real mask still gets the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .ops import pruned_attention, pruned_attention_reference, windowed_attention, windowed_attention_reference
+from .ops import (
+    check_lengths_arguments,
+    pruned_attention,
+    pruned_attention_reference,
+    windowed_attention,
+    windowed_attention_reference,
+)
 
 
 def _attends_everything(mask: torch.Tensor | None, is_causal: bool) -> bool:
     if is_causal:  # SDPA's top-left convention: the one query token would see key 0 only
         return False
-    if mask is None:
+    if mask is None:  # also every call with lengths (checked): nothing to synchronise on
         return True
     return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
@@ -34,19 +44,23 @@ def _triton_applies(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
 
 
 @pruned_attention.register_kernel("cuda")
-def _pruned_attention_cuda(q, k_groups, heads, channels, v, mask, scale, is_causal):
+def _pruned_attention_cuda(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+    check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
     if _triton_applies(q, mask, is_causal, [v.dtype, *(k.dtype for k in k_groups)]):
         from .triton_decode import pruned_decode
 
-        return pruned_decode(q, k_groups, heads, channels, v, scale)
-    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal)
+        return pruned_decode(q, k_groups, heads, channels, v, scale, lengths=lengths)
+    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths)
 
 
 @windowed_attention.register_kernel("cuda")
-def _windowed_attention_cuda(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink):
+def _windowed_attention_cuda(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink,
+                             window_lengths=None, middle_lengths=None):
+    check_lengths_arguments("kvcompile::windowed_attention", q, mask, is_causal, window_lengths, middle_lengths)
     if _triton_applies(q, mask, is_causal, [k_window.dtype, v_window.dtype, v_middle.dtype, *(k.dtype for k in k_middle)]):
         from .triton_decode import windowed_decode
 
-        return windowed_decode(q, k_window, v_window, k_middle, heads, channels, v_middle, scale, sink)
+        return windowed_decode(q, k_window, v_window, k_middle, heads, channels, v_middle, scale, sink,
+                               window_lengths=window_lengths, middle_lengths=middle_lengths)
     return windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale,
-                                        is_causal, sink)
+                                        is_causal, sink, window_lengths, middle_lengths)

@@ -14,6 +14,14 @@ Windowed layout (`windowed_attention`): the sequence of T = Tw + M tokens is spl
 middle of M tokens in between, whose keys come as width groups (B, G_g, M, w_g) and whose values
 (B, Hm, M, D) cover only the KV heads of the groups (ascending). The mask is over the sequence
 order: tokens 0..T-1.
+
+Caches written in place: the runtime may allocate each cache tensor with a capacity C >= every
+row's token count, write new tokens into it (`write_cache`), and keep each row's count in
+`lengths` (B,) int64 on the device (rows of a padded batch hold different counts). Slots at or
+beyond a row's count hold garbage and are never read. The attention ops take such lengths instead
+of a mask: row b's keys are slots [0, lengths[b]), and its S queries are the last S of them (query
+i sees slots j <= lengths[b] - S + i; at decode, S = 1, all of them). `windowed_attention` takes
+one count per region: the window's (the same rule) and the middle's (every query sees all of it).
 """
 
 from __future__ import annotations
@@ -32,9 +40,20 @@ def masked_softmax_attention(scores, v, mask, is_causal):
 
 @torch.library.custom_op("kvcompile::attention", mutates_args=())
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense GQA-native attention; K/V are not repeated. Matches SDPA with `scale`."""
+    """Dense GQA-native attention; K/V are not repeated. Matches SDPA with `scale`. With `lengths`
+    (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k and v."""
+    check_lengths_arguments("kvcompile::attention", q, mask, is_causal, lengths)
+    if lengths is not None:
+        k, v = _cut_to_lengths("kvcompile::attention", lengths, [k, v], q.shape[2])
+        mask = _length_mask(lengths, q.shape[2], k.shape[2])
     repeats = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(
         q,
@@ -47,7 +66,8 @@ def attention(
 
 
 @attention.register_fake
-def _(q, k, v, mask, scale, is_causal):
+def _(q, k, v, mask, scale, is_causal, lengths=None):
+    check_lengths_arguments("kvcompile::attention", q, mask, is_causal, lengths)
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
@@ -94,17 +114,23 @@ def pruned_attention(
     mask: torch.Tensor | None,
     scale: float,
     is_causal: bool,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention whose scores use only the kept key channels.
 
     Every query head of a KV head's GQA group is gathered with that KV head's channels, so
     `q[idx] . k[idx]` is the score; `scale` stays the full head's. A KV head in no group keeps no
-    channels: its scores are 0 and it attends uniformly over the unmasked keys.
+    channels: its scores are 0 and it attends uniformly over the unmasked keys. With `lengths`
+    (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k_groups and v.
     """
-    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal)
+    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths)
 
 
-def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal):
+def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+    check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
+    if lengths is not None:
+        *k_groups, v = _cut_to_lengths("kvcompile::pruned_attention", lengths, [*k_groups, v], q.shape[2])
+        mask = _length_mask(lengths, q.shape[2], v.shape[2])
     b, hq, s, d = q.shape
     hkv, t = v.shape[1], v.shape[2]
     r = hq // hkv
@@ -121,7 +147,8 @@ def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_
 
 
 @pruned_attention.register_fake
-def _(q, k_groups, heads, channels, v, mask, scale, is_causal):
+def _(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+    check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
@@ -138,6 +165,8 @@ def windowed_attention(
     scale: float,
     is_causal: bool,
     sink: int,
+    window_lengths: torch.Tensor | None = None,
+    middle_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One softmax over LeanK's regions: window keys score with every channel, middle keys of
     group g with `channels[g]` only (original `scale`); KV heads in no group (streaming heads)
@@ -147,14 +176,29 @@ def windowed_attention(
     unnormalised output) per region (the window, then each middle width group), combined by
     log-sum-exp. `mask` (bool or additive) and `is_causal` (top-left, like SDPA) refer to sequence
     order; window column j < `sink` is token j, the rest follow the middle.
+
+    With `window_lengths` and `middle_lengths` (both; then mask None, is_causal False), row b's
+    window is slots [0, window_lengths[b]), its S queries the last S of them (the causal rule of
+    the module docstring), and its middle slots [0, middle_lengths[b]), seen by every query. The
+    order of tokens no longer matters to the mask, so `sink` is ignored.
     """
     return windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale,
-                                        is_causal, sink)
+                                        is_causal, sink, window_lengths, middle_lengths)
 
 
 def windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal,
-                                 sink):
+                                 sink, window_lengths=None, middle_lengths=None):
+    op = "kvcompile::windowed_attention"
+    check_lengths_arguments(op, q, mask, is_causal, window_lengths, middle_lengths)
     b, hq, s, d = q.shape
+    if window_lengths is not None:
+        k_window, v_window = _cut_to_lengths(op, window_lengths, [k_window, v_window], s)
+        *k_middle, v_middle = _cut_to_lengths(op, middle_lengths, [*k_middle, v_middle], 0)
+        # a mask over the order [middle, window] (so sink 0): every query sees the valid middle
+        # (the mask of a single query, repeated), the window by the causal rule
+        middle_mask = _length_mask(middle_lengths, 1, v_middle.shape[2]).expand(-1, -1, s, -1)
+        mask = torch.cat([middle_mask, _length_mask(window_lengths, s, k_window.shape[2])], dim=-1)
+        sink = 0
     hkv, window = k_window.shape[1], k_window.shape[2]
     middle = v_middle.shape[2]
     r = hq // hkv
@@ -175,6 +219,40 @@ def windowed_attention_reference(q, k_window, v_window, k_middle, heads, channel
         values = v_middle.index_select(1, torch.searchsorted(middle_heads, group_heads))
         partials.append(_on_all_heads(_partial_attention(scores, values), group_heads, hkv))
     return _combine_partials(partials).view(b, hq, s, -1).to(v_window.dtype)
+
+
+def check_lengths_arguments(op: str, q, mask, is_causal, *lengths) -> None:
+    """Raise ValueError, naming `op`, unless the per-row lengths (None, or (B,) int64/int32 each)
+    are all given or all None, and when given come without a mask and without is_causal."""
+    given = [x for x in lengths if x is not None]
+    if not given:
+        return
+    if len(given) != len(lengths):
+        raise ValueError(f"{op}: pass every lengths argument or none")
+    if mask is not None or is_causal:
+        raise ValueError(f"{op}: lengths replace the mask; pass mask=None and is_causal=False")
+    for x in given:
+        if x.shape != (q.shape[0],) or x.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{op}: lengths must be ({q.shape[0]},) int64 or int32, got {tuple(x.shape)} {x.dtype}")
+
+
+def _cut_to_lengths(op, lengths, tensors, min_length) -> list[torch.Tensor]:
+    """The (B, H, C, d) `tensors` cut to the longest row, max(lengths) (a host sync), with each
+    row's slots at or beyond its length zeroed: the mask keeps those slots out of the softmax, but
+    garbage there would still reach the arithmetic (a NaN key or value survives 0 * NaN)."""
+    capacity = min(x.shape[2] for x in tensors)
+    shortest, longest = (int(x) for x in torch.aminmax(lengths))
+    if shortest < min_length or longest > capacity:
+        raise ValueError(f"{op}: lengths must lie in [{min_length}, {capacity}], got {lengths.tolist()}")
+    valid = torch.arange(longest, device=lengths.device) < lengths[:, None]  # (B, longest)
+    return [x[:, :, :longest].masked_fill(~valid[:, None, :, None], 0) for x in tensors]
+
+
+def _length_mask(lengths, s, t) -> torch.Tensor:
+    """Boolean (B, 1, s, t): the s queries are the last s of row b's lengths[b] keys, so query i
+    sees slots j <= lengths[b] - s + i (and never a slot at or beyond lengths[b])."""
+    last_seen = lengths[:, None] - s + torch.arange(s, device=lengths.device)  # (B, s)
+    return (torch.arange(t, device=lengths.device) <= last_seen[..., None])[:, None]
 
 
 def _sequence_bias(mask, is_causal, shape, device) -> torch.Tensor:
@@ -220,8 +298,23 @@ def _finite_or_zero(x):
 
 
 @windowed_attention.register_fake
-def _(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink):
+def _(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink, window_lengths=None,
+      middle_lengths=None):
+    check_lengths_arguments("kvcompile::windowed_attention", q, mask, is_causal, window_lengths, middle_lengths)
     return q.new_empty(q.shape[:-1] + v_window.shape[-1:])
+
+
+@torch.library.custom_op("kvcompile::write_cache", mutates_args=("cache",))
+def write_cache(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write S new tokens into a cache in place: cache (B, H, C, w), new (B, H, S, w), slots (B, S)
+    int64; cache[b, :, slots[b, i]] = new[b, :, i]. Other slots are left as they are. Declared
+    mutating, so FX dead-code elimination keeps a call although it returns nothing."""
+    cache.scatter_(2, slots[:, None, :, None].expand(new.shape), new)
+
+
+@write_cache.register_fake
+def _(cache, new, slots):
+    return None
 
 
 @torch.library.custom_op("kvcompile::merge_heads", mutates_args=())

@@ -2,7 +2,8 @@
 
 The CUDA face of `kvcompile::windowed_attention` and `kvcompile::pruned_attention` (reference
 implementations and layouts in `ops.py`) for the decode step: one new query token per sequence,
-no mask. Everything else falls back to the reference (`supported` says which).
+no mask, and optionally per-row token counts of caches written in place (`lengths`, read on the
+device). Everything else falls back to the reference (`supported` says which).
 
 Why a kernel at all
 -------------------
@@ -42,11 +43,19 @@ The algorithm
        m = max_i m_i,   out = sum_i 2^(m_i - m) acc_i / sum_i 2^(m_i - m) l_i
 
    A head reads only the slots its regions wrote (a per-KV-head slot count), so streaming heads
-   need no "empty" partials and nothing has to be zero-filled first. Every launched chunk holds at
-   least one token, so every written `m_i` is finite and no `-inf - -inf` NaN can arise; an empty
-   region (no middle yet) simply launches nothing.
+   need no "empty" partials and nothing has to be zero-filled first. An empty region (no middle
+   yet) simply launches nothing.
 
-4. **Precision.** Scores and the softmax state are fp32 whatever the input dtype. Scores are
+4. **Per-row lengths.** A cache written in place has a capacity C and a token count per row
+   (`lengths`, `window_lengths`, `middle_lengths`: (B,) int64 or int32 on the device). The grid is
+   sized from C, which the host knows without a sync; each program loads its row's count and cuts
+   its chunk there, so the chunks of a row past its count run no token and store the empty
+   partial (m = -inf, l = 0, acc = 0), which the combine weighs by 2^(-inf - m) = 0. Slot 0 (the
+   first chunk of a head's first region) always holds a token, since every row holds at least
+   one: the running max is finite from the first slot on, so no `-inf - -inf` NaN can arise.
+   Without lengths every row holds C tokens and every launched chunk at least one.
+
+5. **Precision.** Scores and the softmax state are fp32 whatever the input dtype. Scores are
    scaled by `scale * log2(e)` so the exponentials are `exp2` (one instruction on NVIDIA GPUs);
    maxima are therefore kept in base-2 units throughout, in both kernels. fp16/bf16 inputs go
    through the tensor cores (probabilities rounded to the value dtype for `p @ v`, as
@@ -98,21 +107,23 @@ def _dot(a, b, EXACT_FP32: tl.constexpr):
 
 @triton.jit
 def _region_partials_kernel(
-    q_ptr, k_ptr, v_ptr, heads_ptr, channels_ptr, value_rows_ptr, skip_ptr,
+    q_ptr, k_ptr, v_ptr, heads_ptr, channels_ptr, value_rows_ptr, skip_ptr, lengths_ptr,
     max_ptr, sum_ptr, acc_ptr,
     tokens, tokens_per_split, slot_offset, num_rows, group_size, width, value_dim, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_cg, stride_cd,
+    stride_lb,
     stride_pb, stride_ph, stride_ps,
     stride_ab, stride_ah, stride_as, stride_ad,
     HAS_HEADS: tl.constexpr, GATHER_Q: tl.constexpr, HAS_VALUE_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    EXACT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, key row, chunk) of a region: online softmax over the chunk's tokens for the
-    group_size query heads of the row's KV head, written to slot `slot_offset + chunk`."""
+    group_size query heads of the row's KV head, written to slot `slot_offset + chunk`. The region
+    holds `tokens` tokens in every sequence, or lengths[sequence] with HAS_LENGTHS."""
     pid_row = tl.program_id(0)
     split = tl.program_id(1)
     batch = (pid_row // num_rows).to(tl.int64)  # int64: B * stride_b may pass 2**31 elements
@@ -120,6 +131,8 @@ def _region_partials_kernel(
 
     kv_head = tl.load(heads_ptr + row) if HAS_HEADS else row
     value_row = tl.load(value_rows_ptr + row) if HAS_VALUE_ROWS else kv_head
+    if HAS_LENGTHS:  # int32, like the chunk bounds it cuts (a count is at most C < 2**31)
+        tokens = tl.load(lengths_ptr + batch * stride_lb).to(tl.int32)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, tokens)
     stored_heads = group_size
@@ -240,18 +253,23 @@ def windowed_decode(
     scale: float,
     sink: int,
     *,
+    window_lengths: torch.Tensor | None = None,
+    middle_lengths: torch.Tensor | None = None,
     block_tokens: int = 64,
     split_tokens: int | None = None,
 ) -> torch.Tensor:
-    """`windowed_attention(q, ..., mask=None, is_causal=False, sink)` for one query token.
+    """`windowed_attention(q, ..., mask=None, is_causal=False, sink, window_lengths, middle_lengths)`
+    for one query token.
 
     q (B, Hq, 1, D); window (B, Hkv, Tw, D/Dv); k_middle[g] (B, G_g, M, w_g) of KV heads heads[g]
     keeping channels[g]; v_middle (B, Hm, M, Dv) of the non-streaming heads, ascending. Returns
     (B, Hq, 1, Dv) in v_window's dtype. `sink` does not change the result without a mask.
-    `block_tokens` (tokens per inner step) and `split_tokens` (tokens per program; default: enough
-    programs to fill the device) are tuning knobs, exposed for tests.
+    `window_lengths` and `middle_lengths` ((B,) each, both or neither): row b reads only window
+    slots [0, window_lengths[b]) (at least 1) and middle slots [0, middle_lengths[b]); Tw and M are
+    then capacities. `block_tokens` (tokens per inner step) and `split_tokens` (tokens per program;
+    default: enough programs to fill the device) are tuning knobs, exposed for tests.
     """
-    _check_decode(q, [k_window, v_window, v_middle, *k_middle])
+    _check_decode(q, [k_window, v_window, v_middle, *k_middle], window_lengths, middle_lengths)
     batch, num_kv_heads = k_window.shape[:2]
     block = _block(block_tokens)
     heads = [h.to(q.device) for h in heads]
@@ -261,7 +279,9 @@ def windowed_decode(
     num_slots = window_splits + max((n for n, _ in middle_splits), default=0)
     partials = _Partials(q, num_kv_heads, v_window.shape[-1], num_slots)
 
-    _launch_region(q, partials, scale, block, window_chunk, window_splits, keys=k_window, values=v_window)
+    _launch_region(
+        q, partials, scale, block, window_chunk, window_splits, keys=k_window, values=v_window, lengths=window_lengths,
+    )  # fmt: skip
     # streaming heads read only the window's slots, the others theirs and their group's after it
     slots = torch.full((num_kv_heads,), window_splits, dtype=torch.int32, device=q.device)
     if heads:
@@ -271,6 +291,7 @@ def windowed_decode(
             q, partials, scale, block, chunk, splits,
             keys=keys, values=v_middle, heads=group_heads, channels=group_channels.to(q.device),
             value_rows=torch.searchsorted(middle_heads, group_heads), slot_offset=window_splits,
+            lengths=middle_lengths,
         )  # fmt: skip
         slots.index_fill_(0, group_heads, window_splits + splits)
     return _combine(partials, slots, v_window.dtype)
@@ -284,16 +305,18 @@ def pruned_decode(
     v: torch.Tensor,
     scale: float,
     *,
+    lengths: torch.Tensor | None = None,
     block_tokens: int = 64,
     split_tokens: int | None = None,
 ) -> torch.Tensor:
-    """`pruned_attention(q, ..., mask=None, is_causal=False)` for one query token.
+    """`pruned_attention(q, ..., mask=None, is_causal=False, lengths)` for one query token.
 
     q (B, Hq, 1, D); k_groups[g] (B, G_g, T, w_g) of KV heads heads[g] keeping channels[g];
     v (B, Hkv, T, Dv). KV heads in no group attend uniformly. Returns (B, Hq, 1, Dv) in v's dtype.
+    `lengths` (B,): row b reads only slots [0, lengths[b]) (at least 1); T is then a capacity.
     Tuning knobs as in `windowed_decode`.
     """
-    _check_decode(q, [v, *k_groups])
+    _check_decode(q, [v, *k_groups], lengths)
     batch, num_kv_heads, length = v.shape[:3]
     block = _block(block_tokens)
     heads = [h.to(q.device) for h in heads]
@@ -309,22 +332,32 @@ def pruned_decode(
     for keys, group_heads, group_channels, (splits, chunk) in zip(k_groups, heads, channels, group_splits):
         _launch_region(
             q, partials, scale, block, chunk, splits,
-            keys=keys, values=v, heads=group_heads, channels=group_channels.to(q.device),
+            keys=keys, values=v, heads=group_heads, channels=group_channels.to(q.device), lengths=lengths,
         )  # fmt: skip
         slots.index_fill_(0, group_heads, splits)
     if uniform_heads:
         grouped = torch.zeros(num_kv_heads, dtype=torch.int8, device=q.device)
         for group_heads in heads:
             grouped.index_fill_(0, group_heads, 1)
-        _launch_region(q, partials, scale, block, uniform_chunk, uniform_splits, keys=None, values=v, skip=grouped)
+        _launch_region(
+            q, partials, scale, block, uniform_chunk, uniform_splits, keys=None, values=v, skip=grouped, lengths=lengths,
+        )  # fmt: skip
     return _combine(partials, slots, v.dtype)
 
 
-def _check_decode(q, tensors):
+def _check_decode(q, tensors, *lengths):
+    """Shapes and dtypes only: the lengths' values stay on the device, unread by the host."""
     if not (q.dim() == 4 and q.shape[2] == 1):
         raise ValueError(f"the Triton decode kernels take one query token, q {tuple(q.shape)}")
     if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in tensors):
         raise ValueError(f"q, K and V must share one of {_DTYPES}; q is {q.dtype}, K/V {[t.dtype for t in tensors]}")
+    given = [x for x in lengths if x is not None]
+    if given and len(given) != len(lengths):
+        raise ValueError("pass every lengths argument or none")
+    for x in given:
+        if x.shape != (q.shape[0],) or x.dtype not in (torch.int64, torch.int32) or x.device != q.device:
+            raise ValueError(f"lengths must be ({q.shape[0]},) int64 or int32 on {q.device}, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
 
 
 def _splits(tokens, programs_per_split, block, split_tokens, device) -> tuple[int, int]:
@@ -360,14 +393,14 @@ class _Partials:
 
 def _launch_region(
     q, partials, scale, block, chunk, num_splits, *, keys, values, heads=None, channels=None,
-    value_rows=None, skip=None, slot_offset=0,
+    value_rows=None, skip=None, lengths=None, slot_offset=0,
 ):  # fmt: skip
     """Partials of one region, into slots slot_offset + [0, num_splits).
 
     keys (B, G, T, w), or None for a width-0 region (scores all 0). Row g of keys is KV head
     heads[g] (row g itself when heads is None) keeping channels[g] (every channel when None); its
     values are values[:, value_rows[g]] (the KV head's own row when None); rows with skip[g] != 0
-    store nothing.
+    store nothing. Sequence b holds T tokens, or lengths[b] (B,) when given.
     """
     if num_splits == 0:
         return
@@ -378,7 +411,7 @@ def _launch_region(
     unused = values  # any valid pointer, for arguments a constexpr flag leaves unread
     _region_partials_kernel[(batch * num_rows, num_splits)](
         q, _or(keys, unused), values, _or(heads, unused), _or(channels, unused),
-        _or(value_rows, unused), _or(skip, unused),
+        _or(value_rows, unused), _or(skip, unused), _or(lengths, unused),
         partials.row_max, partials.row_sum, partials.acc,
         values.shape[2], chunk, slot_offset, num_rows, partials.group_size, width, value_dim,
         scale * _LOG2E,
@@ -386,12 +419,14 @@ def _launch_region(
         *(keys.stride() if keys is not None else (0, 0, 0, 0)),
         *values.stride(),
         *(channels.stride() if channels is not None else (0, 0)),
+        lengths.stride(0) if lengths is not None else 0,
         *partials.row_max.stride(),
         *partials.acc.stride(),
         HAS_HEADS=heads is not None,
         GATHER_Q=channels is not None,
         HAS_VALUE_ROWS=value_rows is not None,
         HAS_SKIP=skip is not None,
+        HAS_LENGTHS=lengths is not None,
         EXACT_FP32=_exact_fp32(q.dtype),
         BLOCK_H=_block(partials.group_size),
         BLOCK_W=_block(width),

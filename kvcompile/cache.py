@@ -1,140 +1,67 @@
-"""The compressed KV cache: its layout (from a plan) and the object the runtime hands to users.
+"""The compressed KV cache a transformed model keeps between calls: buffers written in place.
 
-Layout of one layer's K under a K-channel plan: KV heads grouped by kept width, widest first; a
-group of G heads keeping w channels each is one tensor (B, G, T, w). Heads that keep no channel
-hold no K. V stays (B, Hkv, T, D). Nothing is padded, so `nbytes` is exactly the plan's count.
+Each entry of the plan's layout (layout.py) is a buffer (B, H, capacity, w). Row b holds its tokens
+in slots [0, count_b) and nothing is copied when a call adds tokens: the decode program writes
+them at each row's next slots (`kvcompile::write_cache`) and attends up to each row's count
+(passes/write_cache_in_place.py). Rows count their own tokens (`lengths`), so the rows of a padded
+batch hold exactly their real tokens: a prompt's padding never enters the cache.
 
-With windows (`plan.sink` or `plan.recent` > 0) a planned layer has two regions:
+Which count a buffer's rows follow is its region (layout.entry_region): FULL entries hold every
+token of the row, a windowed layer's WINDOW holds the first `sink` tokens then the latest ones, and
+its MIDDLE the tokens between, `plan.middle_length(length)` of them. Windows have fixed slots: when
+a row's window is full the runtime moves `plan.buffer` tokens from its front (after the sink) to the
+end of the middle, keeping their kept channels, and moves the window's remaining recent tokens down
+by as much: O(window) work once every `buffer` tokens, never O(length).
 
-    key_window.{l}, value_window.{l}  (B, Hkv, Tw, D)  every channel of every head: the first
-                                      `sink` tokens, then the latest ones (recent, not yet moved)
-    key.{l}.w{w}                      (B, G, M, w)     the middle tokens' kept channels, per group
-    value.{l}                         (B, Hm, M, D)    the middle tokens' V of the non-streaming
-                                      heads (`plan.middle_value_heads`); Hm may be 0
-
-The middle holds tokens [sink, sink + M), M = `plan.middle_length(T)`. The programs only append to
-the window; after each call the runtime's `flush_windows` moves tokens from the window to the
-middle, `plan.buffer` at a time, as LeanK flushes its buffer. The move is kept out of the programs:
-the rule is integer arithmetic on T and attention does not depend on where the boundary lies, so
-the programs keep one straight-line graph with no size-dependent branches.
-
-The cache is a flat dict of named tensors. A program reads entry `name` as input `past_{name}` and
-writes it as output `present_{name}` (program.py), so the runtime needs no knowledge of what a pass
-stored beyond the window flush. Entries a program does not write (the windowed middle) stay as they are.
+Capacity grows by doubling when a call would overflow it (or is set once with `max_cache_len`).
+A cache records the plan and model shape that wrote it; a model refuses a cache of another plan.
+Like transformers' caches, a call extends the cache it is given; `copy()` gives an independent one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-import kvcompile.kernels  # noqa: F401  (registers gather_kv_channels, which moves tokens to the middle)
+import kvcompile.kernels  # noqa: F401  (registers gather_kv_channels and write_cache)
 
-from .plan import Plan
+from .layout import (
+    FULL,
+    MIDDLE,
+    WINDOW,
+    entry_kind,
+    entry_region,
+    k_groups,
+    key_entry,
+    key_window_entry,
+    value_entry,
+    value_window_entry,
+)
+from .plan import ModelShape, Plan
+from .program import CACHE_LENGTHS, CACHE_SLOTS, MIDDLE_LENGTHS, WINDOW_LENGTHS, WINDOW_SLOTS
 
-
-@dataclass(frozen=True)
-class KGroup:
-    """KV heads of one layer that keep the same number of key channels."""
-
-    width: int
-    heads: tuple[int, ...]
-    channels: tuple[tuple[int, ...], ...]  # kept channels of each head in `heads`
-
-    def heads_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.heads, dtype=torch.int64)
-
-    def channels_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.channels, dtype=torch.int64).view(len(self.heads), self.width)
-
-
-def k_groups(plan: Plan, layer: int) -> tuple[KGroup, ...]:
-    """The width groups of a planned layer, widest first; heads keeping nothing are left out."""
-    per_head = plan.k_channels[layer]
-    widths = sorted({len(ids) for ids in per_head if ids}, reverse=True)
-    groups = []
-    for width in widths:
-        heads = tuple(h for h, ids in enumerate(per_head) if len(ids) == width)
-        groups.append(KGroup(width, heads, tuple(per_head[h] for h in heads)))
-    return tuple(groups)
+MIN_CAPACITY = 64
 
 
-def key_entry(layer: int, width: int | None = None) -> str:
-    return f"key.{layer}" if width is None else f"key.{layer}.w{width}"
-
-
-def value_entry(layer: int) -> str:
-    return f"value.{layer}"
-
-
-def key_window_entry(layer: int) -> str:
-    return f"key_window.{layer}"
-
-
-def value_window_entry(layer: int) -> str:
-    return f"value_window.{layer}"
-
-
-def entry_layer(entry: str) -> int:
-    """The layer of a cache entry name (`key.3.w32` -> 3)."""
-    return int(entry.split(".")[1])
-
-
-def entry_kind(entry: str) -> str:
-    """What an entry holds: `key`, `value`, `key_window` or `value_window`."""
-    return entry.partition(".")[0]
-
-
-def flush_windows(cache: "CompressedKVCache", plan: Plan) -> None:
-    """Move window tokens to the middle until each planned layer's middle holds
-    `plan.middle_length(cache.length)` tokens: their kept K channels go to the width groups, their V
-    to the middle V of the non-streaming heads. Creates the (maybe empty) middle after a prefill.
-    Does nothing for plans without windows."""
-    if not plan.windowed:
-        return
-    for layer in plan.k_channels:
-        middle = cache.entries.get(value_entry(layer))
-        count = plan.middle_length(cache.length) - (0 if middle is None else middle.shape[2])
-        if middle is None or count > 0:
-            _move_to_middle(cache.entries, plan, layer, count)
-
-
-def _move_to_middle(entries: dict[str, torch.Tensor], plan: Plan, layer: int, count: int) -> None:
-    """Move window tokens [sink, sink + count) of `layer` to the end of its middle region."""
-    start, stop = plan.sink, plan.sink + count
-    key_window, value_window = entries[key_window_entry(layer)], entries[value_window_entry(layer)]
-    keys, values = key_window[:, :, start:stop], value_window[:, :, start:stop]
-    device = keys.device
-    moved = {
-        key_entry(layer, g.width): torch.ops.kvcompile.gather_kv_channels(
-            keys, g.heads_tensor().to(device), g.channels_tensor().to(device)
-        )
-        for g in k_groups(plan, layer)
-    }
-    middle_heads = torch.tensor(plan.middle_value_heads(layer), dtype=torch.int64, device=device)
-    moved[value_entry(layer)] = values.index_select(1, middle_heads)
-    for name, tokens in moved.items():
-        entries[name] = tokens if name not in entries else torch.cat([entries[name], tokens], dim=2)
-    entries[key_window_entry(layer)] = torch.cat([key_window[:, :, :start], key_window[:, :, stop:]], dim=2)
-    entries[value_window_entry(layer)] = torch.cat([value_window[:, :, :start], value_window[:, :, stop:]], dim=2)
+class CacheMismatch(ValueError):
+    """A cache handed to a model that did not write it (another plan, another model, another batch)."""
 
 
 class CompressedKVCache:
-    """What a transformed model keeps between calls: named K/V tensors and the token count.
+    """Named cache buffers with per-row token counts, written in place by the model that made it."""
 
-    Like transformers' DynamicCache, a forward call that receives it updates it in place and
-    returns it.
-    """
+    def __init__(self, plan: Plan, shape: ModelShape):
+        self.plan, self.shape = plan, shape
+        self.plan_fingerprint = plan.fingerprint()
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.row_lengths: list[int] = []  # tokens of each row, kept on the host: no device sync to read them
+        self.lengths: torch.Tensor | None = None  # the same, (B,) int64 on the cache's device, for the programs
 
-    def __init__(self, entries: dict[str, torch.Tensor] | None = None, length: int = 0):
-        self.entries: dict[str, torch.Tensor] = dict(entries or {})
-        self.length = length
+    # -- what it holds ----------------------------------------------------------------------------
 
-    def update(self, entries: dict[str, torch.Tensor], length: int) -> None:
-        """Take the entries a program wrote, now holding `length` tokens (entries it did not write are kept)."""
-        self.entries.update(entries)
-        self.length = length
+    @property
+    def length(self) -> int:
+        """The longest row's token count."""
+        return max(self.row_lengths, default=0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -143,21 +70,208 @@ class CompressedKVCache:
         return self.length
 
     @property
+    def batch_size(self) -> int:
+        return len(self.row_lengths)
+
+    def region_lengths(self, region: str) -> list[int]:
+        """Each row's token count in buffers of `region` (layout.FULL, WINDOW or MIDDLE)."""
+        if region == FULL:
+            return list(self.row_lengths)
+        middle = [self.plan.middle_length(n) for n in self.row_lengths]
+        return middle if region == MIDDLE else [n - m for n, m in zip(self.row_lengths, middle)]
+
+    @property
+    def entries(self) -> dict[str, torch.Tensor]:
+        """Each buffer's slots up to its region's longest row: views, no copy (a shorter row's
+        slots past its own count hold no token of it)."""
+        longest = {region: max(self.region_lengths(region), default=0) for region in (FULL, WINDOW, MIDDLE)}
+        return {name: buffer[:, :, : longest[entry_region(self.plan, name)]] for name, buffer in self.buffers.items()}
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of K and V held."""
+        """Bytes of the K and V tokens held (every row counted at its own length)."""
         return self.k_nbytes + self.v_nbytes
 
     @property
     def k_nbytes(self) -> int:
-        return sum(t.nbytes for name, t in self.entries.items() if entry_kind(name) in ("key", "key_window"))
+        return self._held_nbytes(("key", "key_window"))
 
     @property
     def v_nbytes(self) -> int:
-        return sum(t.nbytes for name, t in self.entries.items() if entry_kind(name) in ("value", "value_window"))
+        return self._held_nbytes(("value", "value_window"))
 
     @property
-    def batch_size(self) -> int:
-        return next(iter(self.entries.values())).shape[0]
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated for the buffers, held tokens and free slots."""
+        return sum(buffer.nbytes for buffer in self.buffers.values())
+
+    def _held_nbytes(self, kinds: tuple[str, ...]) -> int:
+        total = 0
+        for name, buffer in self.buffers.items():
+            if entry_kind(name) in kinds:
+                per_token = buffer.shape[1] * buffer.shape[3] * buffer.element_size()
+                total += per_token * sum(self.region_lengths(entry_region(self.plan, name)))
+        return total
+
+    def copy(self) -> "CompressedKVCache":
+        """An independent cache holding the same tokens (the buffers are cloned): a branch point."""
+        clone = CompressedKVCache(self.plan, self.shape)
+        clone.buffers = {name: buffer.clone() for name, buffer in self.buffers.items()}
+        clone.row_lengths = list(self.row_lengths)
+        clone.lengths = None if self.lengths is None else self.lengths.clone()
+        return clone
+
+    def check_written_by(self, plan: Plan, shape: ModelShape) -> None:
+        """Raise CacheMismatch unless this cache was written under `plan` for a model of `shape`."""
+        if self.shape != shape:
+            raise CacheMismatch(f"this cache was written for a model of shape {self.shape}, not {shape}")
+        fingerprint = plan.fingerprint()
+        if self.plan_fingerprint != fingerprint:
+            raise CacheMismatch(f"this cache was written under plan {self.plan_fingerprint}; this model's plan is "
+                                f"{fingerprint}. A cache holds one plan's layout: use the model that returned it")
 
     def __repr__(self) -> str:
-        return f"CompressedKVCache(length={self.length}, entries={len(self.entries)}, nbytes={self.nbytes})"
+        return (f"CompressedKVCache(plan={self.plan_fingerprint}, rows={self.row_lengths}, nbytes={self.nbytes}, "
+                f"capacity_nbytes={self.capacity_nbytes})")
+
+    # -- writing: the prefill's tokens ---------------------------------------------------------------
+
+    def write_prompt(self, present: dict[str, torch.Tensor], valid: torch.Tensor | None,
+                     capacity: int | None = None) -> None:
+        """Hold a prefill's cache outputs (B, H, S, w), prompt order, in an empty cache.
+
+        `valid` (B, S) bool marks each row's real tokens (None: all); they go to slots [0, n_b) in
+        order, padding nowhere. `capacity`: slots to allocate per row (default: room to grow)."""
+        if self.buffers:
+            raise CacheMismatch("write_prompt needs an empty cache; this one holds tokens")
+        some = next(iter(present.values()))
+        batch, seq, device = some.shape[0], some.shape[2], some.device
+        if valid is None:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        self.row_lengths = valid.sum(1).tolist()
+        self.lengths = torch.tensor(self.row_lengths, dtype=torch.int64, device=device)
+        # each row's real tokens first, in order (a stable sort of "is padding")
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        tokens = {name: _take_tokens(tensor, order) for name, tensor in present.items()}
+        longest = self.length
+        full = max(capacity or 0, _grown(longest, longest + 1))
+        for name, tensor in tokens.items():
+            if entry_region(self.plan, name) == FULL:
+                self.buffers[name] = _with_capacity(tensor[:, :, :longest], full)
+        for layer in self._windowed_layers(tokens):
+            self._split_window(layer, tokens, full)
+
+    def _windowed_layers(self, tokens: dict[str, torch.Tensor]) -> list[int]:
+        return [layer for layer in self.plan.k_channels if key_window_entry(layer) in tokens]
+
+    def _split_window(self, layer: int, tokens: dict[str, torch.Tensor], capacity: int) -> None:
+        """A windowed layer's prompt tokens (compacted, every channel) into its window and middle."""
+        plan, device = self.plan, self.lengths.device
+        middle = torch.tensor(self.region_lengths(MIDDLE), dtype=torch.int64, device=device)
+        keys, values = tokens[key_window_entry(layer)], tokens[value_window_entry(layer)]
+        last = keys.shape[2] - 1
+        window_slots = torch.arange(self.window_capacity(1), device=device)
+        # window slot j holds token j in the sink, else token j + M_b (the tokens after the middle)
+        source = torch.where(window_slots < plan.sink, window_slots, window_slots + middle[:, None]).clamp(max=last)
+        self.buffers[key_window_entry(layer)] = _take_tokens(keys, source)
+        self.buffers[value_window_entry(layer)] = _take_tokens(values, source)
+        middle_capacity = max(capacity, _grown(0, max(self.region_lengths(MIDDLE)) + plan.buffer))
+        source = (plan.sink + torch.arange(middle_capacity, device=device)).clamp(max=last).expand(len(middle), -1)
+        for name, moved in self._middle_tokens(layer, _take_tokens(keys, source), _take_tokens(values, source)).items():
+            self.buffers[name] = moved
+
+    def _middle_tokens(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-channel window tokens as the middle keeps them: kept K channels per width group,
+        V of the non-streaming heads."""
+        device = keys.device
+        moved = {
+            key_entry(layer, group.width): torch.ops.kvcompile.gather_kv_channels(
+                keys, group.heads_tensor().to(device), group.channels_tensor().to(device)
+            )
+            for group in k_groups(self.plan, layer)
+        }
+        heads = torch.tensor(self.plan.middle_value_heads(layer), dtype=torch.int64, device=device)
+        moved[value_entry(layer)] = values.index_select(1, heads)
+        return moved
+
+    def window_capacity(self, new_tokens: int) -> int:
+        """Window slots a call of `new_tokens` needs: the sink, the recent tokens, a buffer not
+        yet moved, and the call's."""
+        return self.plan.sink + self.plan.recent + self.plan.buffer + new_tokens
+
+    # -- writing: a decode call's tokens -------------------------------------------------------------
+
+    def prepare_call(self, new_tokens: int) -> dict[str, torch.Tensor]:
+        """The decode program's index inputs for a call adding `new_tokens` to every row, growing
+        the buffers first where they would overflow."""
+        self._reserve(FULL, max(self.region_lengths(FULL), default=0) + new_tokens)
+        step = torch.arange(new_tokens, device=self.lengths.device)
+        inputs = {CACHE_SLOTS: self.lengths[:, None] + step, CACHE_LENGTHS: self.lengths + new_tokens}
+        if self.plan.windowed:
+            self._reserve(WINDOW, self.window_capacity(new_tokens))
+            middle = self._device_middle_lengths()
+            window = self.lengths - middle
+            inputs.update({WINDOW_SLOTS: window[:, None] + step, WINDOW_LENGTHS: window + new_tokens,
+                           MIDDLE_LENGTHS: middle})
+        return inputs
+
+    def advance(self, new_tokens: int) -> None:
+        """Count a call's `new_tokens` per row (the program wrote them), then move full windows' oldest
+        recent tokens to the middle."""
+        before = self.region_lengths(MIDDLE)
+        self.row_lengths = [n + new_tokens for n in self.row_lengths]
+        self.lengths = self.lengths + new_tokens
+        if self.plan.windowed:
+            self._flush(before)
+
+    def _device_middle_lengths(self) -> torch.Tensor:
+        plan = self.plan
+        return ((self.lengths - plan.sink - plan.recent) // plan.buffer * plan.buffer).clamp(min=0)
+
+    def _flush(self, middle_before: list[int]) -> None:
+        moved = [after - before for after, before in zip(self.region_lengths(MIDDLE), middle_before)]
+        count = max(moved)
+        if count == 0:
+            return
+        self._reserve(MIDDLE, max(middle_before) + count)
+        device, sink = self.lengths.device, self.plan.sink
+        step = torch.arange(count, device=device)
+        # rows moving fewer than `count` write their extra tokens past their middle's end: unread slots
+        destination = torch.tensor(middle_before, device=device)[:, None] + step
+        shift = torch.tensor(moved, device=device)[:, None]
+        for layer in self._windowed_layers(self.buffers):
+            key_window, value_window = self.buffers[key_window_entry(layer)], self.buffers[value_window_entry(layer)]
+            middle = self._middle_tokens(layer, key_window[:, :, sink : sink + count], value_window[:, :, sink : sink + count])
+            for name, tokens in middle.items():
+                torch.ops.kvcompile.write_cache(self.buffers[name], tokens, destination)
+            slots = torch.arange(key_window.shape[2], device=device)
+            source = torch.where(slots < sink, slots, slots + shift).clamp(max=key_window.shape[2] - 1)
+            key_window.copy_(_take_tokens(key_window, source))
+            value_window.copy_(_take_tokens(value_window, source))
+
+    def _reserve(self, region: str, slots: int) -> None:
+        """Grow every buffer of `region` to at least `slots` slots (doubling), keeping its tokens."""
+        for name, buffer in self.buffers.items():
+            if entry_region(self.plan, name) == region and buffer.shape[2] < slots:
+                self.buffers[name] = _with_capacity(buffer, _grown(buffer.shape[2], slots))
+
+
+def _grown(capacity: int, needed: int) -> int:
+    """Capacity for `needed` slots: doubled from `capacity` (at least MIN_CAPACITY) until it fits."""
+    capacity = max(capacity, MIN_CAPACITY)
+    while capacity < needed:
+        capacity *= 2
+    return capacity
+
+
+def _with_capacity(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`tokens` (B, H, T, w) at the front of a new buffer of `capacity` slots."""
+    batch, heads, count, width = tokens.shape
+    buffer = tokens.new_empty(batch, heads, capacity, width)
+    buffer[:, :, :count] = tokens
+    return buffer
+
+
+def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, w) gathered along tokens by a per-row index (B, N): (B, H, N, w)."""
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))

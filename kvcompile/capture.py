@@ -19,7 +19,7 @@ import torch.fx
 from torch.export import Dim
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .cache import key_entry, value_entry
+from .layout import key_entry, value_entry
 from .plan import ModelShape
 from .program import LOGITS, SIGNATURE_KEY, TOKEN_INPUTS, Signature, clone_program, past, placeholder_name, present
 

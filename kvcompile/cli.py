@@ -107,9 +107,13 @@ def _parser() -> argparse.ArgumentParser:
                            "under the published LeanK mask's counts")
     rate.add_argument("--plan", default="smollm2-135m-instruct/leank-k50", metavar="PLAN",
                       help="for smollm2: a plan directory or a built-in plan name")
-    rate.add_argument("--batch", type=_positive_int, default=8)
-    rate.add_argument("--context", type=_positive_int, default=8192, help="cached tokens before decoding")
-    rate.add_argument("--steps", type=_positive_int, default=20, help="timed decode steps per method")
+    rate.add_argument("--batch", type=_positive_int, nargs="+", default=[8], help="batch sizes (each with each context)")
+    rate.add_argument("--context", type=_positive_int, nargs="+", default=[8192], help="cached tokens before decoding")
+    rate.add_argument("--steps", type=_positive_int, default=20, help="decode steps per timed block")
+    rate.add_argument("--warmup", type=_positive_int, default=4, help="untimed decode steps first, per method")
+    rate.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks per method (median, min-max)")
+    rate.add_argument("--methods", nargs="+", choices=("dense", "transformed", "compiled"),
+                      default=["dense", "transformed", "compiled"])
     rate.add_argument("--layers", type=_positive_int, help="llama-8b-random: this many layers (default 32)")
     rate.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     rate.set_defaults(run=_run_throughput)
@@ -256,8 +260,13 @@ def _run_throughput(args: argparse.Namespace) -> int:
         model, _ = load_default_model(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         plan = _load_plan(args.plan)
-    report = throughput.run(model, plan, args.batch, args.context, steps=args.steps)
-    return _print_report(throughput.format_row(report), report, args.json)
+    reports = [
+        throughput.run(model, plan, batch, context, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                       methods=tuple(args.methods))
+        for batch in args.batch for context in args.context
+    ]  # fmt: skip
+    table = "\n".join(throughput.format_row(report) for report in reports)
+    return _print_report(table, reports[0] if len(reports) == 1 else reports, args.json)
 
 
 def _run_onnx_latency(args: argparse.Namespace) -> int:

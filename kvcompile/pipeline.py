@@ -7,6 +7,10 @@
 calibration (the canonical program, merged where the plan merges), the ONNX export, its latency
 benchmark and the golden tests all go through it. Stages run through `PassManager`, which lints
 and recompiles the graph after every pass.
+
+Two sets of phase stages: `EXPLICIT` programs take the cache as inputs and return it extended
+(`present_` outputs: ONNX, tests); `IN_PLACE` programs, the runtime's, read their prefill mask from
+an input (padded batches) and write decode tokens into the cache's buffers (program.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.fx
 
 from .passes import (
     PassManager,
+    attend_with_prefill_mask,
     canonicalize_attention,
     extract_cache_encoder,
     find_attention_sites,
@@ -25,6 +30,7 @@ from .passes import (
     plan_attention_in_hf_graph,
     prune_k_channels_decode,
     prune_k_channels_prefill,
+    write_cache_in_place,
 )
 from .plan import Plan
 from .program import clone_program
@@ -34,6 +40,16 @@ CANONICAL = (canonicalize_attention, merge_kv_heads)
 # The cache in the plan's layout: written by the prefill (dense attention), read and extended by decode.
 PREFILL = (prune_k_channels_prefill,)
 DECODE = (prune_k_channels_decode,)
+
+
+@dataclass(frozen=True)
+class PhaseStages:
+    prefill: tuple
+    decode: tuple
+
+
+EXPLICIT = PhaseStages(PREFILL, DECODE)
+IN_PLACE = PhaseStages(PREFILL + (attend_with_prefill_mask,), DECODE + (write_cache_in_place,))
 # ONNX export, gqa=True: each site's cache update and attention as one op onnxruntime implements.
 FUSED_CACHE_UPDATE = (fuse_cache_update,)
 # The torch.compile backend, on the torch-level graphs dynamo captures from a transformers forward.
@@ -60,10 +76,10 @@ def canonical_program(captured: torch.fx.GraphModule, plan: Plan) -> torch.fx.Gr
     return run_stage(CANONICAL, clone_program(captured), plan)
 
 
-def compile_programs(captured: torch.fx.GraphModule, plan: Plan) -> Programs:
+def compile_programs(captured: torch.fx.GraphModule, plan: Plan, stages: PhaseStages = EXPLICIT) -> Programs:
     canonical = canonical_program(captured, plan)
-    prefill = run_stage(PREFILL, clone_program(canonical), plan)
-    decode = run_stage(DECODE, clone_program(canonical), plan)
+    prefill = run_stage(stages.prefill, clone_program(canonical), plan)
+    decode = run_stage(stages.decode, clone_program(canonical), plan)
     # Without merges the prefill is the dense model's up to the cache: one dense prefill can feed it.
     encoder = None if plan.merges else extract_cache_encoder(prefill)
     return Programs(canonical, prefill, decode, encoder)

@@ -1,6 +1,7 @@
 """The explicit-cache calling convention every program shares (eager runtime, calibration, ONNX, tests).
 
-    inputs : input_ids (B, S), position_ids (B, S), then past_{entry} for each cache entry read
+    inputs : input_ids (B, S), position_ids (B, S), then past_{entry} for each cache entry read,
+             then the index inputs a pass added (below)
     outputs: logits (B, S, V), then present_{entry} for each cache entry written
 
 An entry is one named tensor of the cache (cache.py names them: `key.{l}`, `key.{l}.w{w}`,
@@ -8,6 +9,17 @@ An entry is one named tensor of the cache (cache.py names them: `key.{l}`, `key.
 order, so callers pass and receive entries by name and never by position: `call_program` is the one
 place a program is called with a cache, `empty_entries` the one place a prefill's empty past is made.
 Passes that change what the cache holds edit the signature (see prune_k_channels).
+
+The runtime's programs take index inputs besides (cache.py computes them per call):
+
+    prefill_mask   (B, 1, S, S) bool  which prompt tokens each prompt token attends (padding, causality)
+    cache_slots    (B, S)   where this call's tokens go in each row of the full-length entries
+    cache_lengths  (B,)     tokens each row of those entries holds once they are written
+    window_slots, window_lengths    the same for the full-channel windows (windowed plans)
+    middle_lengths (B,)     tokens each row of the pruned middle holds (windowed plans)
+
+With those, a decode program writes its tokens into the entries it reads (`kvcompile::write_cache`)
+and writes no `present_` output (see passes/write_cache_in_place.py).
 """
 
 from __future__ import annotations
@@ -19,12 +31,15 @@ from typing import Callable, Mapping
 import torch
 import torch.fx
 
-from .cache import entry_layer
+from .layout import entry_layer
 from .plan import ModelShape, Plan
 
 SIGNATURE_KEY = "kvcompile.signature"
 TOKEN_INPUTS = ("input_ids", "position_ids")
 LOGITS = "logits"
+PREFILL_MASK = "prefill_mask"
+CACHE_SLOTS, CACHE_LENGTHS = "cache_slots", "cache_lengths"
+WINDOW_SLOTS, WINDOW_LENGTHS, MIDDLE_LENGTHS = "window_slots", "window_lengths", "middle_lengths"
 _PAST, _PRESENT = "past_", "present_"
 
 
@@ -56,6 +71,11 @@ class Signature:
         return [name.removeprefix(_PAST) for name in self.inputs if name.startswith(_PAST)]
 
     @property
+    def index_inputs(self) -> list[str]:
+        """Inputs that are neither tokens nor cache entries (prefill_mask, cache_slots, ...)."""
+        return [name for name in self.inputs if name not in TOKEN_INPUTS and not name.startswith(_PAST)]
+
+    @property
     def cache_outputs(self) -> list[str]:
         """The entries the program writes, in output order."""
         return [name.removeprefix(_PRESENT) for name in self.outputs if name.startswith(_PRESENT)]
@@ -73,17 +93,25 @@ def call_program(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     entries: Mapping[str, torch.Tensor],
+    indices: Mapping[str, torch.Tensor] | None = None,
     *,
     run: Callable | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run `program` on tokens and the cache entries it reads; (logits, the entries it writes).
+    """Run `program` on tokens, the cache entries it reads and its index inputs; (logits, the
+    entries it writes as outputs).
 
     `run` executes the program's graph instead of the program itself (an fx Interpreter's `run`)."""
     sig = signature_of(program)
+    indices = indices or {}
     missing = [entry for entry in sig.cache_inputs if entry not in entries]
     if missing:
         raise KeyError(f"the program reads cache entries {missing}, which the cache does not hold")
-    outputs = (run or program)(input_ids, position_ids, *(entries[entry] for entry in sig.cache_inputs))
+    missing = [name for name in sig.index_inputs if name not in indices]
+    if missing:
+        raise KeyError(f"the program takes index inputs {missing}, which were not given")
+    values = {"input_ids": input_ids, "position_ids": position_ids, **indices}
+    values.update({past(entry): entries[entry] for entry in sig.cache_inputs})
+    outputs = (run or program)(*(values[name] for name in sig.inputs))
     named = dict(zip(sig.outputs, outputs))
     return named.pop(LOGITS), {name.removeprefix(_PRESENT): tensor for name, tensor in named.items()}
 

@@ -1,10 +1,11 @@
 """Runtime: `transform(model, plan)` and the module it returns.
 
-The transformed model holds two programs compiled from one capture: `prefill` (no past: dense
-attention, writes the compressed cache) and `decode` (reads and extends the compressed cache).
-It is called like a Hugging Face causal LM and generates like one. With a windowed plan, the
-programs append to each layer's full-channel window and the runtime moves tokens from it to the
-pruned middle after every call (`cache.flush_windows`).
+The transformed model holds two programs compiled from one capture (pipeline.IN_PLACE): `prefill`
+(no past: dense attention under the prompt's padding mask, returns the compressed cache's tokens)
+and `decode` (writes its tokens into the cache's buffers and attends over them up to each row's
+count). It is called like a Hugging Face causal LM (`attention_mask` included, left or right
+padding) and generates like one. The cache (cache.py) keeps each row's real tokens only, moves
+window tokens to the pruned middle between calls, and grows by doubling.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
 from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
-from .cache import CompressedKVCache, flush_windows
+from .cache import CompressedKVCache
 from .capture import program_for
-from .pipeline import compile_programs
+from .pipeline import IN_PLACE, compile_programs
 from .plan import ModelShape, Plan
-from .program import call_program, empty_entries, signature_of
+from .program import PREFILL_MASK, call_program, empty_entries, signature_of
 
 
 def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModule | None = None) -> "TransformedModel":
@@ -49,7 +50,8 @@ class TransformedModel(torch.nn.Module):
         self.generation_config = getattr(model, "generation_config", None)
         self.plan = plan
         self.shape = shape
-        programs = compile_programs(program_for(model, program, shape), plan)
+        self.captured = program_for(model, program, shape)  # for other pipelines (the ONNX export's)
+        programs = compile_programs(self.captured, plan, IN_PLACE)
         self.prefill_program, self.decode_program = programs.prefill, programs.decode
         self.cache_encoder = programs.cache_encoder
         param = next(model.parameters())
@@ -71,47 +73,82 @@ class TransformedModel(torch.nn.Module):
         past_key_values: CompressedKVCache | None = None,
         use_cache: bool = True,
         attention_mask: torch.Tensor | None = None,
+        max_cache_len: int | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
+        """Logits of `input_ids` (B, S) and, with `use_cache`, the cache extended by them.
+
+        Without a cache (or with an empty one) this is a prefill: `attention_mask` (B, S), 1 for
+        real tokens, 0 for padding (either side), positions counted over real tokens as transformers
+        does; each row keeps its real tokens. With a cache the call continues every row by all of
+        `input_ids`: a given `attention_mask` (B, P + S) must mark them all real. `max_cache_len`:
+        slots to allocate per row at the prefill (default: grown by doubling when needed).
+        """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError("padding (zeros in attention_mask) is not supported yet; pass equal-length rows")
         if past_key_values is not None and not isinstance(past_key_values, CompressedKVCache):
             raise TypeError(
                 f"past_key_values must be the CompressedKVCache this model returned, got {type(past_key_values).__name__}"
             )
         input_ids = input_ids.to(self._device)
-        cache = past_key_values if past_key_values is not None and past_key_values.length > 0 else None
-        batch, seq = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and cache.batch_size != batch:
-            raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
-        position_ids = torch.arange(start, start + seq, device=self._device).expand(batch, -1)
-
-        if cache is not None:
-            logits, present = call_program(self.decode_program, input_ids, position_ids, cache.entries)
+        if past_key_values is None or past_key_values.length == 0:
+            logits, cache = self._prefill(input_ids, attention_mask, max_cache_len, past_key_values)
         else:
-            logits, present = call_program(self.prefill_program, input_ids, position_ids, self.empty_cache(batch))
-        if not use_cache:
-            return CausalLMOutputWithPast(logits=logits)
-        result = past_key_values if past_key_values is not None else CompressedKVCache()
-        result.update(present, length=start + seq)
-        flush_windows(result, self.plan)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=result)
+            logits, cache = self._decode(input_ids, attention_mask, past_key_values)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+
+    def _prefill(self, input_ids, attention_mask, max_cache_len, cache):
+        batch, seq = input_ids.shape
+        valid = self._padding_mask(attention_mask, batch, seq)
+        positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # transformers' positions under padding
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=self._device).tril()
+        # a padding query attends to itself alone: its row stays finite and nothing reads it
+        mask = (causal & valid[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=self._device)
+        logits, present = call_program(self.prefill_program, input_ids, positions, self.empty_cache(batch),
+                                       {PREFILL_MASK: mask[:, None]})
+        cache = cache if cache is not None else CompressedKVCache(self.plan, self.shape)
+        cache.check_written_by(self.plan, self.shape)
+        cache.write_prompt(present, None if bool(valid.all()) else valid, max_cache_len)
+        return logits, cache
+
+    def _decode(self, input_ids, attention_mask, cache: CompressedKVCache):
+        cache.check_written_by(self.plan, self.shape)
+        batch, seq = input_ids.shape
+        if cache.batch_size != batch:
+            raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
+        if attention_mask is not None and not bool(attention_mask[:, -seq:].all()):
+            raise NotImplementedError(
+                "padding among the tokens of a call that continues a cache is not supported: every row continues by "
+                "all of input_ids (pad prompts, not continuations)"
+            )
+        inputs = cache.prepare_call(seq)
+        positions = cache.lengths[:, None] + torch.arange(seq, device=self._device)
+        logits, _ = call_program(self.decode_program, input_ids, positions, cache.buffers, inputs)
+        cache.advance(seq)
+        return logits, cache
+
+    def _padding_mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch, seq, dtype=torch.bool, device=self._device)
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(batch, seq)}")
+        valid = attention_mask.to(self._device).bool()
+        if not bool(valid.any(1).all()):
+            raise ValueError("attention_mask has a row without tokens (all zeros)")
+        return valid
 
     @torch.no_grad()
-    def encode_dense_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> CompressedKVCache:
+    def encode_dense_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                           max_cache_len: int | None = None) -> CompressedKVCache:
         """The cache this model's prefill writes, from a dense prefill's per-layer K/V (B, Hkv, T, D),
         e.g. the layers of a transformers DynamicCache. For plans that do not merge heads."""
         if self.cache_encoder is None:
             raise ValueError("this plan merges KV heads: its cache is not a function of the dense model's K/V")
         outputs = self.cache_encoder(*keys, *values)
-        cache = CompressedKVCache()
-        cache.update(dict(zip(signature_of(self.cache_encoder).cache_outputs, outputs)), length=keys[0].shape[2])
-        flush_windows(cache, self.plan)
+        cache = CompressedKVCache(self.plan, self.shape)
+        cache.write_prompt(dict(zip(signature_of(self.cache_encoder).cache_outputs, outputs)), None, max_cache_len)
         return cache
 
     def empty_cache(self, batch: int) -> dict[str, torch.Tensor]:
@@ -154,6 +191,7 @@ class TransformedModel(torch.nn.Module):
     def generate(
         self,
         input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -165,16 +203,25 @@ class TransformedModel(torch.nn.Module):
     ) -> torch.Tensor:
         """Greedy or sampled continuation; returns prompt and new tokens, (B, S + new).
 
-        Rows that emit an EOS token keep emitting it (as padding) until every row is done.
+        `attention_mask` marks a padded batch's real tokens (`generate(**tokenizer(prompts,
+        padding=True, return_tensors="pt"))`); each row continues from its own last real token,
+        so left and right padding give the same tokens. Rows that emit an EOS token keep emitting
+        it (as padding) until every row is done.
         """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
         eos = torch.tensor(eos_token_ids(eos_token_id, self.generation_config), device=self._device)
         tokens = input_ids.to(self._device)
-        out = self(tokens, use_cache=True)
-        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=self._device)
+        batch, seq = tokens.shape
+        out = self(tokens, attention_mask=attention_mask, use_cache=True, max_cache_len=seq + max_new_tokens)
+        last = torch.full((batch,), seq - 1, device=self._device)
+        if attention_mask is not None:  # each row's last real token (right padding ends rows early)
+            real = attention_mask.to(self._device).bool()
+            last = torch.where(real, torch.arange(seq, device=self._device), -1).amax(1)
+        logits = out.logits[torch.arange(batch, device=self._device), last]
+        done = torch.zeros(batch, dtype=torch.bool, device=self._device)
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1, :].float()
+            logits = logits.float()
             if do_sample:
                 next_token = _sample(logits, temperature, top_k, top_p, generator)
             else:
@@ -186,6 +233,7 @@ class TransformedModel(torch.nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             out = self(next_token[:, None], past_key_values=out.past_key_values, use_cache=True)
+            logits = out.logits[:, -1, :]
         return tokens
 
 

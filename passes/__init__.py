@@ -8,8 +8,10 @@ from .graph import PassError
 from .hf_graph_attention import plan_attention_in_hf_graph
 from .manager import Pass, PassManager
 from .merge_kv_heads import MergeError, merge_kv_heads
+from .prefill_mask import attend_with_prefill_mask
 from .prune_k_channels import prune_k_channels_decode, prune_k_channels_prefill
 from .sites import AttentionSite, RoPE, SiteMatchError, find_attention_sites
+from .write_cache_in_place import write_cache_in_place
 
 __all__ = [
     "AttentionSite",
@@ -20,6 +22,7 @@ __all__ = [
     "PassManager",
     "RoPE",
     "SiteMatchError",
+    "attend_with_prefill_mask",
     "canonicalize_attention",
     "extract_cache_encoder",
     "find_attention_sites",
@@ -28,4 +31,5 @@ __all__ = [
     "plan_attention_in_hf_graph",
     "prune_k_channels_decode",
     "prune_k_channels_prefill",
+    "write_cache_in_place",
 ]

@@ -1,10 +1,12 @@
-"""What the passes share: their error, the canonical-sites precondition, adding a constant,
-replacing a node by an op call, gathering a key's kept channels."""
+"""What the passes share: their error, the canonical-sites precondition, adding a constant or an
+input, replacing a node by an op call, gathering a key's kept channels."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx
+
+from kvcompile.program import placeholder_name, signature_of
 
 from .sites import AttentionSite
 
@@ -43,3 +45,16 @@ def gather_kept_channels(graph: torch.fx.Graph, key: torch.fx.Node, indices) -> 
         graph.call_function(torch.ops.kvcompile.gather_kv_channels.default, (key, heads, channels))
         for heads, channels in indices
     ]
+
+
+def add_input(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    """A new last program input `name` (its signature too), or the existing one."""
+    sig = signature_of(gm)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    existing = next((node for node in placeholders if node.target == placeholder_name(name)), None)
+    if existing is not None:
+        return existing
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.placeholder(placeholder_name(name))
+    sig.inputs.append(name)
+    return node

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from kvcompile.cache import k_groups
+from kvcompile.layout import k_groups
 from kvcompile.plan import ModelShape, Plan, PlanError
 
 from .graph import gather_kept_channels, replace_with_call

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 import torch.fx
 
-from kvcompile.cache import KGroup, k_groups, key_entry, key_window_entry, value_entry, value_window_entry
+from kvcompile.layout import KGroup, k_groups, key_entry, key_window_entry, value_entry, value_window_entry
 from kvcompile.plan import Plan
 from kvcompile.program import past, placeholder_name, present, signature_of
 

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
-from kvcompile.cache import entry_kind, entry_layer
+from kvcompile.layout import entry_kind, entry_layer
 from kvcompile.capture import USER_MODEL_PREFIX
 from kvcompile.program import past, placeholder_name, signature_of
 

@@ -13,9 +13,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import kvcompile  # noqa: E402
-import kvcompile.export.onnx  # noqa: E402
 from kvcompile import Plan, Recipe, calibrate  # noqa: E402
-from kvcompile.export.onnx import DOMAIN, OnnxExportError, export_onnx, generate, load_sessions, run_program  # noqa: E402
+from kvcompile.layout import entry_kind  # noqa: E402
+from kvcompile.export.onnx import OnnxExportError, export_onnx  # noqa: E402
+from kvcompile.export.onnx_runtime import generate, load_sessions, manifest_signature, run_program  # noqa: E402
+from kvcompile.kernels import onnx_functions  # noqa: E402
+from kvcompile.kernels.onnx_functions import DOMAIN  # noqa: E402
+from kvcompile.program import past  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 STEPS = 20
@@ -60,21 +64,20 @@ def _check_against_pytorch(model, plan, folder):
     prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
     prompt = _prompt()
     want = tm(prompt, use_cache=True)
-    got = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
+    logits, entries = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
     worst = 0.0
     for step in range(STEPS + 1):
-        worst = max(worst, float((torch.from_numpy(got["logits"]) - want.logits).abs().max()))
+        worst = max(worst, float((torch.from_numpy(logits) - want.logits).abs().max()))
         cache = want.past_key_values
-        past = {name.removeprefix("present_"): value for name, value in got.items() if name != "logits"}
         # the exported cache is the compressed one, entry for entry, shape for shape
-        assert {name: v.shape for name, v in past.items()} == {name: tuple(t.shape) for name, t in cache.entries.items()}
-        assert sum(v.nbytes for v in past.values()) == cache.nbytes == plan.cache_nbytes(tm.shape, tm.dtype, 2, cache.length)
+        assert {name: v.shape for name, v in entries.items()} == {name: tuple(t.shape) for name, t in cache.entries.items()}
+        assert sum(v.nbytes for v in entries.values()) == cache.nbytes == plan.cache_nbytes(tm.shape, tm.dtype, 2, cache.length)
         if step == STEPS:
             break
         token = want.logits[:, -1].argmax(-1, keepdim=True)
-        assert np.array_equal(got["logits"][:, -1].argmax(-1), token[:, 0].numpy())
+        assert np.array_equal(logits[:, -1].argmax(-1), token[:, 0].numpy())
         want = tm(token, past_key_values=cache, use_cache=True)
-        got = run_program(decode, manifest["decode"], token.numpy(), cache.length - 1, past)
+        logits, entries = run_program(decode, manifest["decode"], token.numpy(), cache.length - 1, entries)
     assert worst <= 1e-4
     return tm
 
@@ -111,11 +114,10 @@ def test_files_hold_kvcompile_nodes_with_functions(exported):
         if phase == "decode":
             assert {n.op_type for n in nodes} == ops
     # every KV head's K keeps only its planned channels: the decode's past inputs say so
-    decode = onnx.load(str(folder / "decode.onnx"))
-    widths = {i.name: i.type.tensor_type.shape.dim[3].dim_value for i in decode.graph.input if i.name.startswith("past_key")}
-    for name, width in widths.items():
-        if name.count(".") == 2:  # past_key.{layer}.w{width}
-            assert width == int(name.rsplit(".w", 1)[1])
+    inputs = {i.name: i for i in onnx.load(str(folder / "decode.onnx")).graph.input}
+    for entry in manifest_signature(manifest["decode"]).cache_inputs:
+        if entry_kind(entry) == "key" and entry.count(".") == 2:  # key.{layer}.w{width}
+            assert inputs[past(entry)].type.tensor_type.shape.dim[3].dim_value == int(entry.rsplit(".w", 1)[1])
 
 
 def _merge_commute(model):
@@ -155,7 +157,9 @@ def test_windowed_plan_is_refused_naming_the_field(tmp_path):
 
 
 def test_an_op_without_translation_is_refused_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(kvcompile.export.onnx, "SUPPORTED_OPS", ("attention", "pruned_attention"))
+    # SUPPORTED_OPS is the translation table's names: without the entry, the op has no translation
+    monkeypatch.delitem(onnx_functions.TRANSLATIONS, "gather_kv_channels")
+    assert "gather_kv_channels" not in onnx_functions.SUPPORTED_OPS
     with pytest.raises(OnnxExportError, match="prefill program calls kvcompile::gather_kv_channels"):
         export_onnx(make_tiny_model("llama"), PRUNE, tmp_path)
 
@@ -180,17 +184,16 @@ def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_py
     assert torch.equal(generate(folder, prompt, max_new_tokens=STEPS), want)
     prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
     out = tm(prompt, use_cache=True)
-    got = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
-    worst = float((torch.from_numpy(got["logits"]) - out.logits).abs().max())
+    logits, entries = run_program(prefill, manifest["prefill"], prompt.numpy(), 0, {})
+    worst = float((torch.from_numpy(logits) - out.logits).abs().max())
     for token in want[:, prompt.shape[1]:].split(1, dim=1):
-        past = {name.removeprefix("present_"): value for name, value in got.items() if name != "logits"}
-        got = run_program(decode, manifest["decode"], token.numpy(), out.past_key_values.length, past)
+        logits, entries = run_program(decode, manifest["decode"], token.numpy(), out.past_key_values.length, entries)
         out = tm(token, past_key_values=out.past_key_values, use_cache=True)
-        worst = max(worst, float((torch.from_numpy(got["logits"]) - out.logits).abs().max()))
+        worst = max(worst, float((torch.from_numpy(logits) - out.logits).abs().max()))
     # 30 layers of fp32 in another summation order: 1.01e-4 measured (logits of magnitude ~20)
     assert worst <= 2e-4
     # the exported K cache is the plan's half of dense
-    k_bytes = sum(value.nbytes for name, value in got.items() if name.startswith("present_key"))
+    k_bytes = sum(value.nbytes for entry, value in entries.items() if entry_kind(entry) in ("key", "key_window"))
     assert k_bytes == plan.kv_nbytes(tm.shape, tm.dtype, 1, out.past_key_values.length)[0]
 
 

@@ -10,7 +10,8 @@ pytest.importorskip("onnxscript")
 
 from kvcompile import Plan  # noqa: E402
 from kvcompile.benchmarks import onnx_latency  # noqa: E402
-from kvcompile.capture import dynamic_cache_holding, signature_of  # noqa: E402
+from kvcompile.capture import capture, dynamic_cache_holding  # noqa: E402
+from kvcompile.program import past, signature_of  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 PRUNE = Plan.from_k_channels({0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]], 1: [[], [1, 3, 5, 7, 9, 11]]})
@@ -21,12 +22,12 @@ def test_dense_export_decodes_like_the_model(tmp_path):
     shape = onnx_latency.ModelShape.from_config(model.config)
     layers = onnx_latency.random_dense_cache(shape, 2, 6, torch.float32, torch.device("cpu"))
     keys, values = [k for k, _ in layers], [v for _, v in layers]
-    program, encode = onnx_latency._dense_decode(model)
+    program, encode = onnx_latency._dense_decode(capture(model))
     pasts = encode(keys, values)
     session = ort.InferenceSession(str(onnx_latency._export_decode(program, pasts, tmp_path / "dense.onnx")))
     tokens = torch.tensor([[5, 7], [9, 11]])
     feeds = {"input_ids": tokens.numpy(), "position_ids": torch.tensor([[6, 7], [6, 7]]).numpy()}
-    feeds.update({name: pasts[name.removeprefix("past_")].numpy() for name in signature_of(program).inputs[2:]})
+    feeds.update({past(entry): pasts[entry].numpy() for entry in signature_of(program).cache_inputs})
     got = session.run(["logits"], feeds)[0]
     with torch.no_grad():
         want = model(tokens, past_key_values=dynamic_cache_holding(keys, values), use_cache=True).logits

@@ -178,8 +178,10 @@ def test_unsupported_inputs_are_refused_clearly():
         kvcompile.transform(model, {0: [[0], [1]]})
     with pytest.raises(ValueError, match="training mode"):
         kvcompile.transform(make_tiny_model("llama").train(), PRUNE)
-    with pytest.raises(NotImplementedError, match="padding"):
-        tm(_prompt(2), attention_mask=torch.tensor([[0] * 4 + [1] * 8, [1] * 12]))
+    with pytest.raises(ValueError, match="a row without tokens"):
+        tm(_prompt(2), attention_mask=torch.tensor([[0] * 12, [1] * 12]))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\), input_ids \(2, 12\)"):
+        tm(_prompt(2), attention_mask=torch.ones(2, 5))
     out = tm(_prompt(2))
     with pytest.raises(ValueError, match="batch 1, the cache holds batch 2"):
         tm(_prompt(1, length=1), past_key_values=out.past_key_values)

@@ -1,5 +1,6 @@
 """The Triton decode kernels (kernels/triton_decode.py) against the reference ops
-`kvcompile::windowed_attention` and `kvcompile::pruned_attention`, for one query token and no mask.
+`kvcompile::windowed_attention` and `kvcompile::pruned_attention`, for one query token and no mask,
+over whole tensors or over each row's first `lengths` slots of a cache written in place.
 
 Without CUDA the kernels run under the Triton interpreter on CPU (tests/conftest.py turns it on
 before anything imports triton), so shapes stay tiny. The forced split (`block_tokens=16,
@@ -92,10 +93,10 @@ def _to(inputs, dtype=None, device=DEVICE):
     return {name: move(x) for name, x in inputs.items()}
 
 
-def _windowed_reference(x):
+def _windowed_reference(x, window_lengths=None, middle_lengths=None):
     return ops.windowed_attention(
         x["q"], x["k_window"], x["v_window"], x["k_middle"], x["heads"], x["channels"], x["v_middle"],
-        None, D**-0.5, False, SINK,
+        None, D**-0.5, False, SINK, window_lengths, middle_lengths,
     )  # fmt: skip
 
 
@@ -106,8 +107,8 @@ def _windowed_triton(x, **knobs):
     )  # fmt: skip
 
 
-def _pruned_reference(x):
-    return ops.pruned_attention(x["q"], x["k_groups"], x["heads"], x["channels"], x["v"], None, D**-0.5, False)
+def _pruned_reference(x, lengths=None):
+    return ops.pruned_attention(x["q"], x["k_groups"], x["heads"], x["channels"], x["v"], None, D**-0.5, False, lengths)
 
 
 def _pruned_triton(x, **knobs):
@@ -196,6 +197,95 @@ def test_16_bit_inputs(dtype):
     out = _pruned_triton(x, **FORCED_SPLIT)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), _pruned_reference(_to(x, torch.float32)), atol=tol, rtol=tol)
+
+
+# Caches written in place: capacity-sized tensors, each row valid up to its own length, NaN after it
+# (any garbage the kernels read would show). With the forced split, a row shorter than a chunk
+# leaves whole chunks empty (the combine's -inf partials), and middle length 0 a row with no
+# middle at all while the other rows have one.
+WINDOW_LENGTHS, MIDDLE_LENGTHS = [21, 4, 13], [0, 37, 20]  # of capacities 21 and 37
+PRUNED_LENGTHS = [50, 9, 33]  # of capacity 50: 33 is a last chunk of a single token
+
+
+def _with_garbage(x, lengths):
+    """x (B, H, C, d), or a list of them, NaN in the slots at or beyond each row's length."""
+    if isinstance(x, list):
+        return [_with_garbage(t, lengths) for t in x]
+    beyond = torch.arange(x.shape[2], device=x.device) >= lengths[:, None]
+    return x.masked_fill(beyond[:, None, :, None], float("nan"))
+
+
+def _ragged_windowed_inputs(plan, group_size, dtype=None, lengths_dtype=torch.int64):
+    x = _to(_windowed_inputs(PLANS[plan], group_size, 3, 21, 37), dtype)
+    window_lengths = torch.tensor(WINDOW_LENGTHS, dtype=lengths_dtype, device=DEVICE)
+    middle_lengths = torch.tensor(MIDDLE_LENGTHS, dtype=lengths_dtype, device=DEVICE)
+    for name in ("k_window", "v_window"):
+        x[name] = _with_garbage(x[name], window_lengths)
+    for name in ("k_middle", "v_middle"):
+        x[name] = _with_garbage(x[name], middle_lengths)
+    return x, window_lengths, middle_lengths
+
+
+def _ragged_pruned_inputs(plan, group_size, dtype=None, lengths_dtype=torch.int64):
+    x = _to(_pruned_inputs(PLANS[plan], group_size, 3, 50), dtype)
+    lengths = torch.tensor(PRUNED_LENGTHS, dtype=lengths_dtype, device=DEVICE)
+    for name in ("k_groups", "v"):
+        x[name] = _with_garbage(x[name], lengths)
+    return x, lengths
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("plan", PLANS)
+def test_windowed_decode_with_ragged_lengths(group_size, plan):
+    x, window_lengths, middle_lengths = _ragged_windowed_inputs(plan, group_size)
+    out = _windowed_triton(x, window_lengths=window_lengths, middle_lengths=middle_lengths, **FORCED_SPLIT)
+    _assert_fp32_close(out, _windowed_reference(x, window_lengths, middle_lengths))
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("plan", PLANS)
+def test_pruned_decode_with_ragged_lengths(group_size, plan):
+    x, lengths = _ragged_pruned_inputs(plan, group_size)
+    _assert_fp32_close(_pruned_triton(x, lengths=lengths, **FORCED_SPLIT), _pruned_reference(x, lengths))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_with_ragged_lengths(dtype):
+    tol = TOLERANCE_16[dtype]
+    x, window_lengths, middle_lengths = _ragged_windowed_inputs("mixed", 3, dtype)
+    out = _windowed_triton(x, window_lengths=window_lengths, middle_lengths=middle_lengths, **FORCED_SPLIT)
+    assert out.dtype == dtype
+    expected = _windowed_reference(_to(x, torch.float32), window_lengths, middle_lengths)
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+    x, lengths = _ragged_pruned_inputs("mixed", 3, dtype)
+    out = _pruned_triton(x, lengths=lengths, **FORCED_SPLIT)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), _pruned_reference(_to(x, torch.float32), lengths), atol=tol, rtol=tol)
+
+
+def test_lengths_through_the_cuda_face(monkeypatch):
+    """The ops' CUDA kernels (registered on CPU for the test) send a decode call with lengths, int32
+    here, to Triton, and a call of several query tokens to the reference."""
+    from kvcompile.kernels import cuda_decode
+
+    calls = []
+    monkeypatch.setattr(triton_decode, "windowed_decode", _counted(triton_decode.windowed_decode, calls))
+    monkeypatch.setattr(triton_decode, "pruned_decode", _counted(triton_decode.pruned_decode, calls))
+    windowed, window_lengths, middle_lengths = _ragged_windowed_inputs("mixed", 2, lengths_dtype=torch.int32)
+    pruned, lengths = _ragged_pruned_inputs("mixed", 2, lengths_dtype=torch.int32)
+    with torch.library._scoped_library("kvcompile", "IMPL") as lib:
+        if DEVICE == "cpu":
+            lib.impl("windowed_attention", cuda_decode._windowed_attention_cuda, "CPU")
+            lib.impl("pruned_attention", cuda_decode._pruned_attention_cuda, "CPU")
+        windowed_out = _windowed_reference(windowed, window_lengths, middle_lengths)
+        pruned_out = _pruned_reference(pruned, lengths)
+        assert len(calls) == 2
+        prefill = dict(pruned, q=pruned["q"].expand(-1, -1, 3, -1))  # 3 query tokens: the kernels' limit
+        prefill_out = _pruned_reference(prefill, lengths)
+        assert len(calls) == 2 and prefill_out.shape[2] == 3
+    _assert_fp32_close(windowed_out, _windowed_reference(windowed, window_lengths, middle_lengths))
+    _assert_fp32_close(pruned_out, _pruned_reference(pruned, lengths))
 
 
 def test_supported():

@@ -1,8 +1,9 @@
 """onnxruntime decode latency: the dense model's export vs compressed exports, in one run.
 
-Each variant is the decode program exported by `kvcompile.onnx` (the dense one is the captured
-program with only `canonicalize_attention` applied: the same calling convention and attention
-function, every channel), run in a CPU session on a cache of `context` random tokens. A step is one
+Each variant is an explicit-cache decode program (pipeline.compile_programs, one capture for all)
+exported by `kvcompile.export.onnx.export_program` (the dense one is the canonical program of an
+empty plan: the same calling convention and attention function, every channel), run in a CPU
+session on a cache of `context` random tokens, encoded by the plan's cache encoder. A step is one
 new token per sequence; the past is fed unchanged every repetition, so every timed step reads a
 cache of exactly `context` tokens. Reported: median milliseconds per step and dense / variant.
 """
@@ -18,28 +19,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvcompile.cache import key_entry, value_entry
-from kvcompile.capture import capture, signature_of
-from kvcompile.export.onnx import _decode_dims, _export_program
-from kvcompile.passes import PassManager, canonicalize_attention
+from kvcompile.layout import key_entry, value_entry
+from kvcompile.capture import capture
+from kvcompile.export.onnx import decode_dynamic_shapes, export_program
+from kvcompile.pipeline import canonical_program, compile_programs
 from kvcompile.plan import ModelShape, Plan
-from kvcompile.runtime import transform
+from kvcompile.program import TOKEN_INPUTS, past, signature_of
 from .throughput import random_dense_cache
 
 DENSE = "dense"
 
 
-def _dense_decode(model):
-    program = PassManager([canonicalize_attention])(capture(model))
+def _dense_decode(captured):
+    program = canonical_program(captured, Plan.from_k_channels({}))
     return program, lambda keys, values: {
         **{key_entry(layer): k for layer, k in enumerate(keys)},
         **{value_entry(layer): v for layer, v in enumerate(values)},
     }
 
 
-def _compressed_decode(model, plan: Plan):
-    tm = transform(model, plan)
-    return tm.decode_program, lambda keys, values: tm.encode_dense_cache(keys, values).entries
+def _compressed_decode(captured, plan: Plan):
+    programs = compile_programs(captured, plan)
+    encoder = programs.cache_encoder
+    if encoder is None:
+        raise ValueError("plans that merge KV heads have no cache encoder: their cache is not a function of dense K/V")
+    entries = signature_of(encoder).cache_outputs
+    return programs.decode, lambda keys, values: dict(zip(entries, encoder(*keys, *values)))
 
 
 def _export_decode(program, pasts: dict[str, torch.Tensor], path: Path) -> Path:
@@ -48,8 +53,8 @@ def _export_decode(program, pasts: dict[str, torch.Tensor], path: Path) -> Path:
     batch, past_length = next(iter(pasts.values())).shape[0], next(iter(pasts.values())).shape[2]
     ids = torch.zeros(batch, 3, dtype=torch.long)
     positions = torch.arange(past_length, past_length + 3).expand(batch, -1)
-    args = (ids, positions, *(pasts[name.removeprefix("past_")] for name in sig.inputs[2:]))
-    _export_program(program, sig, args, _decode_dims(len(sig.inputs) - 2)).save(path)
+    args = (ids, positions, *(pasts[entry] for entry in sig.cache_inputs))
+    export_program(program, sig, args, decode_dynamic_shapes(len(sig.cache_inputs))).save(path)
     return path
 
 
@@ -72,12 +77,16 @@ def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1,
     if DENSE in plans:
         raise ValueError(f"{DENSE!r} names the dense baseline; give the plans other names")
     shape = ModelShape.from_config(model.config)
-    for plan in plans.values():
+    for name, plan in plans.items():
         plan.validate(shape)
+        if plan.windowed:
+            raise ValueError(f"plan {name!r} keeps windows, which the explicit-cache decode does not maintain; "
+                             "use plan.with_windows(0, 0)")
     param = next(model.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu":
         model = copy.deepcopy(model).float().cpu()  # .float()/.cpu() would convert the user's model in place
-    variants = {DENSE: _dense_decode(model), **{name: _compressed_decode(model, plan) for name, plan in plans.items()}}
+    captured = capture(model)
+    variants = {DENSE: _dense_decode(captured), **{name: _compressed_decode(captured, plan) for name, plan in plans.items()}}
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -95,11 +104,9 @@ def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1,
             keys, values = [k for k, _ in layers], [v for _, v in layers]
             for name, (session, sig) in sessions.items():
                 pasts = variants[name][1](keys, values)
-                feeds = {
-                    "input_ids": np.full((batch, 1), 3, dtype=np.int64),
-                    "position_ids": np.full((batch, 1), context, dtype=np.int64),
-                    **{input_name: pasts[input_name.removeprefix("past_")].numpy() for input_name in sig.inputs[2:]},
-                }
+                tokens = (np.full((batch, 1), 3, dtype=np.int64), np.full((batch, 1), context, dtype=np.int64))
+                feeds = dict(zip(TOKEN_INPUTS, tokens))
+                feeds.update({past(entry): pasts[entry].numpy() for entry in sig.cache_inputs})
                 ms[name][context] = round(_step_ms(session, list(sig.outputs), feeds, reps), 3)
     return {
         "onnxruntime": ort.__version__,

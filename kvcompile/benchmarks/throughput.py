@@ -11,13 +11,15 @@ Three ways to run one model under one plan, timed in the same process on caches 
 The caches are filled with random keys and values instead of a prefill: decode speed depends on the
 cache's length and layout, not its contents, and a 32K-token prefill's logits alone would not fit
 in memory for a 128K-vocabulary model. Each method decodes `warmup` steps (compiling, for
-`compiled`) and then `steps` timed steps, greedy on its own logits.
+`compiled`), then `repeats` blocks of `steps` timed steps, greedy on its own logits, all in one
+process; a method's rate is the median block's, reported with the slowest and fastest block.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -76,20 +78,30 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _decode_rate(model, cache, batch: int, vocab_size: int, device, warmup: int, steps: int) -> float:
-    """Greedy decode steps per second of `model` from `cache`, times the batch (tokens/s)."""
+def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int, steps: int,
+                  repeats: int) -> list[float]:  # fmt: skip
+    """Tokens/s (greedy steps per second times the batch) of each of `repeats` blocks of `steps`
+    decode steps of `model` from `cache`, after `warmup` steps."""
     token = torch.randint(3, vocab_size, (batch, 1), device=device, generator=torch.Generator(device=device).manual_seed(1))
-    for step in range(warmup + steps):
-        if step == warmup:
-            _synchronize(device)
-            start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
+
+    def decode(count: int) -> None:
+        nonlocal cache, token
+        for _ in range(count):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    decode(warmup)
+    rates = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        decode(steps)
+        _synchronize(device)
+        rates.append(batch * steps / (time.perf_counter() - start))
+    return rates
 
 
-def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup: int = 4,
+def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup: int = 4, repeats: int = 3,
         methods=METHODS) -> dict:  # fmt: skip
     """Decode tokens/s of `model` under `plan` (see the module docstring) for each of `methods`."""
     unknown = set(methods) - set(METHODS)
@@ -99,11 +111,13 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
     plan.validate(shape)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    rates, failures = {}, {}
+    rates, ranges, failures = {}, {}, {}
     for method in methods:
         print(f"throughput: {method} ...", file=sys.stderr, flush=True)
         try:
-            rates[method] = _method_rate(method, model, plan, shape, batch, context, dtype, device, warmup, steps)
+            blocks = _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats)
+            rates[method] = round(statistics.median(blocks), 1)
+            ranges[method] = [round(min(blocks), 1), round(max(blocks), 1)]
         except torch.OutOfMemoryError as err:  # e.g. a compiled graph holds the old and new cache at once
             failures[method] = f"out of memory: {str(err).splitlines()[0]}"
         gc.collect()
@@ -119,17 +133,21 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
         "batch": batch,
         "context": context,
         "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
         "tokens_per_s": rates,
+        "tokens_per_s_min_max": ranges,
         "speedup_vs_dense": {m: round(rates[m] / rates["dense"], 3) for m in rates} if "dense" in rates else {},
         "failed": failures,
     }
 
 
-def _method_rate(method, model, plan, shape, batch, context, dtype, device, warmup, steps) -> float:
+def _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats) -> list[float]:
     layers = random_dense_cache(shape, batch, context, dtype, device)
     if method == "transformed":
         runner = transform(model, plan)
-        cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers])
+        cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers],
+                                          max_cache_len=context + warmup + steps * repeats)
     else:
         runner = model
         if method == "compiled":
@@ -137,13 +155,15 @@ def _method_rate(method, model, plan, shape, batch, context, dtype, device, warm
             runner = torch.compile(model, backend="kvcompile", options={"plan": replace(plan, sink=0, recent=0)})
         cache = dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
     del layers
-    return round(_decode_rate(runner, cache, batch, model.config.vocab_size, device, warmup, steps), 1)
+    return _decode_rates(runner, cache, batch, model.config.vocab_size, device, warmup, steps, repeats)
 
 
 def format_row(report: dict) -> str:
-    rates = report["tokens_per_s"]
-    cells = "  ".join(f"{m} {rates[m]:.1f}" + (f" ({report['speedup_vs_dense'][m]:.2f}x)" if m != "dense" and
-                                                 report["speedup_vs_dense"] else "") for m in rates)
+    rates, ranges = report["tokens_per_s"], report["tokens_per_s_min_max"]
+    cells = "  ".join(f"{m} {rates[m]:.1f} [{ranges[m][0]:.1f}-{ranges[m][1]:.1f}]" +
+                      (f" ({report['speedup_vs_dense'][m]:.2f}x)" if m != "dense" and report["speedup_vs_dense"] else "")
+                      for m in rates)
     cells += "".join(f"  {m} failed ({why})" for m, why in report["failed"].items())
     return (f"{report['model']} {report['shape']['num_layers']}L, {report['dtype']}, batch {report['batch']} x "
-            f"context {report['context']}, {report['device']}: tokens/s {cells}")
+            f"context {report['context']}, {report['device']}: tokens/s, median [min-max] of {report['repeats']} x "
+        f"{report['steps']} steps {cells}")

@@ -61,6 +61,7 @@ class Row:
     k_bytes_per_token_formula: float | None = None  # the plan's count at the measured cache length
     v_bytes_per_token_formula: float | None = None
     bytes_measured_at: int = 0  # the cache length (tokens) the bytes per token were measured at
+    capacity_bytes_per_token: float = 0.0  # K+V bytes allocated (held tokens and free slots) per token held
 
 
 def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = EvalSettings(), *,
@@ -79,6 +80,7 @@ def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = E
         _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress)
     for runner, row in zip(runners, rows):
         (row.k_bytes_per_token, row.v_bytes_per_token), row.bytes_measured_at = runner.bytes_per_token, runner.length
+        row.capacity_bytes_per_token = runner.capacity_bytes_per_token
         if runner.compiled is not None:
             # windowed plans cost more per token at short lengths: compare at the measured length
             k_bytes, v_bytes = runner.method.plan.kv_nbytes(runner.compiled.shape, runner.compiled.dtype, 1, runner.length)
@@ -103,7 +105,7 @@ class _Runner:
         self.compiled: TransformedModel | None = (
             None if method.plan is None else transform(model, method.plan, program=program)
         )
-        self.bytes_per_token, self.length = (0.0, 0.0), 0
+        self.bytes_per_token, self.capacity_bytes_per_token, self.length = (0.0, 0.0), 0.0, 0
 
     @torch.no_grad()
     def continue_from(self, prompt: torch.Tensor, dense) -> tuple[torch.Tensor, object]:
@@ -122,8 +124,11 @@ class _Runner:
         """Logits (B, V) after one more token; records the cache's bytes per token."""
         runner = self.compiled if self.compiled is not None else self.model
         out = runner(token, past_key_values=cache, use_cache=True)
-        self.bytes_per_token = kv_bytes_per_token(out.past_key_values)
-        self.length = out.past_key_values.get_seq_length()
+        cache = out.past_key_values
+        self.bytes_per_token = kv_bytes_per_token(cache)
+        self.length = cache.get_seq_length()
+        allocated = cache.capacity_nbytes if isinstance(cache, CompressedKVCache) else sum(self.bytes_per_token) * self.length
+        self.capacity_bytes_per_token = allocated / (self.length * _batch_size(cache))
         return out.logits[:, -1], out.past_key_values
 
 
@@ -207,13 +212,16 @@ def _dense_greedy(model, dense, count: int) -> torch.Tensor:
 def kv_bytes_per_token(cache) -> tuple[float, float]:
     """(K, V) bytes the cache holds per token of one sequence: a CompressedKVCache or a transformers cache."""
     if isinstance(cache, CompressedKVCache):
-        k_bytes, v_bytes, batch = cache.k_nbytes, cache.v_nbytes, cache.batch_size
+        k_bytes, v_bytes = cache.k_nbytes, cache.v_nbytes
     else:
         k_bytes = sum(layer.keys.nbytes for layer in cache.layers)
         v_bytes = sum(layer.values.nbytes for layer in cache.layers)
-        batch = cache.layers[0].keys.shape[0]
-    tokens = batch * cache.get_seq_length()
+    tokens = _batch_size(cache) * cache.get_seq_length()
     return k_bytes / tokens, v_bytes / tokens
+
+
+def _batch_size(cache) -> int:
+    return cache.batch_size if isinstance(cache, CompressedKVCache) else cache.layers[0].keys.shape[0]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

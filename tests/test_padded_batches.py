@@ -1,0 +1,154 @@
+"""The cache written in place with per-row lengths: a padded batch decodes each row as that row alone
+(left or right padding; K-channel, windowed and merged plans), the buffers are never copied while
+they have room, and a cache knows which plan wrote it."""
+
+import functools
+
+import pytest
+import torch
+
+import kvcompile
+from kvcompile import Plan, Recipe, calibrate
+from kvcompile.cache import CacheMismatch
+from tests.tiny_models import make_tiny_model
+
+STEPS = 12
+LENGTHS = (9, 4, 13)  # rows of one batch; the windowed plan below moves tokens at different steps per row
+K_CHANNELS = {0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]], 1: [[], [1, 3, 5, 7, 9, 11]]}
+
+
+@functools.cache
+def _model(arch):
+    model = make_tiny_model(arch, num_layers=3)
+    return model, kvcompile.capture(model)
+
+
+def _plan(kind, arch):
+    if kind == "pruned":
+        return Plan.from_k_channels(K_CHANNELS)
+    if kind == "windowed":
+        return Plan.from_k_channels(K_CHANNELS, sink=2, recent=4, buffer=4)
+    model, program = _model(arch)
+    chunks = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    # both KV heads of every layer merged into one, after RoPE
+    return calibrate(model, Recipe(kv_group_size=2, rope="post"), chunks, progress=False, program=program)
+
+
+@functools.cache
+def _transformed(arch, kind):
+    model, program = _model(arch)
+    return kvcompile.transform(model, _plan(kind, arch), program=program)
+
+
+def _rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g) for n in LENGTHS]
+
+
+def _padded(rows, side):
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
+
+
+def _greedy_logits(tm, ids, mask=None, steps=STEPS):
+    """Per step, the logits of each row's next token (from its last real token), and the tokens fed."""
+    out = tm(ids, attention_mask=mask, use_cache=True)
+    if mask is None:
+        logits = out.logits[:, -1]
+    else:
+        last = torch.where(mask.bool(), torch.arange(ids.shape[1]), -1).amax(1)
+        logits = out.logits[torch.arange(ids.shape[0]), last]
+    history = [logits]
+    for _ in range(steps):
+        token = logits.argmax(-1, keepdim=True)
+        out = tm(token, past_key_values=out.past_key_values, use_cache=True)
+        logits = out.logits[:, -1]
+        history.append(logits)
+    return torch.stack(history, dim=1), out.past_key_values
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("kind", ["pruned", "windowed", "merged"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_each_row_of_a_padded_batch_decodes_as_it_does_alone(arch, kind, side):
+    tm = _transformed(arch, kind)
+    rows = _rows()
+    ids, mask = _padded(rows, side)
+    batched, cache = _greedy_logits(tm, ids, mask)
+    for i, row in enumerate(rows):
+        alone, _ = _greedy_logits(tm, row[None])
+        torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(batched[i].argmax(-1), alone[0].argmax(-1))
+    assert cache.row_lengths == [n + STEPS for n in LENGTHS]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_generate_takes_a_tokenizers_padded_batch(side):
+    tm = _transformed("llama", "windowed")
+    rows = _rows(seed=1)
+    ids, mask = _padded(rows, side)
+    tokens = tm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, eos_token_id=[])
+    assert tokens.shape == (len(rows), ids.shape[1] + STEPS)
+    for i, row in enumerate(rows):
+        alone = tm.generate(row[None], max_new_tokens=STEPS, eos_token_id=[])
+        assert torch.equal(tokens[i, ids.shape[1]:], alone[0, len(row):]), i
+
+
+@pytest.mark.parametrize("kind", ["pruned", "windowed"])
+def test_bytes_count_each_row_at_its_length_and_buffers_stay_put(kind):
+    tm = _transformed("llama", kind)
+    ids, mask = _padded(_rows(), "left")
+    out = tm(ids, attention_mask=mask, use_cache=True, max_cache_len=64)
+    cache = out.past_key_values
+    storage = {name: buffer.data_ptr() for name, buffer in cache.buffers.items()}
+    for _ in range(STEPS):
+        expected = sum(tm.plan.cache_nbytes(tm.shape, tm.dtype, 1, n) for n in cache.row_lengths)
+        assert cache.nbytes == expected
+        assert cache.capacity_nbytes >= cache.nbytes
+        out = tm(torch.full((len(LENGTHS), 1), 5), past_key_values=cache, use_cache=True)
+    # every step wrote into the buffers allocated at the prefill: no token held was copied
+    assert {name: buffer.data_ptr() for name, buffer in cache.buffers.items()} == storage
+
+
+def test_buffers_grow_by_doubling_and_keep_their_tokens():
+    tm = _transformed("llama", "pruned")
+    prompt = _rows()[2][None]
+    grown, _ = _greedy_logits(tm, prompt, steps=70)  # the default capacity (64) overflows
+    out = tm(prompt, use_cache=True, max_cache_len=prompt.shape[1] + 71)
+    assert out.past_key_values.buffers["value.2"].shape[2] == prompt.shape[1] + 71
+    roomy, _ = _greedy_logits(tm, prompt, steps=70)
+    torch.testing.assert_close(grown, roomy)
+
+
+def test_a_cache_written_under_another_plan_is_refused_naming_both():
+    model, program = _model("llama")
+    tm = _transformed("llama", "pruned")
+    other = kvcompile.transform(model, Plan.from_k_channels({0: K_CHANNELS[0], 1: [[0, 2, 4, 6], [1, 3, 5, 7, 9, 11]]}),
+                                program=program)
+    cache = other(_rows()[0][None], use_cache=True).past_key_values
+    with pytest.raises(CacheMismatch, match=f"plan {other.plan.fingerprint()}.*{tm.plan.fingerprint()}"):
+        tm(torch.tensor([[5]]), past_key_values=cache)
+
+
+def test_copy_branches_two_independent_continuations():
+    tm = _transformed("llama", "windowed")
+    prompt = _rows()[0][None]
+    prefix = tm(prompt, use_cache=True).past_key_values
+    branch = prefix.copy()
+    first = tm(torch.tensor([[7]]), past_key_values=prefix).logits
+    second = tm(torch.tensor([[9]]), past_key_values=branch).logits
+    fresh = tm(prompt, use_cache=True).past_key_values
+    torch.testing.assert_close(second, tm(torch.tensor([[9]]), past_key_values=fresh).logits)
+    assert not torch.allclose(first, second)
+
+
+def test_padding_in_a_continuation_is_refused():
+    tm = _transformed("llama", "pruned")
+    cache = tm(torch.randint(3, 128, (2, 5)), use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError, match="padding among the tokens of a call that continues"):
+        tm(torch.tensor([[5], [6]]), past_key_values=cache, attention_mask=torch.tensor([[1] * 6, [1] * 5 + [0]]))
