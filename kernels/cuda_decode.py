@@ -4,6 +4,8 @@ elsewhere.
 Registered as the CUDA kernels of `kvcompile::pruned_attention` and `kvcompile::windowed_attention`,
 so one program runs the reference on CPU and Triton on a GPU, decided per call by the tensors'
 device (the dispatcher is the lowering). The kernels take one query token and no mask.
+`kvcompile::attention` over a cache written in place (layers a plan leaves whole, merged heads) is
+the pruned kernel with one group keeping every channel of every head.
 
 A decode step over a cache written in place passes per-row lengths instead of a mask: the one
 token sees each row's first lengths[b] slots, which the kernels bound on the device, so such a call
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from .ops import (
+    attention,
+    attention_reference,
     check_lengths_arguments,
     pruned_attention,
     pruned_attention_reference,
@@ -41,6 +45,18 @@ def _triton_applies(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
         return False
     return (triton_decode.supported(q, None) and all(dtype == q.dtype for dtype in dtypes)
             and _attends_everything(mask, is_causal))
+
+
+@attention.register_kernel("cuda")
+def _attention_cuda(q, k, v, mask, scale, is_causal, lengths=None):
+    if lengths is not None and _triton_applies(q, mask, is_causal, [k.dtype, v.dtype]):
+        from .triton_decode import pruned_decode
+
+        heads, dim = k.shape[1], k.shape[3]
+        every_head = torch.arange(heads, device=q.device)
+        every_channel = torch.arange(dim, device=q.device).expand(heads, dim)
+        return pruned_decode(q, [k], [every_head], [every_channel], v, scale, lengths=lengths)
+    return attention_reference(q, k, v, mask, scale, is_causal, lengths)
 
 
 @pruned_attention.register_kernel("cuda")

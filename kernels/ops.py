@@ -50,6 +50,10 @@ def attention(
 ) -> torch.Tensor:
     """Dense GQA-native attention; K/V are not repeated. Matches SDPA with `scale`. With `lengths`
     (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k and v."""
+    return attention_reference(q, k, v, mask, scale, is_causal, lengths)
+
+
+def attention_reference(q, k, v, mask, scale, is_causal, lengths=None):
     check_lengths_arguments("kvcompile::attention", q, mask, is_causal, lengths)
     if lengths is not None:
         k, v = _cut_to_lengths("kvcompile::attention", lengths, [k, v], q.shape[2])
@@ -237,13 +241,16 @@ def check_lengths_arguments(op: str, q, mask, is_causal, *lengths) -> None:
 
 
 def _cut_to_lengths(op, lengths, tensors, min_length) -> list[torch.Tensor]:
-    """The (B, H, C, d) `tensors` cut to the longest row, max(lengths) (a host sync), with each
-    row's slots at or beyond its length zeroed: the mask keeps those slots out of the softmax, but
-    garbage there would still reach the arithmetic (a NaN key or value survives 0 * NaN)."""
+    """The (B, H, C, d) `tensors` cut to the longest row, max(lengths) (a host sync): views when
+    every row has that length, else copies with each row's slots at or beyond its length zeroed:
+    the mask keeps those slots out of the softmax, but garbage there would still reach the
+    arithmetic (a NaN key or value survives 0 * NaN)."""
     capacity = min(x.shape[2] for x in tensors)
     shortest, longest = (int(x) for x in torch.aminmax(lengths))
     if shortest < min_length or longest > capacity:
         raise ValueError(f"{op}: lengths must lie in [{min_length}, {capacity}], got {lengths.tolist()}")
+    if shortest == longest:  # no row has slots to hide: reading the tokens copies nothing
+        return [x[:, :, :longest] for x in tensors]
     valid = torch.arange(longest, device=lengths.device) < lengths[:, None]  # (B, longest)
     return [x[:, :, :longest].masked_fill(~valid[:, None, :, None], 0) for x in tensors]
 

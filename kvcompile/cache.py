@@ -138,7 +138,8 @@ class CompressedKVCache:
 
     def write_prompt(self, present: dict[str, torch.Tensor], valid: torch.Tensor | None,
                      capacity: int | None = None) -> None:
-        """Hold a prefill's cache outputs (B, H, S, w), prompt order, in an empty cache.
+        """Hold a prefill's cache outputs (B, H, S, w), prompt order, in an empty cache (`present` is
+        emptied: its tensors are copied into the buffers one at a time, and dropped).
 
         `valid` (B, S) bool marks each row's real tokens (None: all); they go to slots [0, n_b) in
         order, padding nowhere. `capacity`: slots to allocate per row (default: room to grow)."""
@@ -147,17 +148,19 @@ class CompressedKVCache:
         some = next(iter(present.values()))
         batch, seq, device = some.shape[0], some.shape[2], some.device
         if valid is None:
-            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        self.row_lengths = valid.sum(1).tolist()
+            self.row_lengths = [seq] * batch
+            tokens = dict(present)
+        else:
+            self.row_lengths = valid.sum(1).tolist()
+            # each row's real tokens first, in order (a stable sort of "is padding")
+            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+            tokens = {name: _take_tokens(tensor, order) for name, tensor in present.items()}
+        present.clear()  # the prompt's tokens live on in the buffers only: free each as it is copied
         self.lengths = torch.tensor(self.row_lengths, dtype=torch.int64, device=device)
-        # each row's real tokens first, in order (a stable sort of "is padding")
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-        tokens = {name: _take_tokens(tensor, order) for name, tensor in present.items()}
         longest = self.length
         full = max(capacity or 0, _grown(longest, longest + 1))
-        for name, tensor in tokens.items():
-            if entry_region(self.plan, name) == FULL:
-                self.buffers[name] = _with_capacity(tensor[:, :, :longest], full)
+        for name in [name for name in tokens if entry_region(self.plan, name) == FULL]:
+            self.buffers[name] = _with_capacity(tokens.pop(name)[:, :, :longest], full)
         for layer in self._windowed_layers(tokens):
             self._split_window(layer, tokens, full)
 

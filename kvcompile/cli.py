@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .benchmarks.throughput import METHODS as THROUGHPUT_METHODS
 from .calibration import importance
 from .calibration.calibrate import calibrate
 from .calibration.recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
@@ -112,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--steps", type=_positive_int, default=20, help="decode steps per timed block")
     rate.add_argument("--warmup", type=_positive_int, default=4, help="untimed decode steps first, per method")
     rate.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks per method (median, min-max)")
-    rate.add_argument("--methods", nargs="+", choices=("dense", "transformed", "compiled"),
-                      default=["dense", "transformed", "compiled"])
+    rate.add_argument("--methods", nargs="+", choices=THROUGHPUT_METHODS, default=list(THROUGHPUT_METHODS),
+                      help="rows to run (default all; see kvcompile/benchmarks/throughput.py)")
     rate.add_argument("--layers", type=_positive_int, help="llama-8b-random: this many layers (default 32)")
     rate.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     rate.set_defaults(run=_run_throughput)

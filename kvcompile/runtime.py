@@ -20,17 +20,20 @@ from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
 from .cache import CompressedKVCache
 from .capture import program_for
+from .graphs import GraphedDecode
 from .pipeline import IN_PLACE, compile_programs
 from .plan import ModelShape, Plan
 from .program import PREFILL_MASK, call_program, empty_entries, signature_of
 
 
-def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModule | None = None) -> "TransformedModel":
+def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModule | None = None,
+              cuda_graphs: bool | None = None) -> "TransformedModel":
     """Compile `model` (a transformers causal LM in eval mode) so its KV cache follows `plan`.
 
     The plan is validated before anything is traced; the user's model is neither modified nor
     copied (the programs share its parameters). `program`, from `kvcompile.capture(model)`, saves
-    tracing the model again when it is compiled for several plans.
+    tracing the model again when it is compiled for several plans. `cuda_graphs`: replay one-token
+    decode steps from CUDA graphs (graphs.py); by default on when the model is on a CUDA device.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a kvcompile.Plan, got {type(plan).__name__}")
@@ -40,11 +43,12 @@ def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModu
         raise ValueError("model is in training mode; call model.eval() first (dropout would change attention)")
     shape = ModelShape.from_config(model.config)
     plan.validate(shape)
-    return TransformedModel(model, plan, shape, program)
+    return TransformedModel(model, plan, shape, program, cuda_graphs)
 
 
 class TransformedModel(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape, program: torch.fx.GraphModule | None = None):
+    def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape, program: torch.fx.GraphModule | None = None,
+                 cuda_graphs: bool | None = None):
         super().__init__()
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
@@ -56,6 +60,10 @@ class TransformedModel(torch.nn.Module):
         self.cache_encoder = programs.cache_encoder
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
+        if cuda_graphs and self._device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self._device}")
+        use_graphs = self._device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphed_decode = GraphedDecode(self.decode_program) if use_graphs else None
         self._source = [model]  # kept out of the module tree: its parameters are already the programs'
 
     @property
@@ -125,7 +133,10 @@ class TransformedModel(torch.nn.Module):
             )
         inputs = cache.prepare_call(seq)
         positions = cache.lengths[:, None] + torch.arange(seq, device=self._device)
-        logits, _ = call_program(self.decode_program, input_ids, positions, cache.buffers, inputs)
+        if self._graphed_decode is not None and seq == 1:
+            logits = self._graphed_decode(input_ids, positions, cache.buffers, inputs)
+        else:
+            logits, _ = call_program(self.decode_program, input_ids, positions, cache.buffers, inputs)
         cache.advance(seq)
         return logits, cache
 
@@ -146,9 +157,9 @@ class TransformedModel(torch.nn.Module):
         e.g. the layers of a transformers DynamicCache. For plans that do not merge heads."""
         if self.cache_encoder is None:
             raise ValueError("this plan merges KV heads: its cache is not a function of the dense model's K/V")
-        outputs = self.cache_encoder(*keys, *values)
+        entries = dict(zip(signature_of(self.cache_encoder).cache_outputs, self.cache_encoder(*keys, *values)))
         cache = CompressedKVCache(self.plan, self.shape)
-        cache.write_prompt(dict(zip(signature_of(self.cache_encoder).cache_outputs, outputs)), None, max_cache_len)
+        cache.write_prompt(entries, None, max_cache_len)
         return cache
 
     def empty_cache(self, batch: int) -> dict[str, torch.Tensor]:

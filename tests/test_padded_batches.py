@@ -46,9 +46,9 @@ def _rows(seed=0):
 
 
 def _padded(rows, side):
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    width, device = max(len(row) for row in rows), rows[0].device
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
         ids[i, span], mask[i, span] = row, 1
@@ -61,8 +61,8 @@ def _greedy_logits(tm, ids, mask=None, steps=STEPS):
     if mask is None:
         logits = out.logits[:, -1]
     else:
-        last = torch.where(mask.bool(), torch.arange(ids.shape[1]), -1).amax(1)
-        logits = out.logits[torch.arange(ids.shape[0]), last]
+        last = torch.where(mask.bool(), torch.arange(ids.shape[1], device=ids.device), -1).amax(1)
+        logits = out.logits[torch.arange(ids.shape[0], device=ids.device), last]
     history = [logits]
     for _ in range(steps):
         token = logits.argmax(-1, keepdim=True)

@@ -288,6 +288,25 @@ def test_lengths_through_the_cuda_face(monkeypatch):
     _assert_fp32_close(pruned_out, _pruned_reference(pruned, lengths))
 
 
+def test_dense_attention_with_lengths_runs_the_pruned_kernel_keeping_every_channel():
+    """`kvcompile::attention`'s CUDA face (registered on CPU for the test), for layers a plan leaves
+    whole: ragged rows, garbage past each, against the reference op."""
+    from kvcompile.kernels import cuda_decode
+    from kvcompile.kernels.ops import attention_reference
+
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    q = torch.randn(3, 4, 1, D, generator=g, device=DEVICE)
+    lengths = torch.tensor(PRUNED_LENGTHS, device=DEVICE)
+    k, v = (_with_garbage(torch.randn(3, 2, 50, D, generator=g, device=DEVICE), lengths) for _ in range(2))
+    expected = attention_reference(q, k, v, None, D**-0.5, False, lengths)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_decode, "pruned_decode", _counted(triton_decode.pruned_decode, calls))
+        out = cuda_decode._attention_cuda(q, k, v, None, D**-0.5, False, lengths)
+    assert len(calls) == 1
+    _assert_fp32_close(out, expected)
+
+
 def test_supported():
     q = torch.zeros(1, 4, 1, D, device=DEVICE)
     assert triton_decode.supported(q, None)

@@ -1,18 +1,24 @@
 """End-to-end decode throughput: tokens/s of a whole model decoding on a long cache.
 
-Three ways to run one model under one plan, timed in the same process on caches of the same length:
+Ways to run one model, timed in the same process on caches of the same length:
 
 - ``dense``: the transformers model as it is, eager, with its DynamicCache;
-- ``transformed``: `kvcompile.transform(model, plan)` on the compressed cache (its decode attention
-  runs the Triton kernels on CUDA);
+- ``static-compiled``: transformers' StaticCache and `torch.compile(mode="reduce-overhead")`, the
+  fastest stock path (CUDA graphs of the compiled step);
+- ``dense-twin``: `kvcompile.transform` under a plan that keeps every channel and no windows: the
+  same programs, kernels and CUDA graphs as ``transformed`` over the full cache, the fair stand-in
+  for a serving engine's dense decode;
+- ``transformed``: `kvcompile.transform(model, plan)` on the compressed cache;
 - ``compiled``: `torch.compile(model, backend="kvcompile", options={"plan": plan})` with the model's
   DynamicCache (the backend takes no windows, so it gets the plan's channels without them).
 
 The caches are filled with random keys and values instead of a prefill: decode speed depends on the
 cache's length and layout, not its contents, and a 32K-token prefill's logits alone would not fit
-in memory for a 128K-vocabulary model. Each method decodes `warmup` steps (compiling, for
-`compiled`), then `repeats` blocks of `steps` timed steps, greedy on its own logits, all in one
-process; a method's rate is the median block's, reported with the slowest and fastest block.
+in memory for a 128K-vocabulary model. Each method decodes `warmup` steps (compiling, capturing),
+then `repeats` blocks of `steps` timed steps, greedy on its own logits, all in one process; a
+method's rate is the median block's, reported with the slowest and fastest block. Each row also
+says the bytes one step reads (the weights and the cache it attends over) and the rate it reads
+them at; `byte_ideal_speedup` is the dense step's bytes over the plan's.
 """
 
 from __future__ import annotations
@@ -22,18 +28,19 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from kvcompile.capture import dynamic_cache_holding
+from kvcompile.capture import capture, dynamic_cache_holding
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.runtime import transform
 
 from .bench import LEANK_COUNTS
 
-METHODS = ("dense", "transformed", "compiled")
+METHODS = ("dense", "static-compiled", "dense-twin", "transformed", "compiled")
 
 
 def llama_8b_shaped(vocab_size: int = 128256, num_layers: int = 32):
@@ -112,17 +119,23 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     rates, ranges, failures = {}, {}, {}
+    captured = capture(model, shape) if {"dense-twin", "transformed"} & set(methods) else None
     for method in methods:
         print(f"throughput: {method} ...", file=sys.stderr, flush=True)
         try:
-            blocks = _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats)
+            blocks = _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats,
+                                   captured)
             rates[method] = round(statistics.median(blocks), 1)
             ranges[method] = [round(min(blocks), 1), round(max(blocks), 1)]
         except torch.OutOfMemoryError as err:  # e.g. a compiled graph holds the old and new cache at once
             failures[method] = f"out of memory: {str(err).splitlines()[0]}"
+        except Exception as err:  # one method's failure (a compiler's, say) leaves the others' numbers standing
+            traceback.print_exc(file=sys.stderr)
+            failures[method] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    step_bytes = _bytes_per_step(model, plan, shape, dtype, batch, context)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__},
@@ -138,16 +151,23 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
         "tokens_per_s": rates,
         "tokens_per_s_min_max": ranges,
         "speedup_vs_dense": {m: round(rates[m] / rates["dense"], 3) for m in rates} if "dense" in rates else {},
+        "speedup_vs_fastest_stock": _speedup_vs_fastest_stock(rates),
+        "bytes_per_step": {m: step_bytes[m] for m in rates},
+        "gb_per_s": {m: round(step_bytes[m] * rates[m] / batch / 1e9, 1) for m in rates},
+        "byte_ideal_speedup": round(step_bytes["dense"] / step_bytes["transformed"], 3),
         "failed": failures,
     }
 
 
-def _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats) -> list[float]:
+def _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats,
+                  captured) -> list[float]:  # fmt: skip
+    capacity = context + warmup + steps * repeats
     layers = random_dense_cache(shape, batch, context, dtype, device)
-    if method == "transformed":
-        runner = transform(model, plan)
-        cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers],
-                                          max_cache_len=context + warmup + steps * repeats)
+    if method in ("transformed", "dense-twin"):
+        runner = transform(model, plan if method == "transformed" else keep_everything_plan(shape), program=captured)
+        cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers], max_cache_len=capacity)
+    elif method == "static-compiled":
+        runner, cache = _static_compiled(model, layers, capacity)
     else:
         runner = model
         if method == "compiled":
@@ -158,12 +178,61 @@ def _method_rates(method, model, plan, shape, batch, context, dtype, device, war
     return _decode_rates(runner, cache, batch, model.config.vocab_size, device, warmup, steps, repeats)
 
 
+def _speedup_vs_fastest_stock(rates: dict[str, float]) -> dict[str, float]:
+    """Each rate over the faster of the two stock transformers rows that ran (eager, compiled static)."""
+    stock = [rates[m] for m in ("dense", "static-compiled") if m in rates]
+    return {m: round(rate / max(stock), 3) for m, rate in rates.items()} if stock else {}
+
+
+def keep_everything_plan(shape: ModelShape) -> Plan:
+    """Every channel of every KV head, no windows: the compressed runtime over the dense cache."""
+    every = list(range(shape.head_dim))
+    return Plan.from_k_channels({layer: [every] * shape.num_kv_heads for layer in range(shape.num_layers)}, model=shape)
+
+
+def _static_compiled(model, layers, capacity: int):
+    """transformers' StaticCache holding `layers`, and a step function running the model compiled
+    with mode="reduce-overhead" on it (positions from the cache's own count)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    batch, _, context, _ = layers[0][0].shape
+    device = layers[0][0].device
+    # one real update allocates each layer's static tensors; then the random context goes in place
+    first = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(first, past_key_values=cache, cache_position=torch.zeros(1, dtype=torch.long, device=device))
+    for layer, (keys, values) in zip(cache.layers, layers):
+        layer.keys[:, :, :context] = keys
+        layer.values[:, :, :context] = values
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    position = torch.tensor([context], device=device)
+
+    def step(token, past_key_values, use_cache=True):
+        out = compiled(token, past_key_values=past_key_values, cache_position=position, use_cache=use_cache)
+        position.add_(1)
+        return out
+
+    return step, cache
+
+
+def _bytes_per_step(model, plan: Plan, shape: ModelShape, dtype, batch: int, context: int) -> dict[str, int]:
+    """Bytes a decode step reads at `context` cached tokens: every weight once, and the cache."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    dense_cache = keep_everything_plan(shape).cache_nbytes(shape, dtype, batch, context)
+    planned = plan.cache_nbytes(shape, dtype, batch, context)
+    dense = weights + dense_cache
+    # the backend gathers the kept channels from the model's own full-width cache: it reads all of it
+    return {"dense": dense, "static-compiled": dense, "dense-twin": dense, "transformed": weights + planned,
+            "compiled": dense}
+
+
 def format_row(report: dict) -> str:
-    rates, ranges = report["tokens_per_s"], report["tokens_per_s_min_max"]
-    cells = "  ".join(f"{m} {rates[m]:.1f} [{ranges[m][0]:.1f}-{ranges[m][1]:.1f}]" +
+    rates, ranges, bandwidth = report["tokens_per_s"], report["tokens_per_s_min_max"], report["gb_per_s"]
+    cells = "  ".join(f"{m} {rates[m]:.1f} [{ranges[m][0]:.1f}-{ranges[m][1]:.1f}] {bandwidth[m]:.0f} GB/s" +
                       (f" ({report['speedup_vs_dense'][m]:.2f}x)" if m != "dense" and report["speedup_vs_dense"] else "")
                       for m in rates)
     cells += "".join(f"  {m} failed ({why})" for m, why in report["failed"].items())
     return (f"{report['model']} {report['shape']['num_layers']}L, {report['dtype']}, batch {report['batch']} x "
             f"context {report['context']}, {report['device']}: tokens/s, median [min-max] of {report['repeats']} x "
-        f"{report['steps']} steps {cells}")
+        f"{report['steps']} steps, byte-ideal {report['byte_ideal_speedup']:.2f}x: {cells}")
