@@ -177,9 +177,10 @@ def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_py
     recipe = Recipe(kv_group_size=3, rope="post", merge_layers=(0, 14, 29), k_sparsity=0.5, calib_tokens=1024)
     plan = calibrate(model, recipe, [calibration_text()], tokenizer=tokenizer, progress=False)
     assert sorted(plan.merges) == [0, 14, 29] and len(plan.k_channels) == 30
-    folder = export_onnx(model, plan, tmp_path / "smollm2")
+    captured = kvcompile.capture(model)  # traced once for the export and the PyTorch runtime
+    folder = export_onnx(model, plan, tmp_path / "smollm2", program=captured)
     prompt = tokenizer(evaluation_text()[:3000], return_tensors="pt").input_ids[:, :200]
-    tm = kvcompile.transform(model, plan)
+    tm = kvcompile.transform(model, plan, program=captured)
     want = tm.generate(prompt, max_new_tokens=STEPS, do_sample=False)
     assert torch.equal(generate(folder, prompt, max_new_tokens=STEPS), want)
     prefill, decode, manifest = load_sessions(folder, ["CPUExecutionProvider"])
