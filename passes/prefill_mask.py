@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.fx
 
 from kvcompile.plan import Plan
-from kvcompile.program import PREFILL_MASK, signature_of
+from kvcompile.program import PREFILL_MASK
 
 from .graph import add_input, require_canonical
 from .sites import find_attention_sites

@@ -24,8 +24,8 @@ import torch
 import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
-from kvcompile.layout import entry_kind, entry_layer
 from kvcompile.capture import USER_MODEL_PREFIX
+from kvcompile.layout import entry_kind, entry_layer
 from kvcompile.program import past, placeholder_name, signature_of
 
 aten = torch.ops.aten

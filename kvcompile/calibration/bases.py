@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvcompile.rope import RopeLayout, check_layout_fits, rotary_pairs
+from kvcompile.rope import RopeLayout, rotary_pairs
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
 from kvcompile.capture import capture
+from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
 from kvcompile.pipeline import FUSED_CACHE_UPDATE, compile_programs, run_stage
 from kvcompile.plan import Plan
 from kvcompile.program import TOKEN_INPUTS, Signature, call_program, clone_program, signature_of
