@@ -212,7 +212,7 @@ class CompressedKVCache:
         inputs = {CACHE_SLOTS: self.lengths[:, None] + step, CACHE_LENGTHS: self.lengths + new_tokens}
         if self.plan.windowed:
             self._reserve(WINDOW, self.window_capacity(new_tokens))
-            middle = self._device_middle_lengths()
+            middle = torch.tensor(self.region_lengths(MIDDLE), dtype=torch.int64, device=self.lengths.device)
             window = self.lengths - middle
             inputs.update({WINDOW_SLOTS: window[:, None] + step, WINDOW_LENGTHS: window + new_tokens,
                            MIDDLE_LENGTHS: middle})
@@ -226,10 +226,6 @@ class CompressedKVCache:
         self.lengths = self.lengths + new_tokens
         if self.plan.windowed:
             self._flush(before)
-
-    def _device_middle_lengths(self) -> torch.Tensor:
-        plan = self.plan
-        return ((self.lengths - plan.sink - plan.recent) // plan.buffer * plan.buffer).clamp(min=0)
 
     def _flush(self, middle_before: list[int]) -> None:
         moved = [after - before for after, before in zip(self.region_lengths(MIDDLE), middle_before)]
