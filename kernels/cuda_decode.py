@@ -5,7 +5,7 @@ Registered as the CUDA kernels of `kvcompile::pruned_attention` and `kvcompile::
 so one program runs the reference on CPU and Triton on a GPU, decided per call by the tensors'
 device (the dispatcher is the lowering). The kernels take one query token and no mask.
 `kvcompile::attention` over a cache written in place (layers a plan leaves whole, merged heads) is
-the pruned kernel with one group keeping every channel of every head.
+the same kernel with the whole sequence as its window.
 
 A decode step over a cache written in place passes per-row lengths instead of a mask: the one
 token sees each row's first lengths[b] slots, which the kernels bound on the device, so such a call
@@ -50,12 +50,9 @@ def _triton_applies(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, mask, scale, is_causal, lengths=None):
     if lengths is not None and _triton_applies(q, mask, is_causal, [k.dtype, v.dtype]):
-        from .triton_decode import pruned_decode
+        from .triton_decode import dense_decode
 
-        heads, dim = k.shape[1], k.shape[3]
-        every_head = torch.arange(heads, device=q.device)
-        every_channel = torch.arange(dim, device=q.device).expand(heads, dim)
-        return pruned_decode(q, [k], [every_head], [every_channel], v, scale, lengths=lengths)
+        return dense_decode(q, k, v, scale, lengths=lengths)
     return attention_reference(q, k, v, mask, scale, is_causal, lengths)
 
 

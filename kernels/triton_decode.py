@@ -1,73 +1,75 @@
-"""Decode attention over a LeanK-compressed KV cache, in Triton.
+"""Decode attention over a LeanK-compressed KV cache, in Triton: one launch per call.
 
-The CUDA face of `kvcompile::windowed_attention` and `kvcompile::pruned_attention` (reference
-implementations and layouts in `ops.py`) for the decode step: one new query token per sequence,
-no mask, and optionally per-row token counts of caches written in place (`lengths`, read on the
-device). Everything else falls back to the reference (`supported` says which).
+The CUDA face of `kvcompile::windowed_attention`, `kvcompile::pruned_attention` and
+`kvcompile::attention` (reference implementations and layouts in `ops.py`) for the decode step: one
+new query token per sequence, no mask, and optionally per-row token counts of caches written in
+place (`lengths`, read on the device). Everything else falls back to the reference (`supported`
+says which).
 
 Why a kernel at all
 -------------------
 Decoding one token is memory-bound: every step reads the whole cache once and does only ~2 FLOPs
-per byte. The reference spends its time elsewhere: it gathers the query channels per width group,
-repeats nothing but still materialises fp32 copies of every key and value (`keys.float()`), and
-makes one pass per region plus a combine in eager PyTorch. What matters for speed is that each
-byte of the compressed cache is read exactly once, in its stored dtype, and that enough programs
-run to fill the GPU even at batch 1.
+per byte. What matters for speed is that each byte of the compressed cache is read exactly once,
+in its stored dtype, that enough programs run to fill the GPU even at batch 1, and that a call
+costs one launch: a decode step runs one attention per layer, and at batch 1 a launch, or a graph
+node, costs as much as reading a few hundred kilobytes.
 
 The algorithm
 -------------
-1. **Regions.** The sequence is split the way the cache stores it: the full-channel window (every
-   KV head, every channel), and the middle, one region per width group (the group's KV heads,
-   `w` kept channels; K stored `(B, G, M, w)`). A streaming head (in no group) has no middle: its
-   softmax runs over the window alone. `pruned_attention` is the same machinery with no window:
-   one region per width group over all T tokens, plus a width-0 region for the heads that keep no
-   channel (their scores are all 0, so they attend uniformly, exactly as the reference does).
-   Since the mask is None, the order of tokens in the sequence (`sink`) does not change the
-   result: softmax is invariant to permuting keys together with their values.
+1. **Regions.** A KV head's tokens are split the way the cache stores them, into at most two
+   regions: the full-channel *window* (every channel of every head; `attention` is a window over
+   the whole sequence) and its *middle*, the head's width group (`w` kept channels, K stored
+   `(B, G, M, w)`). A streaming head (in no group) has no middle: its softmax runs over the window
+   alone. `pruned_attention` has no window: each head's one region is its group over all T
+   tokens, or, for a head keeping no channel, a width-0 region whose scores are all 0 (it attends
+   uniformly, exactly as the reference does). Without a mask the order of tokens (`sink`) does not
+   change the result: softmax is invariant to permuting keys together with their values.
 
 2. **GQA-native.** One program owns one KV head of one sequence and *all* `r` query heads that
    share it. It loads a key block once and multiplies it by the `(r, w)` query block (the query
    channels gathered with that head's `channels` row) with `tl.dot`, instead of loading the same
-   keys `r` times. `tl.dot` wants every dimension to be a power of two and at least 16, so the
-   query rows (r may be 3), channels and value dims are padded and masked; the padding rows cost
-   a few idle tensor-core lanes, not memory traffic.
+   keys `r` times. `tl.dot` wants every dimension to be a power of two and at least 16, so query
+   rows (r may be 3), channels and value dims are padded and masked; the padding rows cost a few
+   idle tensor-core lanes, not memory traffic.
 
-3. **Split-K (flash-decoding).** With one query token there is no query-length parallelism, and
-   `B * Hkv` programs (3 at batch 1 for SmolLM2) would leave most SMs idle. So each region's
-   tokens are cut into chunks and every (sequence, KV head, chunk) is a program. A program keeps
-   the usual online-softmax state over its chunk (running max `m`, sum of exponentials `l`, and
-   unnormalised output `acc`) and writes it to a *slot*. Regions sit side by side in slot space
-   (window slots, then middle slots), so a second small kernel combines each query head's slots
-   by log-sum-exp, the same combination `ops._combine_partials` does across regions:
+3. **Split-K, sized on the device.** With one query token there is no query-length parallelism,
+   and `B * Hkv` programs (3 at batch 1 for SmolLM2) would leave most SMs idle. So every
+   (sequence, KV head) gets up to S programs, *splits*, S chosen on the host from shapes alone:
+   one wave of programs (`PROGRAMS_PER_SM`), within bounds on the tokens a piece holds. Each
+   program then reads its row's token counts and cuts its own piece of the work. A head uses a
+   share of the S splits in proportion to the bytes it reads (the widest head all S; a head keeping
+   16 channels about half, and its other programs return at once), shared again between its
+   window and middle by bytes (a window of ~1K full-width tokens gets one split, a middle of 31K
+   narrow ones the rest), and each region's tokens are cut evenly among its splits. So a cache
+   with room for 64K tokens that holds 33K spreads those 33K over every program, and one CUDA
+   graph captured at the capacity serves every length.
+
+4. **The fused combine.** A program keeps the usual online-softmax state over its piece (running
+   max `m`, sum of exponentials `l`, unnormalised output `acc`) and writes it to its slot. Then it
+   increments its (sequence, KV head)'s counter; the program that brings it to S, the last of the
+   head's splits to finish, reads the S slots back and combines them by log-sum-exp,
 
        m = max_i m_i,   out = sum_i 2^(m_i - m) acc_i / sum_i 2^(m_i - m) l_i
 
-   A head reads only the slots its regions wrote (a per-KV-head slot count), so streaming heads
-   need no "empty" partials and nothing has to be zero-filled first. An empty region (no middle
-   yet) simply launches nothing.
-
-4. **Per-row lengths.** A cache written in place has a capacity C and a token count per row
-   (`lengths`, `window_lengths`, `middle_lengths`: (B,) int64 or int32 on the device). The grid is
-   sized from C, which the host knows without a sync; each program loads its row's count and cuts
-   its chunk there, so the chunks of a row past its count run no token and store the empty
-   partial (m = -inf, l = 0, acc = 0), which the combine weighs by 2^(-inf - m) = 0. Slot 0 (the
-   first chunk of a head's first region) always holds a token, since every row holds at least
-   one: the running max is finite from the first slot on, so no `-inf - -inf` NaN can arise.
-   Without lengths every row holds C tokens and every launched chunk at least one.
+   the same combination `ops._combine_partials` does across regions. The counter increment is an
+   acquire-release atomic after a barrier, so the last program sees every slot the others wrote.
+   A split with no token (a short row, an empty middle) stores m = -inf, l = 0, which weighs 0;
+   the combine never forms -inf - -inf.
 
 5. **Precision.** Scores and the softmax state are fp32 whatever the input dtype. Scores are
    scaled by `scale * log2(e)` so the exponentials are `exp2` (one instruction on NVIDIA GPUs);
-   maxima are therefore kept in base-2 units throughout, in both kernels. fp16/bf16 inputs go
-   through the tensor cores (probabilities rounded to the value dtype for `p @ v`, as
-   FlashAttention does); fp32 inputs use `input_precision="ieee"`, since TF32 would give ~1e-3
-   errors. The Triton interpreter multiplies bf16 operands as their raw bit patterns (it stores
-   bf16 as uint16), so under `TRITON_INTERPRET=1` bf16 blocks are upcast to fp32 before `tl.dot`.
+   maxima are therefore kept in base-2 units throughout. fp16/bf16 inputs go through the tensor
+   cores (probabilities rounded to the value dtype for `p @ v`, as FlashAttention does); fp32
+   inputs use `input_precision="ieee"`, since TF32 would give ~1e-3 errors. The Triton interpreter
+   multiplies bf16 operands as their raw bit patterns (it stores bf16 as uint16), so under
+   `TRITON_INTERPRET=1` bf16 blocks are upcast to fp32 before `tl.dot`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -79,6 +81,13 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # tl.dot needs every block dimension to be at least 16
+_UNIFORM_BLOCK_W = tl.constexpr(_MIN_DOT)  # the (unread) query width of a head keeping no channel
+_COMBINE_ELEMENTS = 4096  # fp32 partial outputs the combine loads per round (registers, not memory)
+# The default split: one wave of programs, two per SM (measured on an H200 at batch 1 against 4, 8
+# and 16), unless pieces would be shorter than MIN_PIECE tokens; more programs, in waves, when
+# pieces would be longer than MAX_PIECE (at large batch, waves balance heads of uneven widths).
+PROGRAMS_PER_SM = 2
+MIN_PIECE, MAX_PIECE = 512, 4096
 
 
 def supported(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -94,7 +103,7 @@ def supported(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# kernels
+# kernel
 
 
 @triton.jit
@@ -106,76 +115,33 @@ def _dot(a, b, EXACT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _region_partials_kernel(
-    q_ptr, k_ptr, v_ptr, heads_ptr, channels_ptr, value_rows_ptr, skip_ptr, lengths_ptr,
-    max_ptr, sum_ptr, acc_ptr,
-    tokens, tokens_per_split, slot_offset, num_rows, group_size, width, value_dim, qk_scale,
-    stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_cg, stride_cd,
-    stride_lb,
-    stride_pb, stride_ph, stride_ps,
-    stride_ab, stride_ah, stride_as, stride_ad,
-    HAS_HEADS: tl.constexpr, GATHER_Q: tl.constexpr, HAS_VALUE_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, EXACT_FP32: tl.constexpr,
+def _online_softmax(
+    q_block, k_base, stride_kt, stride_kd, width, v_base, stride_vt, stride_vd, value_dim, start, end, qk_scale,
+    HAS_KEYS: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, key row, chunk) of a region: online softmax over the chunk's tokens for the
-    group_size query heads of the row's KV head, written to slot `slot_offset + chunk`. The region
-    holds `tokens` tokens in every sequence, or lengths[sequence] with HAS_LENGTHS."""
-    pid_row = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = (pid_row // num_rows).to(tl.int64)  # int64: B * stride_b may pass 2**31 elements
-    row = pid_row % num_rows  # key row in this region's K tensor
-
-    kv_head = tl.load(heads_ptr + row) if HAS_HEADS else row
-    value_row = tl.load(value_rows_ptr + row) if HAS_VALUE_ROWS else kv_head
-    if HAS_LENGTHS:  # int32, like the chunk bounds it cuts (a count is at most C < 2**31)
-        tokens = tl.load(lengths_ptr + batch * stride_lb).to(tl.int32)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, tokens)
-    stored_heads = group_size
-    if HAS_SKIP:  # this head's slots belong to another region: run no token, store nothing
-        owned = tl.load(skip_ptr + row) == 0
-        end = tl.where(owned, end, start)
-        stored_heads = tl.where(owned, group_size, 0)
-
-    h = tl.arange(0, BLOCK_H)
+    """(max, sum, acc) of the query block (BLOCK_H, BLOCK_W) over tokens [start, end) of one key
+    row of `width` channels; HAS_KEYS=False scores every token 0 (a head keeping no channel)."""
     c = tl.arange(0, BLOCK_W)
     d = tl.arange(0, BLOCK_DV)
-    q_heads = kv_head * group_size + h
-    head_ok = h < group_size
-    channel_ok = c < width
-
-    # the query block (r, w): this KV head's kept channels of each query head sharing it
-    q_channels = c
-    if GATHER_Q:
-        q_channels = tl.load(channels_ptr + row * stride_cg + c * stride_cd, mask=channel_ok, other=0)
-    q_block = tl.load(
-        q_ptr + batch * stride_qb + q_heads[:, None] * stride_qh + q_channels[None, :] * stride_qd,
-        mask=head_ok[:, None] & channel_ok[None, :],
-        other=0.0,
-    )
-
-    k_base = k_ptr + batch * stride_kb + row * stride_kh
-    v_base = v_ptr + batch * stride_vb + value_row * stride_vh
     row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     for block_start in range(start, end, BLOCK_N):
         t = block_start + tl.arange(0, BLOCK_N)
-        in_chunk = t < end
-        # keys loaded transposed (w, n) so the score block is a plain q @ k
-        k_block = tl.load(
-            k_base + c[:, None] * stride_kd + t[None, :] * stride_kt,
-            mask=channel_ok[:, None] & in_chunk[None, :],
-            other=0.0,
-        )
-        scores = _dot(q_block, k_block, EXACT_FP32) * qk_scale  # base-2 units
-        scores = tl.where(in_chunk[None, :], scores, float("-inf"))
+        in_piece = t < end
+        if HAS_KEYS:  # keys loaded transposed (w, n) so the score block is a plain q @ k
+            k_block = tl.load(
+                k_base + c[:, None] * stride_kd + t[None, :] * stride_kt,
+                mask=(c < width)[:, None] & in_piece[None, :],
+                other=0.0,
+            )
+            scores = _dot(q_block, k_block, EXACT_FP32) * qk_scale  # base-2 units
+        else:
+            scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        scores = tl.where(in_piece[None, :], scores, float("-inf"))
 
-        # every block holds >= 1 token of the chunk, so new_max is finite
+        # every block holds >= 1 token of the piece, so new_max is finite
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         rescale = tl.exp2(row_max - new_max)
         probs = tl.exp2(scores - new_max[:, None])
@@ -183,59 +149,185 @@ def _region_partials_kernel(
 
         v_block = tl.load(
             v_base + t[:, None] * stride_vt + d[None, :] * stride_vd,
-            mask=in_chunk[:, None] & (d < value_dim)[None, :],
+            mask=in_piece[:, None] & (d < value_dim)[None, :],
             other=0.0,
         )
         if not EXACT_FP32:
             probs = probs.to(v_block.dtype)  # tensor-core operands share a dtype
         acc = acc * rescale[:, None] + _dot(probs, v_block, EXACT_FP32)
         row_max = new_max
-
-    slot = slot_offset + split
-    store_rows = h < stored_heads  # (not head_ok & owned: the interpreter mishandles a scalar mask)
-    partial = batch * stride_pb + q_heads * stride_ph + slot * stride_ps
-    tl.store(max_ptr + partial, row_max, mask=store_rows)
-    tl.store(sum_ptr + partial, row_sum, mask=store_rows)
-    acc_at = acc_ptr + batch * stride_ab + q_heads[:, None] * stride_ah + slot * stride_as + d[None, :] * stride_ad
-    tl.store(acc_at, acc, mask=store_rows[:, None] & (d < value_dim)[None, :])
+    return row_max, row_sum, acc
 
 
 @triton.jit
-def _combine_kernel(
-    max_ptr, sum_ptr, acc_ptr, slots_ptr, out_ptr,
-    num_q_heads, group_size, value_dim,
+def _decode_kernel(
+    q_ptr, k_window_ptr, v_window_ptr, window_lengths_ptr,
+    k_middle_ptrs, heads_ptrs, channels_ptrs, v_middle_ptr, middle_lengths_ptr,
+    max_ptr, sum_ptr, acc_ptr, counters_ptr, out_ptr,
+    num_kv_heads, num_splits, window_tokens, middle_tokens, group_size, head_dim, value_dim, widest_middle, qk_scale,
+    group_rows, group_widths,
+    stride_qb, stride_qh, stride_qd,
+    stride_kwb, stride_kwh, stride_kwt, stride_kwd,
+    stride_vwb, stride_vwh, stride_vwt, stride_vwd,
+    k_middle_strides, channels_strides,
+    stride_vmb, stride_vmh, stride_vmt, stride_vmd,
+    stride_lw, stride_lm,
     stride_pb, stride_ph, stride_ps,
     stride_ab, stride_ah, stride_as, stride_ad,
     stride_ob, stride_oh, stride_od,
-    BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, NUM_GROUPS: tl.constexpr, UNIFORM_REST: tl.constexpr, VALUES_BY_HEAD: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, EXACT_FP32: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, COMBINE_H: tl.constexpr, COMBINE_SLOTS: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, query head): log-sum-exp over the slots its KV head's regions wrote."""
+    """Split `split` of one (sequence, KV head): its piece of the head's regions into its slot, and,
+    for the last split to finish, the head's output. `widest_middle` is the widest middle's K width
+    (-1: no head has a middle)."""
     pid = tl.program_id(0)
-    batch = (pid // num_q_heads).to(tl.int64)
-    q_head = pid % num_q_heads
-    num_slots = tl.load(slots_ptr + q_head // group_size)
-    d = tl.arange(0, BLOCK_DV)
-    d_ok = d < value_dim
+    split = tl.program_id(1)
+    batch = (pid // num_kv_heads).to(tl.int64)  # int64: B * stride_b may pass 2**31 elements
+    kv_head = pid % num_kv_heads
 
-    partial = max_ptr + batch * stride_pb + q_head * stride_ph
-    partial_sum = sum_ptr + batch * stride_pb + q_head * stride_ph
-    partial_acc = acc_ptr + batch * stride_ab + q_head * stride_ah + d * stride_ad
-    run_max = tl.full([1], float("-inf"), tl.float32)
-    run_sum = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for slot in range(0, num_slots):
-        slot_max = tl.load(partial + slot * stride_ps + tl.zeros([1], tl.int32))
-        slot_sum = tl.load(partial_sum + slot * stride_ps + tl.zeros([1], tl.int32))
-        slot_acc = tl.load(partial_acc + slot * stride_as, mask=d_ok, other=0.0)
-        new_max = tl.maximum(run_max, slot_max)  # finite: every written slot saw a token
-        old_weight = tl.exp2(run_max - new_max)  # 0 on the first slot (run_max = -inf)
-        slot_weight = tl.exp2(slot_max - new_max)
-        run_sum = run_sum * old_weight + slot_sum * slot_weight
-        acc = acc * old_weight + slot_acc * slot_weight
+    # The head's group (-1: none), its row in that group's K, and its row in the middle's values
+    # (which hold the grouped heads ascending), found in the small `heads` tensors.
+    group = kv_head * 0 - 1
+    row = kv_head * 0
+    value_row = kv_head * 0
+    width = kv_head * 0
+    for g in tl.static_range(NUM_GROUPS):
+        i = tl.arange(0, BLOCK_G)
+        heads = tl.load(heads_ptrs[g] + i, mask=i < group_rows[g], other=-1).to(tl.int32)
+        hit = heads == kv_head
+        found = tl.max(hit.to(tl.int32), 0) > 0
+        group = tl.where(found, g, group)
+        row = tl.where(found, tl.sum(tl.where(hit, i, 0), 0), row)
+        width = tl.where(found, group_widths[g], width)
+        value_row += tl.sum(((heads >= 0) & (heads < kv_head)).to(tl.int32), 0)
+    if VALUES_BY_HEAD:
+        value_row = kv_head
+
+    # the row's tokens in each region
+    window = 0
+    if HAS_WINDOW:
+        window = window_tokens
+        if HAS_LENGTHS:
+            window = tl.load(window_lengths_ptr + batch * stride_lw).to(tl.int32)
+    row_middle = middle_tokens
+    if HAS_LENGTHS:
+        row_middle = tl.load(middle_lengths_ptr + batch * stride_lm).to(tl.int32)
+    middle = row_middle
+    if not UNIFORM_REST:
+        middle = tl.where(group >= 0, middle, 0)  # a streaming head has no middle
+
+    # This head's share of the S splits, in proportion to the bytes it reads (the widest head takes
+    # all S, a narrower head leaves the rest of its programs idle), then the window's share of those.
+    window_bytes = window.to(tl.float32) * (head_dim + value_dim)
+    head_bytes = window_bytes + middle.to(tl.float32) * (width + value_dim)
+    widest_bytes = window_bytes + tl.where(widest_middle >= 0, row_middle.to(tl.float32) * (widest_middle + value_dim), 0)
+    both = (window > 0) & (middle > 0)
+    head_splits = tl.ceil(num_splits * head_bytes / tl.maximum(widest_bytes, 1.0)).to(tl.int32)
+    head_splits = tl.minimum(tl.maximum(head_splits, 1 + both.to(tl.int32)), num_splits)
+    shared = tl.floor(head_splits * window_bytes / tl.maximum(head_bytes, 1.0) + 0.5).to(tl.int32)
+    shared = tl.minimum(tl.maximum(shared, 1), head_splits - 1)
+    window_splits = tl.where(middle == 0, head_splits, tl.where(window == 0, 0, shared))
+    if split < head_splits:
+        in_window = split < window_splits
+        tokens = tl.where(in_window, window, middle)
+        piece_index = tl.where(in_window, split, split - window_splits)
+        pieces = tl.where(in_window, window_splits, head_splits - window_splits)
+        piece = tl.cdiv(tl.cdiv(tokens, pieces), BLOCK_N) * BLOCK_N
+        start = piece_index * piece
+        end = tl.minimum(start + piece, tokens)
+
+        h = tl.arange(0, BLOCK_H)
+        q_heads = kv_head * group_size + h
+        head_ok = h < group_size
+        q_base = q_ptr + batch * stride_qb + q_heads[:, None] * stride_qh
+        row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+        v_middle = v_middle_ptr + batch * stride_vmb + value_row * stride_vmh
+        if HAS_WINDOW:
+            if in_window:
+                c = tl.arange(0, BLOCK_D)
+                q_block = tl.load(q_base + c[None, :] * stride_qd, mask=head_ok[:, None] & (c < head_dim)[None, :],
+                                  other=0.0)
+                row_max, row_sum, acc = _online_softmax(
+                    q_block, k_window_ptr + batch * stride_kwb + kv_head * stride_kwh, stride_kwt, stride_kwd,
+                    head_dim, v_window_ptr + batch * stride_vwb + kv_head * stride_vwh, stride_vwt, stride_vwd,
+                    value_dim, start, end, qk_scale, True, EXACT_FP32, BLOCK_H, BLOCK_D, BLOCK_DV, BLOCK_N,
+                )  # fmt: skip
+        if UNIFORM_REST:
+            if (not in_window) & (group < 0):
+                row_max, row_sum, acc = _online_softmax(
+                    row_max, v_middle, 0, 0, 0, v_middle, stride_vmt, stride_vmd, value_dim,
+                    start, end, qk_scale, False, EXACT_FP32, BLOCK_H, _UNIFORM_BLOCK_W, BLOCK_DV, BLOCK_N,
+                )  # fmt: skip
+        for g in tl.static_range(NUM_GROUPS):
+            if (not in_window) & (group == g):
+                c = tl.arange(0, BLOCK_WS[g])
+                channel_ok = c < group_widths[g]
+                channels = tl.load(channels_ptrs[g] + row * channels_strides[g][0] + c * channels_strides[g][1],
+                                   mask=channel_ok, other=0)
+                q_block = tl.load(q_base + channels[None, :] * stride_qd,
+                                  mask=head_ok[:, None] & channel_ok[None, :], other=0.0)
+                k_base = k_middle_ptrs[g] + batch * k_middle_strides[g][0] + row * k_middle_strides[g][1]
+                row_max, row_sum, acc = _online_softmax(
+                    q_block, k_base, k_middle_strides[g][2], k_middle_strides[g][3], group_widths[g],
+                    v_middle, stride_vmt, stride_vmd, value_dim,
+                    start, end, qk_scale, True, EXACT_FP32, BLOCK_H, BLOCK_WS[g], BLOCK_DV, BLOCK_N,
+                )  # fmt: skip
+
+        d = tl.arange(0, BLOCK_DV)
+        partial = batch * stride_pb + q_heads * stride_ph + split * stride_ps
+        tl.store(max_ptr + partial, row_max, mask=head_ok)
+        tl.store(sum_ptr + partial, row_sum, mask=head_ok)
+        acc_at = acc_ptr + batch * stride_ab + q_heads[:, None] * stride_ah + split * stride_as + d[None, :] * stride_ad
+        tl.store(acc_at, acc, mask=head_ok[:, None] & (d < value_dim)[None, :])
+
+        tl.debug_barrier()  # every thread's slot stored before the release below
+        finished = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if finished == head_splits - 1:
+            _combine(max_ptr, sum_ptr, acc_ptr, out_ptr, batch, kv_head, head_splits, group_size, value_dim,
+                     stride_pb, stride_ph, stride_ps, stride_ab, stride_ah, stride_as, stride_ad,
+                     stride_ob, stride_oh, stride_od, COMBINE_H, BLOCK_DV, COMBINE_SLOTS)
+
+
+@triton.jit
+def _combine(
+    max_ptr, sum_ptr, acc_ptr, out_ptr, batch, kv_head, num_slots, group_size, value_dim,
+    stride_pb, stride_ph, stride_ps, stride_ab, stride_ah, stride_as, stride_ad, stride_ob, stride_oh, stride_od,
+    COMBINE_H: tl.constexpr, BLOCK_DV: tl.constexpr, COMBINE_SLOTS: tl.constexpr,
+):  # fmt: skip
+    """The output of one KV head's query heads: its slots combined by log-sum-exp, COMBINE_SLOTS
+    at a time (one round of independent loads each, not one per slot)."""
+    h = tl.arange(0, COMBINE_H)
+    d = tl.arange(0, BLOCK_DV)
+    head_ok = h < group_size
+    q_heads = kv_head * group_size + h
+    run_max = tl.full([COMBINE_H], float("-inf"), tl.float32)
+    run_sum = tl.zeros([COMBINE_H], tl.float32)
+    out = tl.zeros([COMBINE_H, BLOCK_DV], tl.float32)
+    for first in range(0, num_slots, COMBINE_SLOTS):
+        s = first + tl.arange(0, COMBINE_SLOTS)
+        ok = (s < num_slots)[:, None] & head_ok[None, :]  # (slots, heads)
+        partial = batch * stride_pb + q_heads[None, :] * stride_ph + s[:, None] * stride_ps
+        slot_max = tl.load(max_ptr + partial, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        slot_sum = tl.load(sum_ptr + partial, mask=ok, other=0.0, cache_modifier=".cg")
+        acc_at = (acc_ptr + batch * stride_ab + q_heads[None, :, None] * stride_ah + s[:, None, None] * stride_as
+                  + d[None, None, :] * stride_ad)
+        slot_acc = tl.load(acc_at, mask=ok[:, :, None] & (d < value_dim)[None, None, :], other=0.0,
+                           cache_modifier=".cg")
+        new_max = tl.maximum(run_max, tl.max(slot_max, 0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: weights 0, no NaN
+        old_weight = tl.exp2(run_max - shift)
+        slot_weight = tl.exp2(slot_max - shift[None, :])
+        run_sum = run_sum * old_weight + tl.sum(slot_sum * slot_weight, 0)
+        out = out * old_weight[:, None] + tl.sum(slot_acc * slot_weight[:, :, None], 0)
         run_max = new_max
-    out = acc / run_sum
-    out_at = out_ptr + batch * stride_ob + q_head * stride_oh + d * stride_od
-    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    out = out / tl.where(head_ok, run_sum, 1.0)[:, None]  # padding rows: no 0 / 0
+    out_at = out_ptr + batch * stride_ob + q_heads[:, None] * stride_oh + d[None, :] * stride_od
+    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (d < value_dim)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +348,7 @@ def windowed_decode(
     window_lengths: torch.Tensor | None = None,
     middle_lengths: torch.Tensor | None = None,
     block_tokens: int = 64,
-    split_tokens: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """`windowed_attention(q, ..., mask=None, is_causal=False, sink, window_lengths, middle_lengths)`
     for one query token.
@@ -266,35 +358,14 @@ def windowed_decode(
     (B, Hq, 1, Dv) in v_window's dtype. `sink` does not change the result without a mask.
     `window_lengths` and `middle_lengths` ((B,) each, both or neither): row b reads only window
     slots [0, window_lengths[b]) (at least 1) and middle slots [0, middle_lengths[b]); Tw and M are
-    then capacities. `block_tokens` (tokens per inner step) and `split_tokens` (tokens per program;
-    default: enough programs to fill the device) are tuning knobs, exposed for tests.
+    then capacities. `block_tokens` (tokens per inner step) and `splits` (programs per sequence and
+    KV head; default: enough to fill the device) are tuning knobs, exposed for tests.
     """
     _check_decode(q, [k_window, v_window, v_middle, *k_middle], window_lengths, middle_lengths)
-    batch, num_kv_heads = k_window.shape[:2]
-    block = _block(block_tokens)
-    heads = [h.to(q.device) for h in heads]
-    # every launch sized to fill the device by itself: launches on one stream run one after another
-    window_splits, window_chunk = _splits(k_window.shape[2], batch * num_kv_heads, block, split_tokens, q.device)
-    middle_splits = [_splits(v_middle.shape[2], batch * h.shape[0], block, split_tokens, q.device) for h in heads]
-    num_slots = window_splits + max((n for n, _ in middle_splits), default=0)
-    partials = _Partials(q, num_kv_heads, v_window.shape[-1], num_slots)
-
-    _launch_region(
-        q, partials, scale, block, window_chunk, window_splits, keys=k_window, values=v_window, lengths=window_lengths,
+    return _launch(
+        q, scale, block_tokens, splits, window=_Window(k_window, v_window, window_lengths),
+        middle=_Middle(k_middle, heads, channels, v_middle, middle_lengths, values_by_head=False, uniform_rest=False),
     )  # fmt: skip
-    # streaming heads read only the window's slots, the others theirs and their group's after it
-    slots = torch.full((num_kv_heads,), window_splits, dtype=torch.int32, device=q.device)
-    if heads:
-        middle_heads = torch.cat(heads).sort().values  # the KV heads v_middle holds, in its order
-    for keys, group_heads, group_channels, (splits, chunk) in zip(k_middle, heads, channels, middle_splits):
-        _launch_region(
-            q, partials, scale, block, chunk, splits,
-            keys=keys, values=v_middle, heads=group_heads, channels=group_channels.to(q.device),
-            value_rows=torch.searchsorted(middle_heads, group_heads), slot_offset=window_splits,
-            lengths=middle_lengths,
-        )  # fmt: skip
-        slots.index_fill_(0, group_heads, window_splits + splits)
-    return _combine(partials, slots, v_window.dtype)
 
 
 def pruned_decode(
@@ -307,7 +378,7 @@ def pruned_decode(
     *,
     lengths: torch.Tensor | None = None,
     block_tokens: int = 64,
-    split_tokens: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """`pruned_attention(q, ..., mask=None, is_causal=False, lengths)` for one query token.
 
@@ -317,32 +388,131 @@ def pruned_decode(
     Tuning knobs as in `windowed_decode`.
     """
     _check_decode(q, [v, *k_groups], lengths)
-    batch, num_kv_heads, length = v.shape[:3]
-    block = _block(block_tokens)
-    heads = [h.to(q.device) for h in heads]
-    group_splits = [_splits(length, batch * h.shape[0], block, split_tokens, q.device) for h in heads]
-    # Heads keeping no channel, counted from shapes alone (no device sync), form a width-0 region
-    # launched over every head; its programs for the grouped heads store nothing.
-    uniform_heads = num_kv_heads - sum(h.shape[0] for h in heads)
-    uniform_splits, uniform_chunk = _splits(length, batch * uniform_heads, block, split_tokens, q.device)
-    num_slots = max([uniform_splits] + [n for n, _ in group_splits])
-    partials = _Partials(q, num_kv_heads, v.shape[-1], num_slots)
+    middle = _Middle(k_groups, heads, channels, v, lengths, values_by_head=True, uniform_rest=True)
+    return _launch(q, scale, block_tokens, splits, window=None, middle=middle)
 
-    slots = torch.full((num_kv_heads,), uniform_splits, dtype=torch.int32, device=q.device)
-    for keys, group_heads, group_channels, (splits, chunk) in zip(k_groups, heads, channels, group_splits):
-        _launch_region(
-            q, partials, scale, block, chunk, splits,
-            keys=keys, values=v, heads=group_heads, channels=group_channels.to(q.device), lengths=lengths,
-        )  # fmt: skip
-        slots.index_fill_(0, group_heads, splits)
-    if uniform_heads:
-        grouped = torch.zeros(num_kv_heads, dtype=torch.int8, device=q.device)
-        for group_heads in heads:
-            grouped.index_fill_(0, group_heads, 1)
-        _launch_region(
-            q, partials, scale, block, uniform_chunk, uniform_splits, keys=None, values=v, skip=grouped, lengths=lengths,
-        )  # fmt: skip
-    return _combine(partials, slots, v.dtype)
+
+def dense_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    lengths: torch.Tensor | None = None,
+    block_tokens: int = 64,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """`attention(q, k, v, mask=None, scale, is_causal=False, lengths)` for one query token: q
+    (B, Hq, 1, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv); the whole sequence is one window."""
+    _check_decode(q, [k, v], lengths)
+    return _launch(q, scale, block_tokens, splits, window=_Window(k, v, lengths), middle=None)
+
+
+@dataclass
+class _Window:
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor | None
+
+
+@dataclass
+class _Middle:
+    keys: list[torch.Tensor]
+    heads: list[torch.Tensor]
+    channels: list[torch.Tensor]
+    values: torch.Tensor
+    lengths: torch.Tensor | None
+    values_by_head: bool  # values hold every KV head (pruned), or only the grouped ones (windowed)
+    uniform_rest: bool  # heads in no group attend uniformly over the values (pruned), or have no middle
+
+
+def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _Middle | None) -> torch.Tensor:
+    batch, num_q_heads = q.shape[:2]
+    some = window or middle
+    values = some.values
+    num_kv_heads = window.keys.shape[1] if window is not None else values.shape[1]
+    group_size = num_q_heads // num_kv_heads
+    value_dim = values.shape[-1]
+    block = _block(block_tokens)
+    window_tokens = window.keys.shape[2] if window is not None else 0
+    middle_tokens = middle.values.shape[2] if middle is not None else 0
+    groups = len(middle.keys) if middle is not None else 0
+    if splits is None:
+        tokens = window_tokens + middle_tokens
+        splits = math.ceil(PROGRAMS_PER_SM * _num_sms(q.device) / (batch * num_kv_heads))
+        splits = max(min(splits, math.ceil(tokens / MIN_PIECE)), math.ceil(tokens / MAX_PIECE))
+    splits = max(splits, 2 if window is not None and groups else 1)  # a split for each region
+
+    row_max = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty_like(row_max)
+    acc = torch.empty(batch, num_q_heads, splits, value_dim, dtype=torch.float32, device=q.device)
+    counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)
+    out = torch.empty(batch, num_q_heads, 1, value_dim, dtype=values.dtype, device=q.device)
+
+    unused = values  # any valid pointer, for arguments a constexpr flag leaves unread
+    if middle is not None and groups:
+        k_middle, heads = tuple(middle.keys), tuple(h.to(q.device).contiguous() for h in middle.heads)
+        channels = tuple(c.to(q.device) for c in middle.channels)
+    else:  # one unread placeholder: Triton takes no empty tuple
+        k_middle, heads, channels = (unused,), (unused,), (unused,)
+    group_rows = tuple(h.shape[0] for h in heads) if groups else (0,)
+    group_widths = tuple(k.shape[-1] for k in k_middle) if groups else (0,)
+    if middle is None or not (groups or middle.uniform_rest):
+        widest_middle = -1
+    else:  # uniform heads read width-0 keys
+        widest_middle = max(group_widths) if groups else 0
+    combine_h = triton.next_power_of_2(group_size)
+    lengths = [x.lengths for x in (window, middle) if x is not None]
+    has_lengths = any(x is not None for x in lengths)
+
+    _decode_kernel[(batch * num_kv_heads, splits)](
+        q, _keys_of(window, unused), _values_of(window, unused), _lengths_of(window, unused),
+        k_middle, heads, channels, _values_of(middle, unused), _lengths_of(middle, unused),
+        row_max, row_sum, acc, counters, out,
+        num_kv_heads, splits, window_tokens, middle_tokens, group_size, q.shape[-1], value_dim, widest_middle,
+        scale * _LOG2E,
+        group_rows, group_widths,
+        q.stride(0), q.stride(1), q.stride(3),
+        *(window.keys.stride() if window is not None else (0,) * 4),
+        *(window.values.stride() if window is not None else (0,) * 4),
+        tuple(k.stride() for k in k_middle), tuple(c.stride() if c.dim() == 2 else (0, 0) for c in channels),
+        *(middle.values.stride() if middle is not None else (0,) * 4),
+        _stride_of(window), _stride_of(middle),
+        *row_max.stride(),
+        *acc.stride(),
+        out.stride(0), out.stride(1), out.stride(3),
+        HAS_WINDOW=window is not None,
+        NUM_GROUPS=groups,
+        UNIFORM_REST=middle is not None and middle.uniform_rest,
+        VALUES_BY_HEAD=middle is not None and middle.values_by_head,
+        HAS_LENGTHS=has_lengths,
+        EXACT_FP32=_exact_fp32(q.dtype),
+        BLOCK_H=_block(group_size),
+        BLOCK_D=_block(q.shape[-1]),
+        BLOCK_WS=tuple(_block(w) for w in group_widths),
+        BLOCK_G=triton.next_power_of_2(max(group_rows)),
+        BLOCK_DV=_block(value_dim),
+        BLOCK_N=block,
+        COMBINE_H=combine_h,
+        COMBINE_SLOTS=max(1, min(triton.next_power_of_2(splits), _COMBINE_ELEMENTS // (combine_h * _block(value_dim)))),
+    )  # fmt: skip
+    return out
+
+
+def _keys_of(region, default):
+    return region.keys if region is not None else default
+
+
+def _values_of(region, default):
+    return region.values if region is not None else default
+
+
+def _lengths_of(region, default):
+    return region.lengths if region is not None and region.lengths is not None else default
+
+
+def _stride_of(region) -> int:
+    return region.lengths.stride(0) if region is not None and region.lengths is not None else 0
 
 
 def _check_decode(q, tensors, *lengths):
@@ -360,98 +530,9 @@ def _check_decode(q, tensors, *lengths):
                              f"{tuple(x.shape)} {x.dtype} on {x.device}")
 
 
-def _splits(tokens, programs_per_split, block, split_tokens, device) -> tuple[int, int]:
-    """(number of chunks, tokens per chunk) of a region of `tokens` tokens (0 chunks when empty).
-    By default enough chunks that the region's programs cover the device's SMs about twice; a
-    chunk is a whole number of blocks so only a region's last block is partial."""
-    if tokens == 0 or programs_per_split == 0:
-        return 0, block
-    if split_tokens is None:
-        wanted = max(1, math.ceil(2 * _num_sms(device) / programs_per_split))
-        split_tokens = math.ceil(tokens / wanted)
-    chunk = max(1, math.ceil(split_tokens / block)) * block
-    return math.ceil(tokens / chunk), chunk
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-class _Partials:
-    """Per (sequence, query head, slot): row max (base 2), sum of exponentials, unnormalised
-    output, fp32; and the GQA group size r (query head i belongs to KV head i // r)."""
-
-    def __init__(self, q, num_kv_heads, value_dim, num_slots):
-        batch, num_q_heads = q.shape[:2]
-        self.group_size = num_q_heads // num_kv_heads
-        # empty, not zeroed: a head's combine reads only the slots its regions wrote
-        self.row_max = torch.empty(batch, num_q_heads, num_slots, dtype=torch.float32, device=q.device)
-        self.row_sum = torch.empty_like(self.row_max)
-        self.acc = torch.empty(batch, num_q_heads, num_slots, value_dim, dtype=torch.float32, device=q.device)
-
-
-def _launch_region(
-    q, partials, scale, block, chunk, num_splits, *, keys, values, heads=None, channels=None,
-    value_rows=None, skip=None, lengths=None, slot_offset=0,
-):  # fmt: skip
-    """Partials of one region, into slots slot_offset + [0, num_splits).
-
-    keys (B, G, T, w), or None for a width-0 region (scores all 0). Row g of keys is KV head
-    heads[g] (row g itself when heads is None) keeping channels[g] (every channel when None); its
-    values are values[:, value_rows[g]] (the KV head's own row when None); rows with skip[g] != 0
-    store nothing. Sequence b holds T tokens, or lengths[b] (B,) when given.
-    """
-    if num_splits == 0:
-        return
-    batch = q.shape[0]
-    num_rows = heads.shape[0] if heads is not None else values.shape[1]
-    width = keys.shape[-1] if keys is not None else 0
-    value_dim = values.shape[-1]
-    unused = values  # any valid pointer, for arguments a constexpr flag leaves unread
-    _region_partials_kernel[(batch * num_rows, num_splits)](
-        q, _or(keys, unused), values, _or(heads, unused), _or(channels, unused),
-        _or(value_rows, unused), _or(skip, unused), _or(lengths, unused),
-        partials.row_max, partials.row_sum, partials.acc,
-        values.shape[2], chunk, slot_offset, num_rows, partials.group_size, width, value_dim,
-        scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(3),
-        *(keys.stride() if keys is not None else (0, 0, 0, 0)),
-        *values.stride(),
-        *(channels.stride() if channels is not None else (0, 0)),
-        lengths.stride(0) if lengths is not None else 0,
-        *partials.row_max.stride(),
-        *partials.acc.stride(),
-        HAS_HEADS=heads is not None,
-        GATHER_Q=channels is not None,
-        HAS_VALUE_ROWS=value_rows is not None,
-        HAS_SKIP=skip is not None,
-        HAS_LENGTHS=lengths is not None,
-        EXACT_FP32=_exact_fp32(q.dtype),
-        BLOCK_H=_block(partials.group_size),
-        BLOCK_W=_block(width),
-        BLOCK_DV=_block(value_dim),
-        BLOCK_N=block,
-    )  # fmt: skip
-
-
-def _combine(partials, slots, dtype):
-    """(B, Hq, 1, Dv) in `dtype`: each query head's slots (slots[kv head] of them) combined."""
-    batch, num_q_heads, _, value_dim = partials.acc.shape
-    out = torch.empty(batch, num_q_heads, 1, value_dim, dtype=dtype, device=partials.acc.device)
-    _combine_kernel[(batch * num_q_heads,)](
-        partials.row_max, partials.row_sum, partials.acc, slots, out,
-        num_q_heads, partials.group_size, value_dim,
-        *partials.row_max.stride(),
-        *partials.acc.stride(),
-        out.stride(0), out.stride(1), out.stride(3),
-        BLOCK_DV=_block(value_dim),
-    )  # fmt: skip
-    return out
-
-
-def _or(tensor, default):
-    return tensor if tensor is not None else default
 
 
 def _block(size: int) -> int:

@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=_positive_int, help="benchmark this many of the mask's 32 layers (default all)")
     bench.add_argument("--configs", nargs="+", metavar="BATCHxCONTEXT", type=_batch_context,
                        help="default: 1x131072 8x32768 64x32768")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks per method (median, min-max)")
     bench.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     bench.set_defaults(run=_run_bench)
 
@@ -111,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--batch", type=_positive_int, nargs="+", default=[8], help="batch sizes (each with each context)")
     rate.add_argument("--context", type=_positive_int, nargs="+", default=[8192], help="cached tokens before decoding")
     rate.add_argument("--steps", type=_positive_int, default=20, help="decode steps per timed block")
-    rate.add_argument("--warmup", type=_positive_int, default=4, help="untimed decode steps first, per method")
+    rate.add_argument("--warmup", type=_positive_int, default=20,
+                      help="untimed decode steps first, per method (then more until two blocks agree)")
     rate.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks per method (median, min-max)")
     rate.add_argument("--methods", nargs="+", choices=THROUGHPUT_METHODS, default=list(THROUGHPUT_METHODS),
                       help="rows to run (default all; see kvcompile/benchmarks/throughput.py)")
@@ -244,7 +246,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("kvcompile bench: error: the decode benchmark needs a CUDA device", file=sys.stderr)
         return 1
-    report = bench.run(configs=args.configs or bench.CONFIGS, layers=args.layers)
+    report = bench.run(configs=args.configs or bench.CONFIGS, layers=args.layers, repeats=args.repeats)
     return _print_report(bench.format_table(report), report, args.json)
 
 

@@ -4,9 +4,9 @@ over whole tensors or over each row's first `lengths` slots of a cache written i
 
 Without CUDA the kernels run under the Triton interpreter on CPU (tests/conftest.py turns it on
 before anything imports triton), so shapes stay tiny. The forced split (`block_tokens=16,
-split_tokens=32`) makes every region several chunks of several blocks with a partial last block,
-so the online softmax, the slot layout and the log-sum-exp combine are all exercised even at
-these lengths.
+splits=4`) gives every KV head four programs, sharing its regions by bytes, so pieces of several
+blocks with a partial last block, empty pieces, the slot layout and the fused log-sum-exp combine
+are all exercised even at these lengths.
 """
 
 import pytest
@@ -22,7 +22,7 @@ ops = torch.ops.kvcompile
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = 16
 SINK = 3  # no effect without a mask, but passed as the runtime would
-FORCED_SPLIT = {"block_tokens": 16, "split_tokens": 32}
+FORCED_SPLIT = {"block_tokens": 16, "splits": 4}
 
 # kept channel counts per KV head (Hkv = 4)
 PLANS = {
@@ -288,7 +288,7 @@ def test_lengths_through_the_cuda_face(monkeypatch):
     _assert_fp32_close(pruned_out, _pruned_reference(pruned, lengths))
 
 
-def test_dense_attention_with_lengths_runs_the_pruned_kernel_keeping_every_channel():
+def test_dense_attention_with_lengths_runs_the_kernel_with_one_window():
     """`kvcompile::attention`'s CUDA face (registered on CPU for the test), for layers a plan leaves
     whole: ragged rows, garbage past each, against the reference op."""
     from kvcompile.kernels import cuda_decode
@@ -301,7 +301,7 @@ def test_dense_attention_with_lengths_runs_the_pruned_kernel_keeping_every_chann
     expected = attention_reference(q, k, v, None, D**-0.5, False, lengths)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_decode, "pruned_decode", _counted(triton_decode.pruned_decode, calls))
+        patch.setattr(triton_decode, "dense_decode", _counted(triton_decode.dense_decode, calls))
         out = cuda_decode._attention_cuda(q, k, v, None, D**-0.5, False, lengths)
     assert len(calls) == 1
     _assert_fp32_close(out, expected)
@@ -329,7 +329,7 @@ def test_a_windowed_decode_through_the_kernels_matches_the_masked_model(monkeypa
     calls = []
     monkeypatch.setattr(triton_decode, "windowed_decode", _counted(triton_decode.windowed_decode, calls))
     model = make_tiny_model("llama", num_layers=test_windows.LAYERS).to(DEVICE)
-    tm = kvcompile.transform(model, test_windows.PLAN)
+    tm = kvcompile.transform(model, test_windows.PLAN, cuda_graphs=False)  # a graph's replay calls no Python
     prompt = test_windows._prompt(2, 12).to(DEVICE)
     with torch.library._scoped_library("kvcompile", "IMPL") as lib:
         if DEVICE == "cpu":

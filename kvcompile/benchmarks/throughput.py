@@ -15,7 +15,9 @@ Ways to run one model, timed in the same process on caches of the same length:
 The caches are filled with random keys and values instead of a prefill: decode speed depends on the
 cache's length and layout, not its contents, and a 32K-token prefill's logits alone would not fit
 in memory for a 128K-vocabulary model. Each method decodes `warmup` steps (compiling, capturing),
-then `repeats` blocks of `steps` timed steps, greedy on its own logits, all in one process; a
+then more blocks of `steps` steps until two blocks in a row agree within 5% (at most
+`STABILIZING_BLOCKS`), then `repeats` blocks of `steps` timed steps, greedy on its own logits, all
+in one process; a
 method's rate is the median block's, reported with the slowest and fastest block. Each row also
 says the bytes one step reads (the weights and the cache it attends over) and the rate it reads
 them at; `byte_ideal_speedup` is the dense step's bytes over the plan's.
@@ -41,6 +43,8 @@ from kvcompile.runtime import transform
 from .bench import LEANK_COUNTS
 
 METHODS = ("dense", "static-compiled", "dense-twin", "transformed", "compiled")
+STABILIZING_BLOCKS = 5
+STABLE = 0.05  # two warm blocks this close in time: the method is warm
 
 
 def llama_8b_shaped(vocab_size: int = 128256, num_layers: int = 32):
@@ -88,7 +92,7 @@ def _synchronize(device: torch.device) -> None:
 def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int, steps: int,
                   repeats: int) -> list[float]:  # fmt: skip
     """Tokens/s (greedy steps per second times the batch) of each of `repeats` blocks of `steps`
-    decode steps of `model` from `cache`, after `warmup` steps."""
+    decode steps of `model` from `cache`, once warm (see the module docstring)."""
     token = torch.randint(3, vocab_size, (batch, 1), device=device, generator=torch.Generator(device=device).manual_seed(1))
 
     def decode(count: int) -> None:
@@ -97,18 +101,24 @@ def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int
             out = model(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    decode(warmup)
-    rates = []
-    for _ in range(repeats):
+    def timed_block() -> float:
         _synchronize(device)
         start = time.perf_counter()
         decode(steps)
         _synchronize(device)
-        rates.append(batch * steps / (time.perf_counter() - start))
-    return rates
+        return batch * steps / (time.perf_counter() - start)
+
+    decode(warmup)
+    previous = timed_block()
+    for _ in range(STABILIZING_BLOCKS - 1):
+        current = timed_block()
+        if abs(current - previous) <= STABLE * previous:
+            break
+        previous = current
+    return [timed_block() for _ in range(repeats)]
 
 
-def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup: int = 4, repeats: int = 3,
+def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup: int = 20, repeats: int = 3,
         methods=METHODS) -> dict:  # fmt: skip
     """Decode tokens/s of `model` under `plan` (see the module docstring) for each of `methods`."""
     unknown = set(methods) - set(METHODS)
@@ -161,7 +171,7 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
 
 def _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats,
                   captured) -> list[float]:  # fmt: skip
-    capacity = context + warmup + steps * repeats
+    capacity = context + warmup + steps * (STABILIZING_BLOCKS + repeats)
     layers = random_dense_cache(shape, batch, context, dtype, device)
     if method in ("transformed", "dense-twin"):
         runner = transform(model, plan if method == "transformed" else keep_everything_plan(shape), program=captured)
