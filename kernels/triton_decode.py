@@ -450,7 +450,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
     out = torch.empty(batch, num_q_heads, 1, value_dim, dtype=values.dtype, device=q.device)
 
     unused = values  # any valid pointer, for arguments a constexpr flag leaves unread
-    if middle is not None and groups:
+    if groups:
         k_middle, heads = tuple(middle.keys), tuple(h.to(q.device).contiguous() for h in middle.heads)
         channels = tuple(c.to(q.device) for c in middle.channels)
     else:  # one unread placeholder: Triton takes no empty tuple
@@ -466,8 +466,8 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
     has_lengths = any(x is not None for x in lengths)
 
     _decode_kernel[(batch * num_kv_heads, splits)](
-        q, _keys_of(window, unused), _values_of(window, unused), _lengths_of(window, unused),
-        k_middle, heads, channels, _values_of(middle, unused), _lengths_of(middle, unused),
+        q, _field(window, "keys", unused), _field(window, "values", unused), _field(window, "lengths", unused),
+        k_middle, heads, channels, _field(middle, "values", unused), _field(middle, "lengths", unused),
         row_max, row_sum, acc, counters, out,
         num_kv_heads, splits, window_tokens, middle_tokens, group_size, q.shape[-1], value_dim, widest_middle,
         scale * _LOG2E,
@@ -499,16 +499,10 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
     return out
 
 
-def _keys_of(region, default):
-    return region.keys if region is not None else default
-
-
-def _values_of(region, default):
-    return region.values if region is not None else default
-
-
-def _lengths_of(region, default):
-    return region.lengths if region is not None and region.lengths is not None else default
+def _field(region, name: str, default):
+    """region.name, or `default` when there is no region or the field is None."""
+    value = getattr(region, name, None)
+    return value if value is not None else default
 
 
 def _stride_of(region) -> int:

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="decode attention on a LeanK cache vs dense SDPA (CUDA)")
     bench.add_argument("--layers", type=_positive_int, help="benchmark this many of the mask's 32 layers (default all)")
     bench.add_argument("--configs", nargs="+", metavar="BATCHxCONTEXT", type=_batch_context,
-                       help="default: 1x131072 8x32768 64x32768")
+                       help="default: 1x32768 1x131072 8x32768 64x32768")
     bench.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks per method (median, min-max)")
     bench.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     bench.set_defaults(run=_run_bench)

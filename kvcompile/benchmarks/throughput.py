@@ -17,10 +17,9 @@ cache's length and layout, not its contents, and a 32K-token prefill's logits al
 in memory for a 128K-vocabulary model. Each method decodes `warmup` steps (compiling, capturing),
 then more blocks of `steps` steps until two blocks in a row agree within 5% (at most
 `STABILIZING_BLOCKS`), then `repeats` blocks of `steps` timed steps, greedy on its own logits, all
-in one process; a
-method's rate is the median block's, reported with the slowest and fastest block. Each row also
-says the bytes one step reads (the weights and the cache it attends over) and the rate it reads
-them at; `byte_ideal_speedup` is the dense step's bytes over the plan's.
+in one process; a method's rate is the median block's, reported with the slowest and fastest
+block. Each row also says the bytes one step reads (the weights and the cache it attends over) and
+the rate it reads them at; `byte_ideal_speedup` is the dense step's bytes over the plan's.
 """
 
 from __future__ import annotations
