@@ -55,6 +55,9 @@ class CompressedKVCache:
         self.buffers: dict[str, torch.Tensor] = {}
         self.row_lengths: list[int] = []  # tokens of each row, kept on the host: no device sync to read them
         self.lengths: torch.Tensor | None = None  # the same, (B,) int64 on the cache's device, for the programs
+        # each row's middle count (windowed plans) on the device; it changes only when tokens move to
+        # the middle, so steps read it without copying host counts over (a copy would wait for the GPU)
+        self.middle_lengths: torch.Tensor | None = None
 
     # -- what it holds ----------------------------------------------------------------------------
 
@@ -119,12 +122,15 @@ class CompressedKVCache:
         clone.buffers = {name: buffer.clone() for name, buffer in self.buffers.items()}
         clone.row_lengths = list(self.row_lengths)
         clone.lengths = None if self.lengths is None else self.lengths.clone()
+        clone.middle_lengths = None if self.middle_lengths is None else self.middle_lengths.clone()
         return clone
 
     def check_written_by(self, plan: Plan, shape: ModelShape) -> None:
         """Raise CacheMismatch unless this cache was written under `plan` for a model of `shape`."""
         if self.shape != shape:
             raise CacheMismatch(f"this cache was written for a model of shape {self.shape}, not {shape}")
+        if plan is self.plan:  # every step of a model on its own cache: hashing the plan would cost a millisecond
+            return
         fingerprint = plan.fingerprint()
         if self.plan_fingerprint != fingerprint:
             raise CacheMismatch(f"this cache was written under plan {self.plan_fingerprint}; this model's plan is "
@@ -157,6 +163,7 @@ class CompressedKVCache:
             tokens = {name: _take_tokens(tensor, order) for name, tensor in present.items()}
         present.clear()  # the prompt's tokens live on in the buffers only: free each as it is copied
         self.lengths = torch.tensor(self.row_lengths, dtype=torch.int64, device=device)
+        self._count_middle()
         longest = self.length
         full = max(capacity or 0, _grown(longest, longest + 1))
         for name in [name for name in tokens if entry_region(self.plan, name) == FULL]:
@@ -169,8 +176,7 @@ class CompressedKVCache:
 
     def _split_window(self, layer: int, tokens: dict[str, torch.Tensor], capacity: int) -> None:
         """A windowed layer's prompt tokens (compacted, every channel) into its window and middle."""
-        plan, device = self.plan, self.lengths.device
-        middle = torch.tensor(self.region_lengths(MIDDLE), dtype=torch.int64, device=device)
+        plan, device, middle = self.plan, self.lengths.device, self.middle_lengths
         keys, values = tokens[key_window_entry(layer)], tokens[value_window_entry(layer)]
         last = keys.shape[2] - 1
         window_slots = torch.arange(self.window_capacity(1), device=device)
@@ -212,10 +218,9 @@ class CompressedKVCache:
         inputs = {CACHE_SLOTS: self.lengths[:, None] + step, CACHE_LENGTHS: self.lengths + new_tokens}
         if self.plan.windowed:
             self._reserve(WINDOW, self.window_capacity(new_tokens))
-            middle = torch.tensor(self.region_lengths(MIDDLE), dtype=torch.int64, device=self.lengths.device)
-            window = self.lengths - middle
+            window = self.lengths - self.middle_lengths
             inputs.update({WINDOW_SLOTS: window[:, None] + step, WINDOW_LENGTHS: window + new_tokens,
-                           MIDDLE_LENGTHS: middle})
+                           MIDDLE_LENGTHS: self.middle_lengths})
         return inputs
 
     def advance(self, new_tokens: int) -> None:
@@ -232,6 +237,7 @@ class CompressedKVCache:
         count = max(moved)
         if count == 0:
             return
+        self._count_middle()
         self._reserve(MIDDLE, max(middle_before) + count)
         device, sink = self.lengths.device, self.plan.sink
         step = torch.arange(count, device=device)
@@ -247,6 +253,10 @@ class CompressedKVCache:
             source = torch.where(slots < sink, slots, slots + shift).clamp(max=key_window.shape[2] - 1)
             key_window.copy_(_take_tokens(key_window, source))
             value_window.copy_(_take_tokens(value_window, source))
+
+    def _count_middle(self) -> None:
+        if self.plan.windowed:
+            self.middle_lengths = torch.tensor(self.region_lengths(MIDDLE), dtype=torch.int64, device=self.lengths.device)
 
     def _reserve(self, region: str, slots: int) -> None:
         """Grow every buffer of `region` to at least `slots` slots (doubling), keeping its tokens."""

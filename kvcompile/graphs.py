@@ -9,6 +9,14 @@ on the host (the attention kernels bound each row by its length on the device), 
 
 A graph is keyed by the buffers it was captured over (their addresses and shapes) and the step's
 shapes: a cache that grew, or another cache, is captured anew; the few latest graphs are kept.
+
+What a graph replays is, by default, the program compiled by inductor (`torch.compile`): a step's
+norms, rotations, activations and residuals are a few hundred tiny kernels run one by one, and
+inductor fuses them into a few per layer; kvcompile's ops (the cache writes, the attention kernels)
+stay calls of their own. The cache writes are in place under inductor too (it functionalizes the
+mutation, then re-inplaces it into the input buffer: no copy of the cache). Compiling costs time
+once per new kind of shape, not per capture: after a second batch size or capacity, dynamo's
+automatic dynamic shapes give one program for all.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ class _Step:
 class GraphedDecode:
     """Calls the decode program like `call_program`, replaying a captured graph of it."""
 
-    def __init__(self, program: torch.fx.GraphModule, kept: int = KEPT_GRAPHS):
+    def __init__(self, program: torch.fx.GraphModule, kept: int = KEPT_GRAPHS, compile: bool = True):
         self.program, self.kept = program, kept
+        # what a capture runs: the program, or its inductor-compiled form (called like it)
+        self._run = torch.compile(program, fullgraph=True) if compile else program
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()
         self._pool = None  # one memory pool for every graph's intermediates
 
@@ -64,7 +74,8 @@ class GraphedDecode:
 
         def run() -> torch.Tensor:
             indices = {name: t for name, t in inputs.items() if name not in ("input_ids", "position_ids")}
-            return call_program(self.program, inputs["input_ids"], inputs["position_ids"], entries, indices)[0]
+            return call_program(self.program, inputs["input_ids"], inputs["position_ids"], entries, indices,
+                                run=self._run)[0]
 
         # Warm up outside the graph (Triton compiles, allocators settle). These runs write this
         # step's tokens into the slots the step itself writes, so they change nothing it keeps.

@@ -100,7 +100,8 @@ def call_program(
     """Run `program` on tokens, the cache entries it reads and its index inputs; (logits, the
     entries it writes as outputs).
 
-    `run` executes the program's graph instead of the program itself (an fx Interpreter's `run`)."""
+    `run` executes the program's graph instead of the program itself (an fx Interpreter's `run`,
+    the program compiled)."""
     sig = signature_of(program)
     indices = indices or {}
     missing = [entry for entry in sig.cache_inputs if entry not in entries]
@@ -111,7 +112,7 @@ def call_program(
         raise KeyError(f"the program takes index inputs {missing}, which were not given")
     values = {"input_ids": input_ids, "position_ids": position_ids, **indices}
     values.update({past(entry): entries[entry] for entry in sig.cache_inputs})
-    outputs = (run or program)(*(values[name] for name in sig.inputs))
+    outputs = (program if run is None else run)(*(values[name] for name in sig.inputs))
     named = dict(zip(sig.outputs, outputs))
     return named.pop(LOGITS), {name.removeprefix(_PRESENT): tensor for name, tensor in named.items()}
 

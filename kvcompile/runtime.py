@@ -27,13 +27,16 @@ from .program import PREFILL_MASK, call_program, empty_entries, signature_of
 
 
 def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModule | None = None,
-              cuda_graphs: bool | None = None) -> "TransformedModel":
+              cuda_graphs: bool | None = None, compile_decode: bool = True) -> "TransformedModel":
     """Compile `model` (a transformers causal LM in eval mode) so its KV cache follows `plan`.
 
     The plan is validated before anything is traced; the user's model is neither modified nor
     copied (the programs share its parameters). `program`, from `kvcompile.capture(model)`, saves
     tracing the model again when it is compiled for several plans. `cuda_graphs`: replay one-token
     decode steps from CUDA graphs (graphs.py); by default on when the model is on a CUDA device.
+    `compile_decode`: what the graphs replay is the decode program compiled by inductor (its
+    elementwise ops fused); False captures the program as it is: no compile time at the first
+    step, slower steps. Without CUDA graphs it has no effect.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a kvcompile.Plan, got {type(plan).__name__}")
@@ -43,12 +46,12 @@ def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModu
         raise ValueError("model is in training mode; call model.eval() first (dropout would change attention)")
     shape = ModelShape.from_config(model.config)
     plan.validate(shape)
-    return TransformedModel(model, plan, shape, program, cuda_graphs)
+    return TransformedModel(model, plan, shape, program, cuda_graphs, compile_decode)
 
 
 class TransformedModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape, program: torch.fx.GraphModule | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile_decode: bool = True):
         super().__init__()
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
@@ -63,7 +66,7 @@ class TransformedModel(torch.nn.Module):
         if cuda_graphs and self._device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self._device}")
         use_graphs = self._device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphed_decode = GraphedDecode(self.decode_program) if use_graphs else None
+        self._graphed_decode = GraphedDecode(self.decode_program, compile=compile_decode) if use_graphs else None
         self._source = [model]  # kept out of the module tree: its parameters are already the programs'
 
     @property
