@@ -86,7 +86,8 @@ class GraphedDecode:
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # captured on the warm-up stream: what the kernels set up once per stream is already there
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):
             logits = run()
         self._pool = graph.pool()
         return _Step(graph, inputs, logits)

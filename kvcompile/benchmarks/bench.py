@@ -127,7 +127,7 @@ def graph_of(fn):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):  # the stream warmed up, as the runtime captures
         fn()
     return graph.replay
 
