@@ -46,7 +46,12 @@ CASES = {  # name: (arch, plan maker, kvcompile ops the decode file must hold)
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# the prune cases of Qwen2 (q/k/v bias) and Phi-3 (fused qkv) export what Llama's does: slow
+SLOW_CASES = ("qwen2-prune", "phi3-prune")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(case, marks=[pytest.mark.slow] if case in SLOW_CASES else [])
+                                        for case in CASES])
 def exported(request, tmp_path_factory):
     arch, make_plan, ops = CASES[request.param]
     model = make_tiny_model(arch)
@@ -125,7 +130,7 @@ def _merge_commute(model):
     return calibrate(model, Recipe(kv_group_size=2, rope="commute"), CHUNKS, progress=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_gqa_option_emits_group_query_attention_and_matches_pytorch(tmp_path, arch):
     """A weight-folded merge leaves plain GQA attention: with gqa=True each layer's cache update and
     attention is one com.microsoft.GroupQueryAttention node, prefill and decode alike."""

@@ -206,3 +206,34 @@ def assert_encoded_cache_is_the_prefill_cache(model, tm, prompt, step):
     for name, tensor in compiled.entries.items():
         torch.testing.assert_close(encoded.entries[name], tensor, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(tm(step, past_key_values=encoded).logits, tm(step, past_key_values=compiled).logits)
+
+
+@torch.no_grad()
+def test_inductor_compiles_the_decode_program_with_its_cache_writes_in_place():
+    """What CUDA graphs replay by default (graphs.py) is the decode program under torch.compile:
+    through inductor a windowed step (cache writes, gathered channels, window + middle attention)
+    gives the program's logits and writes the same tokens into the same buffers, none copied."""
+    from kvcompile.program import call_program
+
+    plan = PRUNE.with_windows(sink=2, recent=4, buffer=4)
+    tm = kvcompile.transform(make_tiny_model("llama"), plan)
+    out = tm(_prompt(2, length=15), max_cache_len=64)
+    cache = out.past_key_values
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    inputs = cache.prepare_call(1)
+    positions = cache.lengths[:, None]
+    before = {name: buffer.clone() for name, buffer in cache.buffers.items()}
+    want, _ = call_program(tm.decode_program, token, positions, cache.buffers, inputs)
+    written = {name: buffer.clone() for name, buffer in cache.buffers.items()}
+    for name, buffer in cache.buffers.items():
+        buffer.copy_(before[name])
+    addresses = {name: buffer.data_ptr() for name, buffer in cache.buffers.items()}
+
+    compiled = torch.compile(tm.decode_program, fullgraph=True)
+    got, _ = call_program(tm.decode_program, token, positions, cache.buffers, inputs, run=compiled)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert {name: buffer.data_ptr() for name, buffer in cache.buffers.items()} == addresses
+    changed = [name for name in written if not torch.equal(written[name], before[name])]
+    assert changed  # the step wrote tokens, so the comparison below can fail
+    for name in written:
+        torch.testing.assert_close(cache.buffers[name], written[name], atol=1e-5, rtol=1e-5)
