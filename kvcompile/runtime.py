@@ -44,6 +44,9 @@ def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModu
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if model.training:
         raise ValueError("model is in training mode; call model.eval() first (dropout would change attention)")
+    devices = {param.device.type for param in model.parameters()}
+    if "meta" in devices:
+        raise ValueError("model has parameters on the meta device (no weights loaded): load its weights first")
     shape = ModelShape.from_config(model.config)
     plan.validate(shape)
     return TransformedModel(model, plan, shape, program, cuda_graphs, compile_decode)
@@ -97,8 +100,12 @@ class TransformedModel(torch.nn.Module):
         """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be (batch, seq) with batch, seq >= 1, got shape {tuple(input_ids.shape)}")
+        param = next(self._source[0].parameters())
+        if (param.dtype, param.device) != (self._dtype, self._device):
+            raise RuntimeError(f"the model was transformed in {self._dtype} on {self._device} and is now in {param.dtype} "
+                               f"on {param.device}: transform it again after .to()/.half()")
         if past_key_values is not None and not isinstance(past_key_values, CompressedKVCache):
             raise TypeError(
                 f"past_key_values must be the CompressedKVCache this model returned, got {type(past_key_values).__name__}"
@@ -224,6 +231,8 @@ class TransformedModel(torch.nn.Module):
         """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
+        if do_sample:  # before the prefill: a bad setting fails at once, not after the prompt's work
+            _check_sampling(temperature, top_k, top_p)
         eos = torch.tensor(eos_token_ids(eos_token_id, self.generation_config), device=self._device)
         tokens = input_ids.to(self._device)
         batch, seq = tokens.shape
@@ -258,11 +267,18 @@ def eos_token_ids(eos_token_id: int | list[int] | None, generation_config=None) 
     return [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
-    if temperature <= 0:
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k filtering), got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
     logits = logits / temperature
-    if top_k is not None:
+    if top_k:  # 0 or None: no top-k filtering, as in transformers
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
@@ -270,6 +286,7 @@ def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False  # top_p = 0 would drop it too: the most likely token stays
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
