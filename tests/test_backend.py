@@ -8,7 +8,7 @@ import kvcompile
 from kvcompile import Plan, PlanError
 from kvcompile.plan import LayerMerge
 from tests.masked_reference import decode, masked_reference_decode
-from tests.tiny_models import ARCHITECTURES, make_tiny_model
+from tests.tiny_models import ARCHITECTURES, make_tiny_model, slow_unless
 
 STEPS = 12
 # different sets and counts per head; layer 1 has a head keeping nothing
@@ -44,7 +44,7 @@ def test_import_registers_the_backend():
     assert "kvcompile" in torch._dynamo.list_backends()
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", slow_unless(ARCHITECTURES, default=("llama", "phi3")))
 def test_compiled_model_matches_transform_and_masked_reference(arch):
     model = make_tiny_model(arch)
     prompt = _prompt()

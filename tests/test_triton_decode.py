@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 import kvcompile  # noqa: E402
 import kvcompile.kernels  # noqa: E402,F401  (registers torch.ops.kvcompile.*)
 from kvcompile.kernels import triton_decode  # noqa: E402
+from tests.tiny_models import slow_unless  # noqa: E402
 
 ops = torch.ops.kvcompile
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +126,7 @@ def _assert_fp32_close(out, expected):
 WINDOWED_SHAPES = [(1, 7, 0), (3, 21, 37), (1, 33, 90)]
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 3])
+@pytest.mark.parametrize("group_size", slow_unless([1, 2, 3], default=(1, 3)))
 @pytest.mark.parametrize("plan", ["mixed", "no-streaming"])
 @pytest.mark.parametrize("batch, window, middle", WINDOWED_SHAPES)
 def test_windowed_decode_matches_reference_fp32(group_size, plan, batch, window, middle):
@@ -137,7 +138,7 @@ def test_windowed_decode_matches_reference_fp32(group_size, plan, batch, window,
 PRUNED_SHAPES = [(1, 9), (3, 50), (1, 95)]
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 3])
+@pytest.mark.parametrize("group_size", slow_unless([1, 2, 3], default=(1, 3)))
 @pytest.mark.parametrize("plan", ["mixed", "no-streaming"])
 @pytest.mark.parametrize("batch, length", PRUNED_SHAPES)
 def test_pruned_decode_matches_reference_fp32(group_size, plan, batch, length):

@@ -8,6 +8,7 @@ attention, against which a wrong pruning would go unnoticed).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -58,6 +59,13 @@ _WEIGHT_STD = 0.25
 # Qwen3 re-normalises q and k per head (QK-norm), which undoes a large projection std; a gain on the
 # norm weights restores peaked attention.
 _QK_NORM_GAIN = 2.0
+
+
+def slow_unless(values, default) -> list:
+    """pytest params of `values` (single values or tuples), marked `slow` unless in `default`: a case
+    the default suite runs on some architectures, the rest only in the full run (`-m ""`)."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if v in default else pytest.mark.slow)
+            for v in values]
 
 
 def make_tiny_model(

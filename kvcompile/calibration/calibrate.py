@@ -90,11 +90,13 @@ def calibrate(
     """
     shape = ModelShape.from_config(model.config)
     recipe.check(shape)
+    _check_weights_finite(model)
     captured = program_for(model, program, shape)
     canonical = canonical_program(captured, _NO_PLAN)
     if recipe.k_method == "leank" and recipe.k_sparsity is not None:
         return _learned_plan(canonical, shape, recipe, texts, tokenizer, checkpoint_dir, progress)
     chunks = _calibration_chunks(texts, tokenizer, recipe)
+    _check_token_ids(chunks, model.config.vocab_size)
     meta = {"calibration_tokens": sum(chunk.numel() for chunk in chunks)}
     merges, k_channels = {}, {}
     if recipe.kv_group_size is not None:
@@ -296,6 +298,25 @@ def _as_chunks(token_ids: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.T
     if not chunks:
         raise RecipeError("no calibration tokens given")
     return chunks
+
+
+def _check_weights_finite(model: torch.nn.Module) -> None:
+    """Scores of NaN weights are NaN, and NaN ranks anywhere: a plan from them would look like any other."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise RecipeError(f"model parameter {name} holds NaN or infinite values: calibrating it would give a "
+                              "meaningless plan")
+
+
+def _check_token_ids(chunks: list[torch.Tensor], vocab_size: int) -> None:
+    for index, chunk in enumerate(chunks):
+        if chunk.dtype.is_floating_point or chunk.dtype.is_complex or chunk.dtype == torch.bool:
+            raise RecipeError(f"calibration chunk {index}: token ids must be integers, got {chunk.dtype}")
+        outside = (chunk < 0) | (chunk >= vocab_size)
+        if bool(outside.any()):
+            position = outside.nonzero()[0].tolist()
+            raise RecipeError(f"calibration chunk {index}: token id {chunk[tuple(position)].item()} at {tuple(position)} "
+                              f"is outside the model's vocabulary (0..{vocab_size - 1})")
 
 
 def _recipe_fields(recipe: Recipe, *names: str) -> dict:

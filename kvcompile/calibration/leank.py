@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.fx
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kvcompile.kernels.ops import masked_softmax_attention
 from kvcompile.passes import find_attention_sites
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.program import call_program, clone_program, empty_entries, signature_of
+from kvcompile.stores import read_json, read_tensors, tensors_bytes, weights_fingerprint, write_atomically, write_json
 
 from .recipe import LeanKTraining, RecipeError
 
@@ -97,6 +97,7 @@ class _Trainer:
         device = next(canonical.parameters()).device
         self.factors = torch.ones(shape.num_layers, shape.num_kv_heads, shape.head_dim, device=device, requires_grad=True)
         self.stage = 1  # what the scaled program applies: soft factors (1) or the straight-through hard mask (2)
+        self.weights = weights_fingerprint(canonical)
         self.dense = _final_hidden_program(canonical)
         self.scaled = _with_scaled_attention(self.dense, self)
         self.samples = _training_samples(training, tokenizer, haystack_text)
@@ -106,9 +107,10 @@ class _Trainer:
         self.step, self.optimizer = 0, None
 
     def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed."""
-        settings = {"shape": vars(self.shape), "sparsity": self.sparsity, "align": self.align, "sink": self.sink,
-                    "recent": self.recent, "training": asdict(self.training)}
+        """What a checkpoint must agree on to be resumed: the model (its weights, not only its shape)
+        and the recipe."""
+        settings = {"shape": vars(self.shape), "weights": self.weights, "sparsity": self.sparsity, "align": self.align,
+                    "sink": self.sink, "recent": self.recent, "training": asdict(self.training)}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def key_scales(self) -> torch.Tensor:
@@ -263,25 +265,38 @@ class _Checkpoint:
         self.directory, self.fingerprint = directory, fingerprint
 
     def save(self, trainer: _Trainer) -> None:
+        """The tensors, then the JSON recording their digest, each replaced in one rename (stores.py):
+        interrupted between the two, the pair is refused at restore, never resumed mismatched."""
         self.directory.mkdir(parents=True, exist_ok=True)
         state = trainer.optimizer.state.get(trainer.factors, {})
         tensors = {"factors": trainer.factors.detach().cpu().contiguous()}
         tensors.update({name: state[name].cpu().contiguous() for name in ("exp_avg", "exp_avg_sq") if name in state})
-        save_file(tensors, str(self.directory / _STATE_TENSORS))
-        document = {"fingerprint": self.fingerprint, "stage": trainer.stage, "step": trainer.step,
-                    "optimizer_steps": int(state["step"]) if "step" in state else 0,
-                    "final_loss": {str(k): v for k, v in trainer.final_loss.items()}}
-        (self.directory / _STATE_JSON).write_text(json.dumps(document, indent=2) + "\n")
+        data, digest = tensors_bytes(tensors)
+        write_atomically(self.directory / _STATE_TENSORS, data)
+        write_json(self.directory / _STATE_JSON, {
+            "fingerprint": self.fingerprint, "tensors_sha256": digest, "stage": trainer.stage, "step": trainer.step,
+            "optimizer_steps": int(state["step"]) if "step" in state else 0,
+            "final_loss": {str(k): v for k, v in trainer.final_loss.items()},
+        })  # fmt: skip
 
     def restore(self, trainer: _Trainer) -> int | None:
         """Load a saved state into `trainer`; the stage it resumes, or None when there is none."""
         path = self.directory / _STATE_JSON
         if not path.exists():
             return None
-        document = json.loads(path.read_text())
-        if document["fingerprint"] != self.fingerprint:
+        document = read_json(path, RecipeError)
+        if not isinstance(document, dict) or document.get("fingerprint") != self.fingerprint:
             raise RecipeError(f"checkpoint {self.directory} is from another model or recipe; use a fresh directory")
-        tensors = load_file(str(self.directory / _STATE_TENSORS), device=str(trainer.factors.device))
+        steps = {1: trainer.training.stage1_steps, 2: trainer.training.stage2_steps}
+        stage, step, moments = document.get("stage"), document.get("step"), document.get("optimizer_steps")
+        if stage not in steps or not _is_count(step, steps[stage]) or not _is_count(moments, None) \
+                or not isinstance(document.get("final_loss"), dict) or not isinstance(document.get("tensors_sha256"), str):
+            raise RecipeError(f"{path}: not a state this run wrote (stage {stage!r}, step {step!r} of "
+                              f"{steps.get(stage, '?')}, optimizer steps {moments!r}); use a fresh directory")
+        tensors = read_tensors(self.directory / _STATE_TENSORS, document["tensors_sha256"], RecipeError)
+        if tensors.get("factors") is None or tensors["factors"].shape != trainer.factors.shape:
+            raise RecipeError(f"{self.directory / _STATE_TENSORS}: no factors of shape {tuple(trainer.factors.shape)}")
+        tensors = {name: tensor.to(trainer.factors.device) for name, tensor in tensors.items()}
         with torch.no_grad():
             trainer.factors.copy_(tensors["factors"])
         trainer.final_loss = {int(k): v for k, v in document["final_loss"].items()}
@@ -293,3 +308,7 @@ class _Checkpoint:
                 "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"],
             }
         return trainer.stage
+
+
+def _is_count(value, most: int | None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value and (most is None or value <= most)

@@ -65,19 +65,30 @@ class Row:
 
 
 def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = EvalSettings(), *,
-             model_name: str = "", progress: bool = True, program=None) -> dict:
+             model_name: str = "", progress: bool = True, program=None, on_length=None) -> dict:
     """Every number of the table, with the configuration that produced it, as one JSON-ready dict.
 
-    `program`, from `kvcompile.capture(model)`, is compiled for every plan instead of tracing anew."""
+    `program`, from `kvcompile.capture(model)`, is compiled for every plan instead of tracing anew.
+    `on_length(report)` is called after each length with the report so far (`"partial": true`,
+    `"lengths_done"`), e.g. to save it."""
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    too_long = [length for length in settings.lengths if max_length is not None and length > max_length]
+    if too_long:
+        raise ValueError(f"context lengths {too_long} exceed the model's maximum {max_length}")
     runners = [_Runner(model, method, program) for method in methods]
     rows = [Row(m.name, None if m.plan is None else m.plan.fingerprint()) for m in methods]
     device = next(model.parameters()).device
-    max_length = getattr(model.config, "max_position_embeddings", None)
-    for length in settings.lengths:
-        if max_length is not None and length > max_length:
-            raise ValueError(f"context length {length} exceeds the model's maximum {max_length}")
+    for done, length in enumerate(settings.lengths, start=1):
         _retrieval(model, tokenizer, runners, rows, settings, length, device, progress)
         _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress)
+        if on_length is not None and done < len(settings.lengths):
+            on_length({**_report(model, model_name, methods, settings, runners, rows, device), "partial": True,
+                       "lengths_done": list(settings.lengths[:done])})
+    return _report(model, model_name, methods, settings, runners, rows, device)
+
+
+def _report(model, model_name, methods, settings, runners, rows, device) -> dict:
+    """The JSON-ready report of `rows` as measured so far (bytes per token at the last length run)."""
     for runner, row in zip(runners, rows):
         (row.k_bytes_per_token, row.v_bytes_per_token), row.bytes_measured_at = runner.bytes_per_token, runner.length
         row.capacity_bytes_per_token = runner.capacity_bytes_per_token

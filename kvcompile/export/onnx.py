@@ -28,7 +28,6 @@ Design, and why:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from kvcompile.pipeline import FUSED_CACHE_UPDATE, compile_programs, run_stage
 from kvcompile.plan import Plan
 from kvcompile.program import TOKEN_INPUTS, Signature, call_program, clone_program, signature_of
 from kvcompile.runtime import eos_token_ids, transform
+from kvcompile.stores import write_json
 
 from .onnx_runtime import DECODE, MANIFEST, MANIFEST_FORMAT, PREFILL
 
@@ -92,6 +92,9 @@ def export_onnx(
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    # the manifest, written last, marks a finished export: an interrupted one over an older export
+    # must not leave the old manifest describing the new files
+    (folder / MANIFEST).unlink(missing_ok=True)
     prefill_module = _Prefill(programs["prefill"], tm.empty_cache)
     decode_sig = signature_of(programs["decode"])
     prefill_args, decode_args = _sample_calls(compiled.prefill, tm, decode_sig)
@@ -115,7 +118,7 @@ def export_onnx(
         "opset": prefill.model.opset_imports[""],
         "external_data": external_data,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(folder / MANIFEST, manifest)
     return folder
 
 
