@@ -27,7 +27,8 @@ from .cache import CacheMismatch
 from .capture import CaptureError, capture
 from .evaluation import evaluate, text
 from .evaluation.methods import BASELINES, evaluation_methods
-from .models import DEFAULT_MODEL_MAX_LENGTH, DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model
+from . import __version__
+from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model, load_model, model_max_length
 from .passes import PassError, SiteMatchError
 from .plan import ModelShape, Plan, PlanError
 from .stores import write_json
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompile", description="A compiler for the KV cache of decoder LLMs.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"kvcompile {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     evaluation = commands.add_parser("eval", help="measure plans against the dense model on the same inputs")
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     calib = commands.add_parser("calibrate", help="build a plan from calibration text and save it")
     calib.add_argument("output", type=Path, help="directory to write the plan to")
+    _model_options(calib)
     calib.add_argument("--overwrite", action="store_true",
                        help="replace a plan OUTPUT already holds (it is removed when the run starts)")
     calib.add_argument("--kv-group-size", type=_positive_int, help="merge groups of this many KV heads")
@@ -110,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="the default model under a plan as ONNX files onnxruntime runs")
     export.add_argument("output", type=Path, help="folder for prefill.onnx, decode.onnx and manifest.json")
+    _model_options(export)
     export.add_argument("--plan", required=True, metavar="PLAN", help="a plan directory or a built-in plan name")
     export.add_argument("--external-data", action="store_true", help="weights in external data files")
     export.add_argument("--gqa", action="store_true",
@@ -125,9 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_run_bench)
 
     rate = commands.add_parser("throughput", help="decode tokens/s: dense vs transformed vs torch.compile backend")
-    rate.add_argument("--model", choices=("smollm2", "llama-8b-random"), default="smollm2",
-                      help="the default SmolLM2 (with --plan) or a random Llama-3.1-8B-shaped model (CUDA) "
-                           "under the published LeanK mask's counts")
+    rate.add_argument("--model", default="smollm2", metavar="MODEL",
+                      help="smollm2 (the embedded model, with --plan), llama-8b-random (a random Llama-3.1-8B-shaped "
+                           "model on CUDA under the published LeanK mask's counts), or a transformers model directory "
+                           "or .gguf file (with --plan)")
     rate.add_argument("--plan", default="smollm2-135m-instruct/leank-k50", metavar="PLAN",
                       help="for smollm2: a plan directory or a built-in plan name")
     rate.add_argument("--batch", type=_positive_int, nargs="+", default=[8], help="batch sizes (each with each context)")
@@ -143,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     rate.set_defaults(run=_run_throughput)
 
     latency = commands.add_parser("onnx-latency", help="onnxruntime CPU decode step: dense export vs compressed exports")
+    _model_options(latency)
     latency.add_argument("--plans", nargs="+", metavar="PLAN",
                          default=["smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70"],
                          help="plan directories or built-in names; windows are dropped (the export takes none)")
@@ -156,7 +162,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, metavar="PATH",
+                        help=f"a transformers model directory or a .gguf file (default: the embedded {DEFAULT_MODEL_NAME})")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="weights and cache dtype (default float32)")
+
+
 def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: list[float], default_output: str | None) -> None:
+    _model_options(parser)
     parser.add_argument("--plan", action="append", default=[], metavar="PLAN",
                         help="add the row of a saved plan: a directory or a built-in name (repeatable)")
     parser.add_argument("--windows", type=_positive_or_zero_int, nargs=2, metavar=("SINK", "RECENT"),
@@ -190,7 +203,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                        ppl_windows=args.ppl_windows)
     plans = [(Path(spec).name, _load_plan(spec)) for spec in args.plan]  # fail on a bad plan before loading the model
     start = time.perf_counter()
-    model, tokenizer = load_default_model()
+    model, tokenizer = _load(args)
     model = model.to(args.device)
     program = capture(model)  # traced once, compiled for every row
     methods = evaluation_methods(
@@ -200,7 +213,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     # the JSON is rewritten after every length: an interrupted run keeps the lengths it finished
     partial = None if args.json is None else lambda report: write_json(args.json, report)
-    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME,
+    name = DEFAULT_MODEL_NAME if args.model is None else str(args.model)
+    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=name,
                                progress=args.progress, program=program, on_length=partial)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(evaluate.format_table(report))
@@ -224,7 +238,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.overwrite:  # an interrupted run then leaves no plan, rather than the old one looking like its result
         (args.output / "plan.json").unlink(missing_ok=True)
     start = time.perf_counter()
-    model, tokenizer = load_default_model()
+    model, tokenizer = _load(args)
     model = model.to(args.device)
     plan = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
                      checkpoint_dir=args.checkpoint or args.output / "checkpoint")
@@ -246,7 +260,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export.onnx import OnnxExportError, export_onnx
 
     plan = _load_plan(args.plan)
-    model, _ = load_default_model()
+    model, _ = _load(args)
     try:
         export_onnx(model, plan, args.output, external_data=args.external_data or None, gqa=args.gqa)
     except OnnxExportError as err:
@@ -285,7 +299,8 @@ def _run_throughput(args: argparse.Namespace) -> int:
         model = throughput.llama_8b_shaped(num_layers=args.layers or 32)
         plan = throughput.leank_mask_plan(ModelShape.from_config(model.config))
     else:
-        model, _ = load_default_model(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        model, _ = load_default_model(dtype) if args.model == "smollm2" else load_model(args.model, dtype)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         plan = _load_plan(args.plan)
     reports = [
@@ -300,7 +315,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
 def _run_onnx_latency(args: argparse.Namespace) -> int:
     from .benchmarks import onnx_latency
 
-    model, _ = load_default_model()
+    model, _ = _load(args)
     plans = {}
     for spec in args.plans:
         plan = _load_plan(spec)
@@ -316,6 +331,15 @@ def _run_plans(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) of `--model` (the embedded model by default) in `--dtype`."""
+    dtype = _DTYPES[args.dtype]
+    return load_default_model(dtype) if args.model is None else load_model(args.model, dtype)
+
+
 def _check_settings(args: argparse.Namespace) -> None:
     """Every setting a command can check without a model: SettingsError naming the option, before
     any model is loaded or any work done."""
@@ -327,10 +351,14 @@ def _check_settings(args: argparse.Namespace) -> None:
             raise SettingsError(f"--device {device}: not a device ({err})") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise SettingsError(f"--device {device}: no CUDA device is available (use --device cpu)")
-    too_long = [n for n in getattr(args, "lengths", None) or () if n > DEFAULT_MODEL_MAX_LENGTH]
+    model = getattr(args, "model", None)
+    if isinstance(model, Path) and not model.exists():
+        raise SettingsError(f"--model {model}: no such directory or file")
+    lengths = getattr(args, "lengths", None) or ()
+    limit = model_max_length(model) if lengths else None
+    too_long = [n for n in lengths if limit is not None and n > limit]
     if too_long:
-        raise SettingsError(f"--lengths {' '.join(map(str, too_long))}: longer than the model's context "
-                            f"({DEFAULT_MODEL_MAX_LENGTH} tokens)")
+        raise SettingsError(f"--lengths {' '.join(map(str, too_long))}: longer than the model's context ({limit} tokens)")
     for option in ("json", "plot", "png"):
         path = getattr(args, option, None)
         if path is not None:

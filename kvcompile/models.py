@@ -10,7 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Its context (max_position_embeddings), known without reading the file: commands check lengths
@@ -50,6 +50,40 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
         raise ModelNotAvailable(f"{weights}: a model of context {model.config.max_position_embeddings}, not the "
                                 f"{DEFAULT_MODEL_NAME} of context {DEFAULT_MODEL_MAX_LENGTH} kvcompile embeds")
     return model.eval(), tokenizer
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM (eval mode, `dtype`) and its tokenizer from local files: a transformers model
+    directory (`save_pretrained`'s) or a GGUF file."""
+    source = _model_source(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**source)
+        model = AutoModelForCausalLM.from_pretrained(**source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelNotAvailable(f"{path}: could not load a causal LM and its tokenizer from it ({err})") from err
+    return model.eval(), tokenizer
+
+
+def model_max_length(path: str | Path | None) -> int | None:
+    """The context of the model `load_model(path)` loads (None: the default model's), without its
+    weights; None where the files do not say (a GGUF file is only read whole)."""
+    if path is None:
+        return DEFAULT_MODEL_MAX_LENGTH
+    source = _model_source(path)
+    if "gguf_file" in source:
+        return None
+    config = AutoConfig.from_pretrained(**source)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def _model_source(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name, local_files_only=True)
+    if path.is_dir() and (path / "config.json").is_file():
+        return dict(pretrained_model_name_or_path=str(path), local_files_only=True)
+    raise ModelNotAvailable(f"{path}: not a transformers model directory (with config.json) nor a .gguf file")
 
 
 def _weights_file() -> Path | None:

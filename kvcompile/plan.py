@@ -143,6 +143,21 @@ class Plan:
     # channels were cut from, kept for inspection (`kvcompile importance`); not applied
     importance: torch.Tensor | None = field(default=None, compare=False)
 
+    def __repr__(self) -> str:
+        """One line: what a plan does, not its thousands of channel ids (`k_channels` has those)."""
+        parts = [self.fingerprint()]
+        if self.k_channels:
+            kept = sum(len(ids) for heads in self.k_channels.values() for ids in heads)
+            heads = sum(len(heads) for heads in self.k_channels.values())
+            parts.append(f"k_channels: {len(self.k_channels)} layers, {heads} KV heads, {kept} channels kept")
+        if self.merges:
+            parts.append(f"merges: {len(self.merges)} layers")
+        if self.windowed:
+            parts.append(f"sink={self.sink}, recent={self.recent}, buffer={self.buffer}")
+        if "method" in self.meta:
+            parts.append(f"method={self.meta['method']!r}")
+        return f"Plan({', '.join(parts)})"
+
     def __post_init__(self):
         # checked here so that every way of building a plan (constructor, replace, load) is covered
         for name, least in (("sink", 0), ("recent", 0), ("buffer", 1)):

@@ -72,6 +72,16 @@ class TransformedModel(torch.nn.Module):
         self._graphed_decode = GraphedDecode(self.decode_program, compile=compile_decode) if use_graphs else None
         self._source = [model]  # kept out of the module tree: its parameters are already the programs'
 
+    def __repr__(self) -> str:
+        return (f"TransformedModel({type(self._source[0]).__name__}, {self.plan!r}, {self._dtype} on {self._device}, "
+                f"cuda_graphs={self._graphed_decode is not None})")
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda() ... would convert the user's model's own parameters, which the
+        # programs share, and leave the programs' constants and this model's dtype behind
+        raise RuntimeError("a transformed model shares its model's parameters and cannot be converted: convert the "
+                           "model (model.to(...)) and call kvcompile.transform on it again")
+
     @property
     def device(self) -> torch.device:
         return self._device

@@ -410,7 +410,7 @@ def test_eval_keeps_the_lengths_it_finished_when_interrupted(monkeypatch, tmp_pa
     from kvcompile.evaluation import evaluate
     from tests.tiny_models import byte_level_tokenizer
 
-    monkeypatch.setattr(cli, "load_default_model", lambda: (_tiny_leank_model(0), byte_level_tokenizer()))
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (_tiny_leank_model(0), byte_level_tokenizer()))
     real = evaluate._perplexity_and_agreement
 
     def stop_at_the_second_length(model, tokenizer, runners, rows, settings, length, *args):

@@ -6,7 +6,9 @@ import runpy
 import sys
 
 import pytest
+import torch
 
+import kvcompile
 from kvcompile import Plan, cli, models
 from kvcompile.models import INSTALL_COMMAND, ModelNotAvailable, default_model_available, load_default_model
 from tests.test_evaluate import model as tiny_model  # noqa: F401  (fixtures)
@@ -16,7 +18,7 @@ from tests.test_evaluate import tokenizer as byte_tokenizer  # noqa: F401
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails the test if a command gets as far as loading the model."""
-    monkeypatch.setattr(cli, "load_default_model", lambda: pytest.fail("loaded the model"))
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: pytest.fail("loaded the model"))
 
 
 def test_a_command_is_required(capsys):
@@ -47,7 +49,7 @@ def test_bad_arguments_fail_before_any_work(no_model, capsys, argv, message):
 
 
 def test_eval_rows_table_json_and_plot(monkeypatch, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811
-    monkeypatch.setattr(cli, "load_default_model", lambda: (tiny_model, byte_tokenizer))
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (tiny_model, byte_tokenizer))
     argv = ["eval", "--quick", "--lengths", "1024", "--tasks", "passkey", "--sparsity", "0.5", "--align", "4", "--calib-tokens", "512",
             "--no-progress", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
     assert cli.main(argv) == 0
@@ -61,7 +63,7 @@ def test_eval_rows_table_json_and_plot(monkeypatch, tiny_model, byte_tokenizer, 
 
 def test_leank_calibrate_then_eval_with_and_without_windows_then_importance(
         monkeypatch, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811
-    monkeypatch.setattr(cli, "load_default_model", lambda: (tiny_model, byte_tokenizer))
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (tiny_model, byte_tokenizer))
     plan_dir = tmp_path / "learned"
     assert cli.main(["calibrate", str(plan_dir), "--k-sparsity", "0.5", "--k-method", "leank", "--align", "4",
                      "--sink", "4", "--recent", "8", "--stage1-steps", "2", "--stage2-steps", "2",
@@ -131,3 +133,61 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert all(row["v_bytes_per_token"] == full for row in rows.values())
     assert 1 < rows["dense"]["perplexity"]["512"] < 100
     assert "static-k70%" in capsys.readouterr().out
+
+
+def test_your_own_model_directory_runs_through_eval(no_model, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811
+    """`--model DIR`: a transformers model saved with its tokenizer, loaded from local files (the
+    embedded model is never touched), in the `--dtype` asked for."""
+    folder = tmp_path / "my-model"
+    tiny_model.save_pretrained(folder)
+    byte_tokenizer.save_pretrained(folder)
+    argv = ["eval", "--model", str(folder), "--quick", "--lengths", "1024", "--tasks", "passkey", "--sparsity", "0.5",
+            "--align", "4", "--calib-tokens", "512", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [row["name"] for row in report["rows"]] == ["dense", "random-k50%", "static-k50%"]
+    assert report["model"] == str(folder)
+    model, _ = models.load_model(folder, torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.config.max_position_embeddings == 2048
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--model", "/no/such/model"], "--model /no/such/model: no such directory or file"),
+        (["calibrate", "out", "--model", "MODEL_DIR", "--k-sparsity", "0.5"], "not a transformers model directory"),
+        (["eval", "--model", "MODEL_DIR_WITH_CONFIG", "--lengths", "4096"], "--lengths 4096: longer than the model's context (2048 tokens)"),
+    ],
+)
+def test_a_bad_model_path_fails_before_any_work(no_model, tiny_model, capsys, tmp_path, argv, message):  # noqa: F811
+    (tmp_path / "empty").mkdir()
+    tiny_model.config.save_pretrained(tmp_path / "config-only")
+    argv = [{"MODEL_DIR": str(tmp_path / "empty"), "MODEL_DIR_WITH_CONFIG": str(tmp_path / "config-only")}.get(a, a)
+            for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code in (1, 2)
+    assert message in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvcompile {kvcompile.__version__}"
+
+
+def test_reprs_are_short_and_a_transformed_model_refuses_conversion():
+    """`repr(plan)` and `repr(tm)` were 14K and 27K characters; `tm.to(dtype)` converted the user's
+    own parameters (shared with the programs) and left the transformed model behind."""
+    from tests.test_runtime import PRUNE
+    from tests.tiny_models import make_tiny_model
+
+    plan = Plan.load_builtin("smollm2-135m-instruct/leank-k50")
+    assert len(repr(plan)) < 200 and plan.fingerprint() in repr(plan)
+    model = make_tiny_model("llama")
+    tm = kvcompile.transform(model, PRUNE)
+    assert len(repr(tm)) < 300
+    with pytest.raises(RuntimeError, match="convert the model .* and call kvcompile.transform on it again"):
+        tm.to(torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is untouched

@@ -208,7 +208,7 @@ def test_cli_export_writes_files_onnxruntime_runs(tmp_path, monkeypatch, capsys)
     from kvcompile import cli
 
     model = make_tiny_model("llama")
-    monkeypatch.setattr(cli, "load_default_model", lambda: (model, None))
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (model, None))
     PRUNE.save(tmp_path / "plan")
     assert cli.main(["export", str(tmp_path / "out"), "--plan", str(tmp_path / "plan")]) == 0
     prompt = _prompt(batch=1, length=9, seed=3)
