@@ -127,12 +127,12 @@ def test_a_layer_deleted_from_plan_json_is_refused(tmp_path):
 
 
 def test_edited_or_non_finite_tensors_are_refused(tmp_path):
-    """Edited channel ids and NaN (or scaled) merge tensors change the tensors file's digest."""
+    """Edited channel ids and NaN, scaled or reordered merge tensors change the tensors file's digest."""
     from safetensors.torch import load_file, save_file
 
     merged = _merged_plan()
     for name, change in [("k_channels.0", lambda t: t.flip(0)), ("merges.0.key_down", lambda t: t * float("nan")),
-                         ("merges.0.value_up", lambda t: t * 2)]:
+                         ("merges.0.value_up", lambda t: t * 2), ("merges.0.key_up", lambda t: t.flip(1))]:
         folder = tmp_path / name
         (merged if name.startswith("merges") else PRUNE).save(folder)
         tensors = load_file(folder / "tensors.safetensors")
