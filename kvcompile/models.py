@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .plan import decoder_config
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Its context (max_position_embeddings), known without reading the file: commands check lengths
 # against it before loading anything (reading the GGUF's config alone takes seconds).
@@ -72,9 +74,7 @@ def model_max_length(path: str | Path | None) -> int | None:
     source = _model_source(path)
     if "gguf_file" in source:
         return None
-    config = AutoConfig.from_pretrained(**source)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return getattr(text, "max_position_embeddings", None)
+    return getattr(decoder_config(AutoConfig.from_pretrained(**source)), "max_position_embeddings", None)
 
 
 def _model_source(path: str | Path) -> dict:

@@ -63,7 +63,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = decoder_config(config)
         num_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         return cls(
@@ -73,6 +73,11 @@ class ModelShape:
             num_heads=num_heads,
             head_dim=head_dim,
         )
+
+
+def decoder_config(config):
+    """The config of the decoder's text stack (multimodal configs nest it), else `config` itself."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 ROPE_MODES = ("commute", "post", "none")
@@ -481,6 +486,9 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_REQUIRED = object()  # `_Fields.get` without a default: the field must be there
+
+
 class _Fields:
     """Typed access to a plan.json document: a PlanError names the file and the field on a mismatch."""
 
@@ -488,11 +496,11 @@ class _Fields:
         self.path = path
         self.document = self.of_type(document, dict, "(the document)")
 
-    def get(self, name: str, kind: type, **default):
+    def get(self, name: str, kind: type, default: Any = _REQUIRED):
         if name not in self.document:
-            if default:
-                return default["default"]
-            raise PlanError(f"{self.path}: field {name} is missing")
+            if default is _REQUIRED:
+                raise PlanError(f"{self.path}: field {name} is missing")
+            return default
         return self.of_type(self.document[name], kind, name)
 
     def of_type(self, value: Any, kind: type, where: str):
