@@ -59,7 +59,7 @@ def attention_reference(q, k, v, mask, scale, is_causal, lengths=None):
         k, v = _cut_to_lengths("kvcompile::attention", lengths, [k, v], q.shape[2])
         mask = _length_mask(lengths, q.shape[2], k.shape[2])
     repeats = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
+    out = F.scaled_dot_product_attention(
         q,
         k.repeat_interleave(repeats, dim=1),
         v.repeat_interleave(repeats, dim=1),
@@ -67,6 +67,7 @@ def attention_reference(q, k, v, mask, scale, is_causal, lengths=None):
         is_causal=is_causal,
         scale=scale,
     )
+    return out.contiguous()  # SDPA may return a transposed layout; the op's contract (its fake) is contiguous
 
 
 @attention.register_fake
@@ -348,3 +349,32 @@ def project_heads(x: torch.Tensor, heads: torch.Tensor, weight: torch.Tensor) ->
 @project_heads.register_fake
 def _(x, heads, weight):
     return x.new_empty(x.shape[0], heads.shape[0], x.shape[2], weight.shape[-1])
+
+
+@torch.library.custom_op("kvcompile::cache_site", mutates_args=())
+def cache_site(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    entries: list[torch.Tensor],
+    constants: list[torch.Tensor],
+    layer: int,
+    plan: str,
+    prompt: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a layer's new post-RoPE key/value (B, Hkv, S, D) meet a `kvcompile.StaticCompressedCache`.
+
+    Its cache layer returns this op's outputs to the model's attention in place of a dense K/V; the
+    torch.compile backend replaces the op and that attention by the plan's writes into `entries`
+    and the plan's attention over them (passes/cache_sites.py). It has no computation of its own:
+    run anywhere else, it says so."""
+    raise RuntimeError(
+        f"layer {layer}: a kvcompile.StaticCompressedCache holds its plan's compressed layout, which only the "
+        "kvcompile backend attends over: run the model as torch.compile(model, backend='kvcompile', "
+        "options={'plan': plan}), or use kvcompile.transform(model, plan) and the cache it returns"
+    )
+
+
+@cache_site.register_fake
+def _(key, value, lengths, entries, constants, layer, plan, prompt):
+    return key.new_empty(key.shape), value.new_empty(value.shape)

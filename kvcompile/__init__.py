@@ -11,6 +11,7 @@ from .calibration.recipe import LeanKTraining, Recipe, RecipeError
 from .capture import CaptureError, capture
 from .plan import ModelShape, Plan, PlanError
 from .runtime import TransformedModel, transform
+from .static_cache import StaticCompressedCache, cache_for
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,9 @@ __all__ = [
     "ModelShape",
     "Plan",
     "PlanError",
+    "StaticCompressedCache",
     "TransformedModel",
+    "cache_for",
     "capture",
     "export_onnx",
     "transform",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import Plan
+from .plan import ModelShape, Plan
 
 FULL, WINDOW, MIDDLE = "full", "window", "middle"
 
@@ -88,3 +88,23 @@ def entry_region(plan: Plan, entry: str) -> str:
     if plan.windowed and entry_layer(entry) in plan.k_channels:
         return MIDDLE
     return FULL
+
+
+def layer_entry_names(plan: Plan, layer: int) -> list[str]:
+    """The entries one layer keeps under a plan without windows, in the order its cache and the
+    backend's pass agree on: keys (width groups, widest first), then values."""
+    if plan.windowed:
+        raise ValueError("layer_entry_names describes plans without windows")
+    if layer in plan.k_channels:
+        keys = [key_entry(layer, group.width) for group in k_groups(plan, layer)]
+    else:
+        keys = [key_entry(layer)]
+    return keys + [value_entry(layer)]
+
+
+def layer_entries(plan: Plan, layer: int, shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(heads, channels per token) of each of `layer_entry_names`."""
+    heads, width = plan.kv_heads(layer, shape)
+    groups = {key_entry(layer, group.width): (len(group.heads), group.width)
+              for group in (k_groups(plan, layer) if layer in plan.k_channels else ())}
+    return {name: groups.get(name, (heads, width)) for name in layer_entry_names(plan, layer)}

@@ -38,6 +38,13 @@ def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModu
     elementwise ops fused); False captures the program as it is: no compile time at the first
     step, slower steps. Without CUDA graphs it has no effect.
     """
+    shape = checked_model_shape(model, plan)
+    return TransformedModel(model, plan, shape, program, cuda_graphs, compile_decode)
+
+
+def checked_model_shape(model: torch.nn.Module, plan: Plan) -> ModelShape:
+    """The model's shape, once `model` is a loaded transformers model in eval mode and `plan` fits
+    it; else the error saying what does not (the one check of everything that applies a plan)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a kvcompile.Plan, got {type(plan).__name__}")
     if getattr(model, "config", None) is None:
@@ -49,7 +56,7 @@ def transform(model: torch.nn.Module, plan: Plan, *, program: torch.fx.GraphModu
         raise ValueError("model has parameters on the meta device (no weights loaded): load its weights first")
     shape = ModelShape.from_config(model.config)
     plan.validate(shape)
-    return TransformedModel(model, plan, shape, program, cuda_graphs, compile_decode)
+    return shape
 
 
 class TransformedModel(torch.nn.Module):

@@ -2,6 +2,7 @@
 what they share, `manager` runs them. kvcompile/pipeline.py says which run in which order."""
 
 from .attention_with_cache import fuse_cache_update
+from .cache_sites import lower_cache_sites
 from .cache_encoder import NotEncodable, extract_cache_encoder
 from .canonicalize import canonicalize_attention
 from .graph import PassError
@@ -27,6 +28,7 @@ __all__ = [
     "extract_cache_encoder",
     "find_attention_sites",
     "fuse_cache_update",
+    "lower_cache_sites",
     "merge_kv_heads",
     "plan_attention_in_hf_graph",
     "prune_k_channels_decode",

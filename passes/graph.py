@@ -58,3 +58,11 @@ def add_input(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
         node = gm.graph.placeholder(placeholder_name(name))
     sig.inputs.append(name)
     return node
+
+
+def eliminate_dead_code(gm: torch.fx.GraphModule) -> None:
+    """FX's dead-code elimination, keeping in-place method calls: FX counts every call_method as pure,
+    but a dynamo graph writes state that way (a cache's `counter.add_(n)`)."""
+    gm.graph.eliminate_dead_code(
+        is_impure_node=lambda node: node.is_impure() or (node.op == "call_method" and node.target.endswith("_"))
+    )

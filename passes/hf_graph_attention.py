@@ -1,6 +1,8 @@
-"""Plan attention in a graph dynamo captured from a Hugging Face forward (the torch.compile backend).
+"""Plan attention in a graph dynamo captured from a Hugging Face forward on HF's own cache.
 
-Such a graph is torch-level and carries the HF cache object's update inline:
+A model given a `kvcompile.StaticCompressedCache` has its sites lowered by cache_sites.py first;
+this pass serves the calls that bring no cache, so transformers makes a DynamicCache in the
+forward. Such a graph is torch-level and carries the cache object's update inline:
 
     keys = torch.cat([past_keys, key_states], dim=-2)          # DynamicLayer.update
     out  = F.scaled_dot_product_attention(q, keys, values, ...)  # maybe through repeat_kv
@@ -11,10 +13,9 @@ every key, past and new, is gathered to its KV head's kept channels and `kvcompi
 scores with them, the op and layout of `prune_k_channels_decode`'s program. Prefill attention stays
 dense, as LeanK prefills.
 
-HF's cache code concatenates full-width keys of the model's head count, and dynamo re-traces that
-code on every new cache shape, so the cache object must keep the model's layout: this pass changes
-what attention computes, never what the cache holds (the compressed cache is `kvcompile.transform`'s).
-That also rules out plans that merge heads or keep windows.
+HF's cache keeps the model's layout (full-width keys of every head), so on it this pass changes what
+attention computes, never what the cache holds: the plan's outputs without its memory. That rules
+out plans that merge heads or keep windows, which need the compressed cache.
 
 The plan is checked by `Plan.validate` against the shape the graph shows (layers, heads, head dim);
 the graph does not say which model type it came from.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from kvcompile.layout import k_groups
 from kvcompile.plan import ModelShape, Plan, PlanError
 
-from .graph import gather_kept_channels, replace_with_call
+from .graph import eliminate_dead_code, gather_kept_channels, replace_with_call
 from .sites import attention_arguments, walk_back
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -53,6 +54,8 @@ class DecodeSite:
 
 
 def plan_attention_in_hf_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    if not any(node.op == "call_function" and node.target in _SDPA for node in gm.graph.nodes):
+        return gm  # no attention on HF's cache (none at all, or every site was a StaticCompressedCache's)
     check_plan_for_hf_graphs(plan)
     sites = find_decode_sites(gm)
     if sites:
@@ -60,7 +63,7 @@ def plan_attention_in_hf_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx
     for site in sites:
         if site.layer in plan.k_channels:
             _attend_with_kept_channels(gm, site, plan)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     return gm
 
 
@@ -68,8 +71,8 @@ def check_plan_for_hf_graphs(plan: Plan) -> None:
     """Refuse, by field, what the model's own cache object cannot hold."""
     if plan.merges:
         raise PlanError(
-            f"field merges: the plan merges KV heads of layers {sorted(plan.merges)}; under torch.compile the "
-            "model's own cache keeps every KV head. Use kvcompile.transform(model, plan) for merged plans"
+            f"field merges: the plan merges KV heads of layers {sorted(plan.merges)}, which transformers' own cache "
+            "cannot hold: pass past_key_values=kvcompile.cache_for(model, plan, batch_size=..., max_cache_len=...)"
         )
     if plan.windowed:
         raise PlanError(

@@ -54,6 +54,18 @@ def merge_kv_heads(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule
     return gm
 
 
+def query_order(merge: LayerMerge, per_kv: int) -> list[int]:
+    """Query heads grouped by merged KV head: new query head i reads original query head order[i]
+    (`per_kv` query heads per original KV head), so each merged head's queries are contiguous (GQA)."""
+    return [h * per_kv + i for group in merge.groups for h in group for i in range(per_kv)]
+
+
+def head_up(merge: LayerMerge, up: torch.Tensor, kv_head: int, d: int) -> torch.Tensor:
+    """up_p (s·d, d) of original KV head `kv_head`, the p-th of its group g: up[g]'s columns of it."""
+    g, p = next((g, group.index(kv_head)) for g, group in enumerate(merge.groups) if kv_head in group)
+    return up[g][:, p * d : (p + 1) * d]
+
+
 @dataclass
 class _Segment:
     """Rows [start, end) of a linear layer's output that hold one of q, k or v."""
@@ -72,11 +84,7 @@ class _LayerMerger:
         self.num_kv_heads = site.new_key.meta["val"].shape[1]
         self.per_kv = self.num_heads // self.num_kv_heads
         self.s = merge.heads_per_group
-        # query heads grouped by merged KV head: new query head i reads original query head order[i]
-        self.position = {h: (g, p) for g, group in enumerate(merge.groups) for p, h in enumerate(group)}
-        self.order = [
-            h * self.per_kv + i for group in merge.groups for h in group for i in range(self.per_kv)
-        ]
+        self.order = query_order(merge, self.per_kv)
 
     def fail(self, message: str):
         raise MergeError(f"layer {self.layer} ({self.site.module_path}): {message}")
@@ -120,9 +128,7 @@ class _LayerMerger:
     # -- the new weights -----------------------------------------------------------------------
 
     def _up(self, up: torch.Tensor, query_head: int) -> torch.Tensor:
-        """up_p (s·d, d) of the group holding query head `query_head`'s KV head."""
-        g, p = self.position[query_head // self.per_kv]
-        return up[g][:, p * self.d : (p + 1) * self.d]
+        return head_up(self.merge, up, query_head // self.per_kv, self.d)
 
     def _grouped_rows(self, rows: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """rows (Hkv·d, ...) per KV head -> per merged head: down_gᵀ @ rows of the group's heads."""

@@ -1,0 +1,156 @@
+"""A transformers `Cache` in a plan's compressed layout, for models compiled with the kvcompile backend.
+
+    cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=4096)
+    model.forward = torch.compile(model.forward, backend="kvcompile", options={"plan": plan})
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+Each layer allocates the entries of the plan's layout (layout.py) once, `max_cache_len` slots per
+row, with each row's token count on the device (`lengths`). Its `update` passes the new key and
+value to `kvcompile::cache_site`, which the backend's pass lowers, with the attention behind it,
+into the plan's writes and attention over those entries (passes/cache_sites.py). Rows are kept
+as the runtime's cache keeps them: a prompt's padding never enters, row b holds its real tokens
+in slots [0, lengths[b]). A step changes tensors only, in place, so decode compiles once and can be
+replayed from a CUDA graph (`mode="reduce-overhead"`).
+
+What transformers sees follows its conventions: `get_seq_length()` counts every position the
+model was called with, padding included (a tensor inside a compiled region, as StaticCache's).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+import kvcompile.kernels  # noqa: F401  (registers kvcompile::cache_site)
+from kvcompile.passes.cache_sites import site_constants
+
+from .layout import layer_entries
+from .plan import ModelShape, Plan
+
+
+class StaticCompressedLayer(CacheLayerMixin):
+    """One layer's entries, per-row counts and the constants its lowered attention reads."""
+
+    # transformers' generate compiles the forward by itself (with inductor alone) for compileable
+    # caches; this one runs under the kvcompile backend, which the user picks
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, plan: Plan, fingerprint: str, shape: ModelShape, layer: int, batch_size: int,
+                 max_cache_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.layer, self.plan_fingerprint, self.max_cache_len = layer, fingerprint, max_cache_len
+        self.entries = {
+            name: torch.zeros(batch_size, heads, max_cache_len, width, dtype=dtype, device=device)
+            for name, (heads, width) in layer_entries(plan, layer, shape).items()
+        }
+        self.constants = site_constants(plan, layer, shape, dtype, device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros((), dtype=torch.int64, device=device)  # what get_seq_length reports
+        self.holds_tokens = False  # host state dynamo guards on: a prompt and a decode step compile apart
+        self.is_initialized = True
+        for tensor in [*self.entries.values(), *self.constants.values(), self.lengths, self.positions]:
+            torch._dynamo.mark_static_address(tensor)  # fixed addresses: CUDA graphs replay over them
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the entries were allocated with the layer."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[2] > self.max_cache_len:
+            raise ValueError(f"layer {self.layer}: {key_states.shape[2]} tokens do not fit the cache's max_cache_len "
+                             f"of {self.max_cache_len}; make it with a larger kvcompile.cache_for(..., max_cache_len=)")
+        keys, values = torch.ops.kvcompile.cache_site(
+            key_states, value_states, self.lengths, list(self.entries.values()), list(self.constants.values()),
+            self.layer, self.plan_fingerprint, not self.holds_tokens,
+        )
+        self.positions.add_(key_states.shape[2])
+        self.holds_tokens = True
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the lowered attention reads HF's mask at a prompt only, for its padding: (S, S) is all it needs
+        return query_length, 0
+
+    def get_seq_length(self):
+        if not self.holds_tokens:
+            return 0
+        return self.positions if torch.compiler.is_compiling() else int(self.positions)
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.positions.zero_()
+        self.holds_tokens = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        beam_idx = beam_idx.to(self.lengths.device)
+        for entry in self.entries.values():
+            entry.copy_(entry.index_select(0, beam_idx))
+        self.lengths.copy_(self.lengths.index_select(0, beam_idx))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens held, every row counted at its own length."""
+        held = int(self.lengths.sum())
+        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held for entry in self.entries.values())
+
+
+class StaticCompressedCache(Cache):
+    """The plan's compressed cache as a transformers `Cache`; make it with `kvcompile.cache_for`."""
+
+    def __init__(self, plan: Plan, shape: ModelShape, batch_size: int, max_cache_len: int, dtype: torch.dtype,
+                 device: torch.device):
+        fingerprint = plan.fingerprint()
+        super().__init__(layers=[
+            StaticCompressedLayer(plan, fingerprint, shape, layer, batch_size, max_cache_len, dtype, device)
+            for layer in range(shape.num_layers)
+        ])
+        self.plan, self.shape = plan, shape
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.layers[0].lengths.shape[0]
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.layers[0].max_cache_len
+
+    @property
+    def row_lengths(self) -> list[int]:
+        """Each row's real tokens held (a host sync)."""
+        return self.layers[0].lengths.tolist()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V tokens held: the plan's `cache_nbytes` for these rows."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated for the entries."""
+        return sum(entry.nbytes for layer in self.layers for entry in layer.entries.values())
+
+    def __repr__(self) -> str:
+        return (f"StaticCompressedCache(plan={self.layers[0].plan_fingerprint}, batch_size={self.max_batch_size}, "
+                f"max_cache_len={self.max_cache_len}, capacity_nbytes={self.capacity_nbytes})")
+
+
+def cache_for(model: torch.nn.Module, plan: Plan, *, batch_size: int, max_cache_len: int) -> StaticCompressedCache:
+    """An empty compressed cache for `model` under `plan` (checked as `kvcompile.transform` checks
+    it), `batch_size` rows of `max_cache_len` tokens each (prompt and generated, padding excluded),
+    on the model's device and in its dtype."""
+    from .runtime import checked_model_shape
+
+    shape = checked_model_shape(model, plan)
+    if plan.windowed:
+        raise ValueError(
+            f"plan fields sink={plan.sink}, recent={plan.recent}: the StaticCompressedCache holds plans without "
+            "windows; use kvcompile.transform(model, plan) for windowed plans"
+        )
+    for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    param = next(model.parameters())
+    return StaticCompressedCache(plan, shape, batch_size, max_cache_len, param.dtype, param.device)
