@@ -68,12 +68,12 @@ def _pruned_attention_cuda(q, k_groups, heads, channels, v, mask, scale, is_caus
 
 @windowed_attention.register_kernel("cuda")
 def _windowed_attention_cuda(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink,
-                             window_lengths=None, middle_lengths=None):
+                             window_lengths=None, middle_lengths=None, window_start=None):
     check_lengths_arguments("kvcompile::windowed_attention", q, mask, is_causal, window_lengths, middle_lengths)
     if _triton_applies(q, mask, is_causal, [k_window.dtype, v_window.dtype, v_middle.dtype, *(k.dtype for k in k_middle)]):
         from .triton_decode import windowed_decode
 
         return windowed_decode(q, k_window, v_window, k_middle, heads, channels, v_middle, scale, sink,
-                               window_lengths=window_lengths, middle_lengths=middle_lengths)
+                               window_lengths=window_lengths, middle_lengths=middle_lengths, window_start=window_start)
     return windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale,
-                                        is_causal, sink, window_lengths, middle_lengths)
+                                        is_causal, sink, window_lengths, middle_lengths, window_start)

@@ -172,6 +172,7 @@ def windowed_attention(
     sink: int,
     window_lengths: torch.Tensor | None = None,
     middle_lengths: torch.Tensor | None = None,
+    window_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One softmax over LeanK's regions: window keys score with every channel, middle keys of
     group g with `channels[g]` only (original `scale`); KV heads in no group (streaming heads)
@@ -185,17 +186,28 @@ def windowed_attention(
     With `window_lengths` and `middle_lengths` (both; then mask None, is_causal False), row b's
     window is slots [0, window_lengths[b]), its S queries the last S of them (the causal rule of
     the module docstring), and its middle slots [0, middle_lengths[b]), seen by every query. The
-    order of tokens no longer matters to the mask, so `sink` is ignored.
+    order of tokens no longer matters to the mask, so `sink` is ignored; except with `window_start`
+    (B,), which makes the window's slots after the first `sink` a ring (a cache that never shifts
+    its window, static_cache.py): logical window slot j >= sink is slot sink + (j - sink +
+    window_start[b]) % (Tw - sink).
     """
     return windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale,
-                                        is_causal, sink, window_lengths, middle_lengths)
+                                        is_causal, sink, window_lengths, middle_lengths, window_start)
 
 
 def windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal,
-                                 sink, window_lengths=None, middle_lengths=None):
+                                 sink, window_lengths=None, middle_lengths=None, window_start=None):
     op = "kvcompile::windowed_attention"
     check_lengths_arguments(op, q, mask, is_causal, window_lengths, middle_lengths)
     b, hq, s, d = q.shape
+    if window_start is not None:
+        if window_lengths is None:
+            raise ValueError(f"{op}: window_start comes with window_lengths and middle_lengths")
+        slots = torch.arange(k_window.shape[2], device=q.device)
+        ring = sink + (slots - sink + window_start[:, None]) % (k_window.shape[2] - sink)
+        logical = torch.where(slots < sink, slots, ring)[:, None, :, None]  # (B, 1, Tw, 1)
+        k_window = k_window.gather(2, logical.expand(-1, k_window.shape[1], -1, k_window.shape[3]))
+        v_window = v_window.gather(2, logical.expand(-1, v_window.shape[1], -1, v_window.shape[3]))
     if window_lengths is not None:
         k_window, v_window = _cut_to_lengths(op, window_lengths, [k_window, v_window], s)
         *k_middle, v_middle = _cut_to_lengths(op, middle_lengths, [*k_middle, v_middle], 0)
@@ -307,7 +319,7 @@ def _finite_or_zero(x):
 
 @windowed_attention.register_fake
 def _(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink, window_lengths=None,
-      middle_lengths=None):
+      middle_lengths=None, window_start=None):
     check_lengths_arguments("kvcompile::windowed_attention", q, mask, is_causal, window_lengths, middle_lengths)
     return q.new_empty(q.shape[:-1] + v_window.shape[-1:])
 

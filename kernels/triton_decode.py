@@ -119,11 +119,13 @@ def _dot(a, b, EXACT_FP32: tl.constexpr):
 @triton.jit
 def _online_softmax(
     q_block, k_base, stride_kt, stride_kd, width, v_base, stride_vt, stride_vd, value_dim, start, end, qk_scale,
-    HAS_KEYS: tl.constexpr, EXACT_FP32: tl.constexpr,
+    ring_sink, ring_start, ring_period,
+    HAS_KEYS: tl.constexpr, RING: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """(max, sum, acc) of the query block (BLOCK_H, BLOCK_W) over tokens [start, end) of one key
-    row of `width` channels; HAS_KEYS=False scores every token 0 (a head keeping no channel)."""
+    row of `width` channels; HAS_KEYS=False scores every token 0 (a head keeping no channel).
+    RING: token t >= ring_sink sits in slot ring_sink + (t - ring_sink + ring_start) % ring_period."""
     c = tl.arange(0, BLOCK_W)
     d = tl.arange(0, BLOCK_DV)
     row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -132,9 +134,12 @@ def _online_softmax(
     for block_start in range(start, end, BLOCK_N):
         t = block_start + tl.arange(0, BLOCK_N)
         in_piece = t < end
+        slot = t
+        if RING:
+            slot = tl.where(t < ring_sink, t, ring_sink + (t - ring_sink + ring_start) % ring_period)
         if HAS_KEYS:  # keys loaded transposed (w, n) so the score block is a plain q @ k
             k_block = tl.load(
-                k_base + c[:, None] * stride_kd + t[None, :] * stride_kt,
+                k_base + c[:, None] * stride_kd + slot[None, :] * stride_kt,
                 mask=(c < width)[:, None] & in_piece[None, :],
                 other=0.0,
             )
@@ -150,7 +155,7 @@ def _online_softmax(
         row_sum = row_sum * rescale + tl.sum(probs, 1)
 
         v_block = tl.load(
-            v_base + t[:, None] * stride_vt + d[None, :] * stride_vd,
+            v_base + slot[:, None] * stride_vt + d[None, :] * stride_vd,
             mask=in_piece[:, None] & (d < value_dim)[None, :],
             other=0.0,
         )
@@ -163,7 +168,7 @@ def _online_softmax(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_window_ptr, v_window_ptr, window_lengths_ptr,
+    q_ptr, k_window_ptr, v_window_ptr, window_lengths_ptr, window_start_ptr, sink,
     k_middle_ptrs, heads_ptrs, channels_ptrs, v_middle_ptr, middle_lengths_ptr,
     max_ptr, sum_ptr, acc_ptr, counters_ptr, out_ptr,
     num_kv_heads, num_splits, window_tokens, middle_tokens, group_size, head_dim, value_dim, widest_middle, qk_scale,
@@ -173,12 +178,12 @@ def _decode_kernel(
     stride_vwb, stride_vwh, stride_vwt, stride_vwd,
     k_middle_strides, channels_strides,
     stride_vmb, stride_vmh, stride_vmt, stride_vmd,
-    stride_lw, stride_lm,
+    stride_lw, stride_lm, stride_ls,
     stride_pb, stride_ph, stride_ps,
     stride_ab, stride_ah, stride_as, stride_ad,
     stride_ob, stride_oh, stride_od,
     HAS_WINDOW: tl.constexpr, NUM_GROUPS: tl.constexpr, UNIFORM_REST: tl.constexpr, VALUES_BY_HEAD: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, EXACT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RING: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, COMBINE_H: tl.constexpr, COMBINE_SLOTS: tl.constexpr,
 ):  # fmt: skip
@@ -196,6 +201,9 @@ def _decode_kernel(
     row = kv_head * 0
     value_row = kv_head * 0
     width = kv_head * 0
+    ring_start = kv_head * 0
+    if RING:  # the window's slots after the sink are a ring; its oldest token is at this phase
+        ring_start = tl.load(window_start_ptr + batch * stride_ls).to(tl.int32)
     for g in tl.static_range(NUM_GROUPS):
         i = tl.arange(0, BLOCK_G)
         heads = tl.load(heads_ptrs[g] + i, mask=i < group_rows[g], other=-1).to(tl.int32)
@@ -257,13 +265,14 @@ def _decode_kernel(
                 row_max, row_sum, acc = _online_softmax(
                     q_block, k_window_ptr + batch * stride_kwb + kv_head * stride_kwh, stride_kwt, stride_kwd,
                     head_dim, v_window_ptr + batch * stride_vwb + kv_head * stride_vwh, stride_vwt, stride_vwd,
-                    value_dim, start, end, qk_scale, True, EXACT_FP32, BLOCK_H, BLOCK_D, BLOCK_DV, BLOCK_N,
+                    value_dim, start, end, qk_scale, sink, ring_start, window_tokens - sink,
+                    True, RING, EXACT_FP32, BLOCK_H, BLOCK_D, BLOCK_DV, BLOCK_N,
                 )  # fmt: skip
         if UNIFORM_REST:
             if (not in_window) & (group < 0):
                 row_max, row_sum, acc = _online_softmax(
                     row_max, v_middle, 0, 0, 0, v_middle, stride_vmt, stride_vmd, value_dim,
-                    start, end, qk_scale, False, EXACT_FP32, BLOCK_H, _UNIFORM_BLOCK_W, BLOCK_DV, BLOCK_N,
+                    start, end, qk_scale, 0, 0, 1, False, False, EXACT_FP32, BLOCK_H, _UNIFORM_BLOCK_W, BLOCK_DV, BLOCK_N,
                 )  # fmt: skip
         for g in tl.static_range(NUM_GROUPS):
             if (not in_window) & (group == g):
@@ -277,7 +286,7 @@ def _decode_kernel(
                 row_max, row_sum, acc = _online_softmax(
                     q_block, k_base, k_middle_strides[g][2], k_middle_strides[g][3], group_widths[g],
                     v_middle, stride_vmt, stride_vmd, value_dim,
-                    start, end, qk_scale, True, EXACT_FP32, BLOCK_H, BLOCK_WS[g], BLOCK_DV, BLOCK_N,
+                    start, end, qk_scale, 0, 0, 1, True, False, EXACT_FP32, BLOCK_H, BLOCK_WS[g], BLOCK_DV, BLOCK_N,
                 )  # fmt: skip
 
         d = tl.arange(0, BLOCK_DV)
@@ -350,23 +359,27 @@ def windowed_decode(
     *,
     window_lengths: torch.Tensor | None = None,
     middle_lengths: torch.Tensor | None = None,
+    window_start: torch.Tensor | None = None,
     block_tokens: int = 64,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """`windowed_attention(q, ..., mask=None, is_causal=False, sink, window_lengths, middle_lengths)`
-    for one query token.
+    """`windowed_attention(q, ..., mask=None, is_causal=False, sink, window_lengths, middle_lengths,
+    window_start)` for one query token.
 
     q (B, Hq, 1, D); window (B, Hkv, Tw, D/Dv); k_middle[g] (B, G_g, M, w_g) of KV heads heads[g]
     keeping channels[g]; v_middle (B, Hm, M, Dv) of the non-streaming heads, ascending. Returns
     (B, Hq, 1, Dv) in v_window's dtype. `sink` does not change the result without a mask.
     `window_lengths` and `middle_lengths` ((B,) each, both or neither): row b reads only window
     slots [0, window_lengths[b]) (at least 1) and middle slots [0, middle_lengths[b]); Tw and M are
-    then capacities. `block_tokens` (tokens per inner step) and `splits` (programs per sequence and
+    then capacities. `window_start` (B,), with lengths: the window's slots after the first `sink`
+    are a ring, its logical slot j >= sink at sink + (j - sink + window_start[b]) % (Tw - sink).
+    `block_tokens` (tokens per inner step) and `splits` (programs per sequence and
     KV head; default: enough to fill the device) are tuning knobs, exposed for tests.
     """
-    _check_decode(q, [k_window, v_window, v_middle, *k_middle], window_lengths, middle_lengths)
+    _check_decode(q, [k_window, v_window, v_middle, *k_middle], window_lengths, middle_lengths,
+                  *([window_start] if window_start is not None else []))
     return _launch(
-        q, scale, block_tokens, splits, window=_Window(k_window, v_window, window_lengths),
+        q, scale, block_tokens, splits, window=_Window(k_window, v_window, window_lengths, window_start, sink),
         middle=_Middle(k_middle, heads, channels, v_middle, middle_lengths, values_by_head=False, uniform_rest=False),
     )  # fmt: skip
 
@@ -416,6 +429,8 @@ class _Window:
     keys: torch.Tensor
     values: torch.Tensor
     lengths: torch.Tensor | None
+    ring_start: torch.Tensor | None = None  # see windowed_decode's window_start
+    sink: int = 0
 
 
 @dataclass
@@ -470,6 +485,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
 
     _decode_kernel[(batch * num_kv_heads, splits)](
         q, _field(window, "keys", unused), _field(window, "values", unused), _field(window, "lengths", unused),
+        _field(window, "ring_start", unused), _field(window, "sink", 0),
         k_middle, heads, channels, _field(middle, "values", unused), _field(middle, "lengths", unused),
         row_max, row_sum, acc, counters, out,
         num_kv_heads, splits, window_tokens, middle_tokens, group_size, q.shape[-1], value_dim, widest_middle,
@@ -480,7 +496,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
         *(window.values.stride() if window is not None else (0,) * 4),
         tuple(k.stride() for k in k_middle), tuple(c.stride() if c.dim() == 2 else (0, 0) for c in channels),
         *(middle.values.stride() if middle is not None else (0,) * 4),
-        _stride_of(window), _stride_of(middle),
+        _stride_of(window), _stride_of(middle), _field(window, "ring_start", unused).stride(0),
         *row_max.stride(),
         *acc.stride(),
         out.stride(0), out.stride(1), out.stride(3),
@@ -489,6 +505,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
         UNIFORM_REST=middle is not None and middle.uniform_rest,
         VALUES_BY_HEAD=middle is not None and middle.values_by_head,
         HAS_LENGTHS=has_lengths,
+        RING=window is not None and window.ring_start is not None,
         EXACT_FP32=_exact_fp32(q.dtype),
         BLOCK_H=_block(group_size),
         BLOCK_D=_block(q.shape[-1]),

@@ -91,20 +91,19 @@ def entry_region(plan: Plan, entry: str) -> str:
 
 
 def layer_entry_names(plan: Plan, layer: int) -> list[str]:
-    """The entries one layer keeps under a plan without windows, in the order its cache and the
-    backend's pass agree on: keys (width groups, widest first), then values."""
-    if plan.windowed:
-        raise ValueError("layer_entry_names describes plans without windows")
-    if layer in plan.k_channels:
-        keys = [key_entry(layer, group.width) for group in k_groups(plan, layer)]
-    else:
-        keys = [key_entry(layer)]
-    return keys + [value_entry(layer)]
+    """The entries one layer keeps, in the order its static cache and the backend's pass agree on:
+    a windowed layer's windows, then keys (width groups, widest first), then values."""
+    if layer not in plan.k_channels:
+        return [key_entry(layer), value_entry(layer)]
+    windows = [key_window_entry(layer), value_window_entry(layer)] if plan.windowed else []
+    return windows + [key_entry(layer, group.width) for group in k_groups(plan, layer)] + [value_entry(layer)]
 
 
 def layer_entries(plan: Plan, layer: int, shape: ModelShape) -> dict[str, tuple[int, int]]:
     """(heads, channels per token) of each of `layer_entry_names`."""
     heads, width = plan.kv_heads(layer, shape)
-    groups = {key_entry(layer, group.width): (len(group.heads), group.width)
-              for group in (k_groups(plan, layer) if layer in plan.k_channels else ())}
-    return {name: groups.get(name, (heads, width)) for name in layer_entry_names(plan, layer)}
+    sizes = {key_entry(layer, group.width): (len(group.heads), group.width)
+             for group in (k_groups(plan, layer) if layer in plan.k_channels else ())}
+    if plan.windowed and layer in plan.k_channels:
+        sizes[value_entry(layer)] = (len(plan.middle_value_heads(layer)), width)
+    return {name: sizes.get(name, (heads, width)) for name in layer_entry_names(plan, layer)}

@@ -7,10 +7,16 @@
 Each layer allocates the entries of the plan's layout (layout.py) once, `max_cache_len` slots per
 row, with each row's token count on the device (`lengths`). Its `update` passes the new key and
 value to `kvcompile::cache_site`, which the backend's pass lowers, with the attention behind it,
-into the plan's writes and attention over those entries (passes/cache_sites.py). Rows are kept
-as the runtime's cache keeps them: a prompt's padding never enters, row b holds its real tokens
-in slots [0, lengths[b]). A step changes tensors only, in place, so decode compiles once and can be
-replayed from a CUDA graph (`mode="reduce-overhead"`).
+into the plan's writes and attention over those entries (passes/cache_sites.py). Rows count their
+own tokens as the runtime's cache does: a prompt's padding never enters, row b holds its real
+tokens in slots [0, lengths[b]). A step changes tensors only, in place, so decode compiles once and
+can be replayed from a CUDA graph (`mode="reduce-overhead"`).
+
+Windowed layers hold the runtime's regions without ever moving a token: every token's kept
+channels go to the middle when it arrives (slot t - sink), and its full channels to the window,
+whose first `sink` slots hold the sink and the rest are a ring of `recent + buffer` slots. The
+middle count follows `plan.middle_length` and the window holds the tokens after it, as the
+runtime's flushes leave them; O(window) work every `buffer` tokens becomes none at all.
 
 What transformers sees follows its conventions: `get_seq_length()` counts every position the
 model was called with, padding included (a tensor inside a compiled region, as StaticCache's).
@@ -22,9 +28,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import kvcompile.kernels  # noqa: F401  (registers kvcompile::cache_site)
-from kvcompile.passes.cache_sites import site_constants
+from kvcompile.passes.cache_sites import site_constants, window_ring
 
-from .layout import layer_entries
+from .layout import FULL, MIDDLE, WINDOW, entry_region, layer_entries
 from .plan import ModelShape, Plan
 
 
@@ -39,9 +45,11 @@ class StaticCompressedLayer(CacheLayerMixin):
     def __init__(self, plan: Plan, fingerprint: str, shape: ModelShape, layer: int, batch_size: int,
                  max_cache_len: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.layer, self.plan_fingerprint, self.max_cache_len = layer, fingerprint, max_cache_len
+        self.plan, self.layer, self.plan_fingerprint, self.max_cache_len = plan, layer, fingerprint, max_cache_len
+        self.windowed = plan.windowed and layer in plan.k_channels
+        slots = {FULL: max_cache_len, MIDDLE: max_cache_len + plan.sink, WINDOW: plan.sink + window_ring(plan)}
         self.entries = {
-            name: torch.zeros(batch_size, heads, max_cache_len, width, dtype=dtype, device=device)
+            name: torch.zeros(batch_size, heads, slots[entry_region(plan, name)], width, dtype=dtype, device=device)
             for name, (heads, width) in layer_entries(plan, layer, shape).items()
         }
         self.constants = site_constants(plan, layer, shape, dtype, device)
@@ -59,6 +67,9 @@ class StaticCompressedLayer(CacheLayerMixin):
         if key_states.shape[2] > self.max_cache_len:
             raise ValueError(f"layer {self.layer}: {key_states.shape[2]} tokens do not fit the cache's max_cache_len "
                              f"of {self.max_cache_len}; make it with a larger kvcompile.cache_for(..., max_cache_len=)")
+        if self.windowed and self.holds_tokens and key_states.shape[2] > 1:
+            raise ValueError(f"layer {self.layer}: a call continuing a windowed plan's cache adds one token per row "
+                             f"(got {key_states.shape[2]}): its window is a ring sized for one (as generate() calls)")
         keys, values = torch.ops.kvcompile.cache_site(
             key_states, value_states, self.lengths, list(self.entries.values()), list(self.constants.values()),
             self.layer, self.plan_fingerprint, not self.holds_tokens,
@@ -92,9 +103,12 @@ class StaticCompressedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tokens held, every row counted at its own length."""
-        held = int(self.lengths.sum())
-        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held for entry in self.entries.values())
+        """Bytes of the tokens held, every row counted at its own length in each region."""
+        rows = self.lengths.tolist()
+        middle = sum(self.plan.middle_length(n) for n in rows)
+        held = {FULL: sum(rows), MIDDLE: middle, WINDOW: sum(rows) - middle}
+        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held[entry_region(self.plan, name)]
+                   for name, entry in self.entries.items())
 
 
 class StaticCompressedCache(Cache):
@@ -144,11 +158,6 @@ def cache_for(model: torch.nn.Module, plan: Plan, *, batch_size: int, max_cache_
     from .runtime import checked_model_shape
 
     shape = checked_model_shape(model, plan)
-    if plan.windowed:
-        raise ValueError(
-            f"plan fields sink={plan.sink}, recent={plan.recent}: the StaticCompressedCache holds plans without "
-            "windows; use kvcompile.transform(model, plan) for windowed plans"
-        )
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from kvcompile.layout import k_groups, key_entry, layer_entry_names, value_entry
+from kvcompile.layout import k_groups, key_entry, key_window_entry, layer_entry_names, value_entry, value_window_entry
 from kvcompile.plan import ModelShape, Plan, PlanError
 
 from .graph import eliminate_dead_code
@@ -54,12 +54,23 @@ class CacheSite:
 _MERGE_CONSTANTS = ("groups", "key_down", "value_down", "query_order", "query_up", "output_order", "output_up")
 
 
+def window_ring(plan: Plan) -> int:
+    """Ring slots of a windowed layer's window after its sink: the most tokens it holds at a decode
+    step (recent, up to buffer - 1 not yet counted in the middle, and the step's own)."""
+    return plan.recent + plan.buffer
+
+
+def _windowed(plan: Plan, layer: int) -> bool:
+    return plan.windowed and layer in plan.k_channels
+
+
 def site_constant_names(plan: Plan, layer: int) -> list[str]:
     """The tensors a layer's lowered site reads besides its entries, in the order its cache passes
-    them: kept-channel indices per width group, then a merge's maps."""
+    them: kept-channel indices per width group, a windowed layer's middle value heads, a merge's maps."""
     names = []
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         names += [f"heads.w{group.width}", f"channels.w{group.width}"]
+    names += ["value_heads"] if _windowed(plan, layer) else []
     return names + list(_MERGE_CONSTANTS if layer in plan.merges else ())
 
 
@@ -70,6 +81,8 @@ def site_constants(plan: Plan, layer: int, shape: ModelShape, dtype: torch.dtype
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         constants[f"heads.w{group.width}"] = group.heads_tensor()
         constants[f"channels.w{group.width}"] = group.channels_tensor()
+    if _windowed(plan, layer):
+        constants["value_heads"] = torch.tensor(plan.middle_value_heads(layer), dtype=torch.int64)
     merge = plan.merges.get(layer)
     if merge is not None:
         per_kv, d = shape.num_heads // shape.num_kv_heads, shape.head_dim
@@ -137,67 +150,118 @@ def _lower(gm: torch.fx.GraphModule, site: CacheSite, plan: Plan) -> None:
     arguments = site.arguments
     if arguments["dropout_p"] != 0.0:
         raise PlanError(f"layer {layer}: attention with dropout (is the model in training mode?)")
-    query = arguments["query"]
-    scale = arguments["scale"] if arguments["scale"] is not None else query.meta["example_value"].shape[-1] ** -0.5
+    query, mask = arguments["query"], arguments["attn_mask"]
+    scale = float(arguments["scale"] if arguments["scale"] is not None else query.meta["example_value"].shape[-1] ** -0.5)
     entry = dict(zip(layer_entry_names(plan, layer), entries, strict=True))
     constant = dict(zip(site_constant_names(plan, layer), constants, strict=True))
-    device = new_key.meta["example_value"].device
-    graph = site.attention.graph
-    call = graph.call_function
-    with graph.inserting_before(site.attention):
+    b = _Builder(site.attention.graph, new_key.meta["example_value"].device)
+    with b.graph.inserting_before(site.attention):
         if layer in plan.merges:
-            query = call(ops.project_heads.default, (query, constant["query_order"], constant["query_up"]))
-            new_key = call(ops.merge_heads.default, (new_key, constant["groups"], constant["key_down"]))
-            new_value = call(ops.merge_heads.default, (new_value, constant["groups"], constant["value_down"]))
-        groups = [(key_entry(layer, group.width), constant[f"heads.w{group.width}"], constant[f"channels.w{group.width}"])
+            query = b(ops.project_heads.default, query, constant["query_order"], constant["query_up"])
+            new_key = b(ops.merge_heads.default, new_key, constant["groups"], constant["key_down"])
+            new_value = b(ops.merge_heads.default, new_value, constant["groups"], constant["value_down"])
+        groups = [(entry[key_entry(layer, group.width)], constant[f"heads.w{group.width}"],
+                   constant[f"channels.w{group.width}"])
                   for group in (k_groups(plan, layer) if layer in plan.k_channels else ())]
-        new_tokens = {name: call(ops.gather_kv_channels.default, (new_key, heads, channels)) for name, heads, channels in groups}
-        if not groups:
-            new_tokens[key_entry(layer)] = new_key
-        new_tokens[value_entry(layer)] = new_value
 
+        # each new token's index in its row (c), and the row's count once they are written (n)
         if prompt:
-            slots, counts = _prompt_slots(graph, arguments["attn_mask"], new_key)
+            index, counts = _prompt_indices(b, mask, new_key)
         else:
-            step = call(torch.arange, (call(torch.ops.aten.sym_size.int, (new_key, 2)),), {"device": device})
-            slots = call(operator.add, (call(operator.getitem, (lengths, (slice(None), None))), step))
-            counts = call(operator.add, (lengths, call(torch.ops.aten.sym_size.int, (new_key, 2))))
-        for name, tokens in new_tokens.items():
-            call(ops.write_cache.default, (entry[name], tokens, slots))
+            step = b(torch.arange, b(torch.ops.aten.sym_size.int, new_key, 2), device=b.device)
+            index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step)
+            counts = b(operator.add, lengths, b(torch.ops.aten.sym_size.int, new_key, 2))
+
+        middle_keys = [(buffer, b(ops.gather_kv_channels.default, new_key, heads, channels))
+                       for buffer, heads, channels in groups]
+        if not _windowed(plan, layer):
+            writes = middle_keys or [(entry[key_entry(layer)], new_key)]
+            writes.append((entry[value_entry(layer)], new_value))
+            for buffer, tokens in writes:
+                b(ops.write_cache.default, buffer, tokens, index)
+            middle = None
+        else:
+            middle = _write_windowed(b, plan, entry, constant, layer, middle_keys, new_key, new_value, index, counts,
+                                     prompt, lengths)
 
         if prompt:  # LeanK prefills densely: every channel of the prompt's own keys
-            out = call(ops.attention.default, (query, new_key, new_value, arguments["attn_mask"], float(scale),
-                                               bool(arguments["is_causal"])))
+            out = b(ops.attention.default, query, new_key, new_value, mask, scale, bool(arguments["is_causal"]))
+        elif _windowed(plan, layer):
+            window = b(operator.sub, counts, middle)
+            out = b(ops.windowed_attention.default, query, entry[key_window_entry(layer)],
+                    entry[value_window_entry(layer)], [k for k, _, _ in groups], [h for _, h, _ in groups],
+                    [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, plan.sink,
+                    window_lengths=window, middle_lengths=middle, window_start=middle)
         elif groups:
-            out = call(ops.pruned_attention.default, (
-                query, [entry[name] for name, _, _ in groups], [heads for _, heads, _ in groups],
-                [channels for _, _, channels in groups], entry[value_entry(layer)], None, float(scale), False, counts))
+            out = b(ops.pruned_attention.default, query, [k for k, _, _ in groups], [h for _, h, _ in groups],
+                    [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, counts)
         else:
-            out = call(ops.attention.default, (query, entry[key_entry(layer)], entry[value_entry(layer)], None,
-                                               float(scale), False, counts))
-        call(torch.ops.aten.copy_.default, (lengths, counts))
+            out = b(ops.attention.default, query, entry[key_entry(layer)], entry[value_entry(layer)], None, scale,
+                    False, counts)
+        b(torch.ops.aten.copy_.default, lengths, counts)
         if layer in plan.merges:
-            out = call(ops.project_heads.default, (out, constant["output_order"], constant["output_up"]))
+            out = b(ops.project_heads.default, out, constant["output_order"], constant["output_up"])
     out.meta.update(site.attention.meta)
     site.attention.replace_all_uses_with(out)
-    graph.erase_node(site.attention)
+    b.graph.erase_node(site.attention)
 
 
-def _prompt_slots(graph: torch.fx.Graph, mask: torch.fx.Node | None, new_key: torch.fx.Node):
-    """(slots (B, S), counts (B,)) of a prompt: row b's real tokens in order at slots [0, n_b), its
-    padding after them. Real tokens are those the last query's mask row allows (all, without a mask)."""
-    call = graph.call_function
+def _write_windowed(b, plan, entry, constant, layer, middle_keys, new_key, new_value, index, counts, prompt, lengths):
+    """A windowed layer's writes: kept channels of every token to the middle (slot c - sink; sink
+    tokens to spare slots past capacity), every channel to the window (sink slots, then the ring).
+    Returns the middle count a decode step attends over, the runtime's before the step's token
+    (its window holds the tokens after it, the new one included)."""
+    sink, ring = plan.sink, window_ring(plan)
+    is_sink = b(operator.lt, index, sink)
+    middle_capacity = b(torch.ops.aten.sym_size.int, entry[value_entry(layer)], 2)
+    middle_slot = b(torch.where, is_sink, b(operator.add, index, b(operator.sub, middle_capacity, sink)),
+                    b(operator.sub, index, sink))
+    middle_values = b(torch.index_select, new_value, 1, constant["value_heads"])
+    for buffer, tokens in [*middle_keys, (entry[value_entry(layer)], middle_values)]:
+        b(ops.write_cache.default, buffer, tokens, middle_slot)
+
+    ring_slot = b(operator.add, b(operator.mod, b(operator.sub, index, sink), ring), sink)
+    if prompt:
+        # a prompt keeps its last ring - 1 tokens; older ones and padding go to the slot the next token
+        # takes, which holds none of the tokens kept
+        row_counts = b(operator.getitem, counts, (slice(None), None))
+        kept = b(torch.logical_and, b(operator.ge, index, b(operator.sub, row_counts, ring - 1)),
+                 b(operator.lt, index, row_counts))
+        spare = b(operator.add, b(operator.mod, b(torch.clamp, b(operator.sub, counts, sink), min=0), ring), sink)
+        ring_slot = b(torch.where, kept, ring_slot, b(operator.getitem, spare, (slice(None), None)))
+    window_slot = b(torch.where, is_sink, index, ring_slot)
+    b(ops.write_cache.default, entry[key_window_entry(layer)], new_key, window_slot)
+    b(ops.write_cache.default, entry[value_window_entry(layer)], new_value, window_slot)
+    return None if prompt else _middle_length(b, plan, lengths)
+
+
+def _middle_length(b, plan: Plan, counts):
+    """`plan.middle_length` of each row's count, on the device."""
+    moved = b(torch.floor_divide, b(operator.sub, counts, plan.sink + plan.recent), plan.buffer)
+    return b(torch.clamp, b(operator.mul, moved, plan.buffer), min=0)
+
+
+def _prompt_indices(b, mask, new_key):
+    """(index (B, S), counts (B,)) of a prompt's tokens: row b's real tokens are its tokens 0..n_b - 1
+    in order, its padding n_b onwards. Real tokens are those the last query's mask row allows (all,
+    without a mask)."""
     if mask is None:
-        valid = call(torch.ones_like, (call(operator.getitem, (new_key, (slice(None), 0, slice(None), 0))),),
-                     {"dtype": torch.bool})
+        valid = b(torch.ones_like, b(operator.getitem, new_key, (slice(None), 0, slice(None), 0)), dtype=torch.bool)
     else:
-        last_row = call(operator.getitem, (mask, (slice(None), 0, -1)))
-        is_bool = mask.meta["example_value"].dtype == torch.bool
-        valid = last_row if is_bool else call(operator.eq, (last_row, 0))
-    real_rank = call(torch.cumsum, (valid, 1))
-    padding = call(torch.logical_not, (valid,))
-    counts = call(torch.sum, (valid, 1))
-    padding_slot = call(operator.add, (call(operator.getitem, (counts, (slice(None), None))),
-                                       call(torch.cumsum, (padding, 1))))
-    slots = call(torch.where, (valid, real_rank, padding_slot))
-    return call(operator.sub, (slots, 1)), counts
+        last_row = b(operator.getitem, mask, (slice(None), 0, -1))
+        valid = last_row if mask.meta["example_value"].dtype == torch.bool else b(operator.eq, last_row, 0)
+    counts = b(torch.sum, valid, 1)
+    padding_index = b(operator.add, b(operator.getitem, counts, (slice(None), None)),
+                      b(torch.cumsum, b(torch.logical_not, valid), 1))
+    index = b(torch.where, valid, b(torch.cumsum, valid, 1), padding_index)
+    return b(operator.sub, index, 1), counts
+
+
+class _Builder:
+    """`b(op, *args, **kwargs)`: a call_function node at the graph's insert point."""
+
+    def __init__(self, graph: torch.fx.Graph, device: torch.device):
+        self.graph, self.device = graph, device
+
+    def __call__(self, op, *args, **kwargs) -> torch.fx.Node:
+        return self.graph.call_function(op, args, kwargs)

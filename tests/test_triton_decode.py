@@ -256,6 +256,30 @@ def test_windowed_decode_with_ragged_lengths(group_size, plan):
     _assert_fp32_close(out, _windowed_reference(x, window_lengths, middle_lengths))
 
 
+def _as_ring(window, start):
+    """A window (B, H, Tw, d) whose slots after SINK are a ring of phase `start` (B,): logical slot
+    j >= SINK moved to SINK + (j - SINK + start) % (Tw - SINK)."""
+    slots = torch.arange(window.shape[2], device=window.device)
+    physical = torch.where(slots < SINK, slots, SINK + (slots - SINK + start[:, None]) % (window.shape[2] - SINK))
+    ring = torch.empty_like(window)
+    return ring.scatter_(2, physical[:, None, :, None].expand_as(window), window)
+
+
+@pytest.mark.parametrize("plan", ["mixed", "no-streaming"])
+def test_windowed_decode_over_a_ring(plan):
+    """The static cache's window (a ring after the sink): the kernel and the reference given the
+    phase equal the reference over the same tokens laid out in order."""
+    x, window_lengths, middle_lengths = _ragged_windowed_inputs(plan, 2)
+    want = _windowed_reference(x, window_lengths, middle_lengths)
+    start = torch.tensor([5, 17, 0], device=DEVICE)
+    x = {**x, "k_window": _as_ring(x["k_window"], start), "v_window": _as_ring(x["v_window"], start)}
+    lengths = {"window_lengths": window_lengths, "middle_lengths": middle_lengths, "window_start": start}
+    _assert_fp32_close(_windowed_triton(x, **lengths, **FORCED_SPLIT), want)
+    got = ops.windowed_attention(x["q"], x["k_window"], x["v_window"], x["k_middle"], x["heads"], x["channels"],
+                                 x["v_middle"], None, D**-0.5, False, SINK, **lengths)
+    _assert_fp32_close(got, want)
+
+
 @pytest.mark.parametrize("group_size", [1, 3])
 @pytest.mark.parametrize("plan", PLANS)
 def test_pruned_decode_with_ragged_lengths(group_size, plan):

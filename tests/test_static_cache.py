@@ -1,0 +1,172 @@
+"""The compiled model on its compressed cache (kvcompile.cache_for) against kvcompile.transform:
+the same logits and tokens for pruned and merged plans, the plan's bytes, transformers' generate
+with a padded batch, and clear errors where the cache is misused."""
+
+import functools
+
+import pytest
+import torch
+
+import kvcompile
+from kvcompile import PlanError
+from kvcompile.calibration.recipe import Recipe
+from tests.test_backend import PRUNE, _greedy, _prompt
+from tests.tiny_models import ARCHITECTURES, make_tiny_model, slow_unless
+
+STEPS = 12
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@functools.cache
+def _calibrated(arch: str, rope: str, k_sparsity: float | None) -> kvcompile.Plan:
+    chunks = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    extra = {} if k_sparsity is None else {"k_sparsity": k_sparsity, "align": 4}
+    return kvcompile.calibrate(make_tiny_model(arch), Recipe(kv_group_size=2, rope=rope, **extra), chunks, progress=False)
+
+
+# windows of a few tokens, so that a dozen steps move tokens to the middle several times
+WINDOWS = {"sink": 2, "recent": 4, "buffer": 3}
+PLANS = {
+    "pruned": lambda arch: PRUNE,
+    "windowed": lambda arch: PRUNE.with_windows(**WINDOWS),
+    "windowed-merged-post-pruned": lambda arch: _calibrated(arch, "post", 0.5).with_windows(**WINDOWS),
+    "merged-post-pruned": lambda arch: _calibrated(arch, "post", 0.5),
+    "merged-post": lambda arch: _calibrated(arch, "post", None),
+    "merged-commute": lambda arch: _calibrated(arch, "commute", None),
+}
+# QK-norm (Qwen3) sits between the key projection and RoPE: commute plans do not fold there
+CASES = [(arch, kind) for arch in ARCHITECTURES for kind in PLANS if not (arch == "qwen3" and kind == "merged-commute")]
+DEFAULT_CASES = (("llama", "windowed-merged-post-pruned"), ("phi3", "merged-commute"))
+
+
+def _compiled_greedy(model, plan, prompt, inductor=False):
+    cache = kvcompile.cache_for(model, plan, batch_size=prompt.shape[0], max_cache_len=prompt.shape[1] + STEPS + 1)
+    compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": inductor})
+    with torch.no_grad():
+        out = compiled(prompt, past_key_values=cache, use_cache=True)
+        logits, tokens = [out.logits[:, -1]], []
+        for _ in range(STEPS):
+            tokens.append(logits[-1].argmax(-1, keepdim=True))
+            out = compiled(tokens[-1], past_key_values=cache, use_cache=True)
+            assert out.past_key_values is cache
+            logits.append(out.logits[:, -1])
+    return logits, torch.cat(tokens, dim=1), cache
+
+
+@pytest.mark.parametrize("arch, kind", slow_unless(CASES, default=DEFAULT_CASES))
+def test_compiled_on_the_compressed_cache_matches_transform(arch, kind):
+    model = make_tiny_model(arch)
+    plan = PLANS[kind](arch)
+    prompt = _prompt()
+    got_logits, got_tokens, cache = _compiled_greedy(model, plan, prompt)
+    want_logits, want_tokens = _greedy(kvcompile.transform(model, plan), prompt, steps=STEPS)
+    # transform folds merges into the projections' weights, the lowered sites apply the same maps to
+    # their outputs: equal up to fp32 rounding (relative 1e-5 of logits of size ~10)
+    for got, want in zip(got_logits, want_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    batch, length = prompt.shape[0], prompt.shape[1] + STEPS
+    assert cache.row_lengths == [length] * batch
+    assert cache.nbytes == plan.cache_nbytes(cache.shape, torch.float32, batch, length)
+
+
+def test_inductor_and_transformers_generate_with_a_padded_batch():
+    """`model.generate(**inputs, past_key_values=cache)` under the compiled forward: left padding of
+    different lengths per row, transform's tokens; one prompt graph and one decode graph. The plan
+    prunes and windows (a row's sink is its first real tokens, not its padding)."""
+    model = make_tiny_model("llama")
+    plan = PRUNE.with_windows(sink=3, recent=2, buffer=2)
+    ids = _prompt(batch=3, length=11)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :2] = 0
+    ids = ids.masked_fill(mask == 0, model.config.pad_token_id)
+    want = kvcompile.transform(model, plan).generate(ids, attention_mask=mask, max_new_tokens=10)
+    cache = kvcompile.cache_for(model, plan, batch_size=3, max_cache_len=24)
+    compiled = torch.compile(model.forward, backend="kvcompile", options={"plan": plan})
+    model.forward = compiled  # how transformers' docs compile a model that generates
+    try:
+        got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                             do_sample=False)
+    finally:
+        del model.forward
+    assert torch.equal(got, want)
+    assert cache.row_lengths == (mask.sum(1) + 9).tolist()  # the last token is returned, not cached
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_the_cache_is_reset_and_reused_without_recompiling():
+    model = make_tiny_model("llama")
+    cache = kvcompile.cache_for(model, PRUNE, batch_size=2, max_cache_len=40)
+    compiled = torch.compile(model, backend="kvcompile", options={"plan": PRUNE, "inductor": False})
+    tm = kvcompile.transform(model, PRUNE)
+    for length in (9, 13):
+        cache.reset()
+        prompt = _prompt(length=length, seed=length)
+        with torch.no_grad():
+            out = compiled(prompt, past_key_values=cache)
+            out = compiled(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+        want = tm(prompt)
+        want = tm(want.logits[:, -1:].argmax(-1), past_key_values=want.past_key_values)
+        torch.testing.assert_close(out.logits, want.logits, atol=1e-5, rtol=1e-6)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cache.reset()
+    with torch.no_grad():
+        compiled(_prompt(length=17, seed=17), past_key_values=cache)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # dynamic prompt length by now
+
+
+def test_the_cache_outside_the_backend_says_where_it_runs():
+    model = make_tiny_model("llama")
+    cache = kvcompile.cache_for(model, PRUNE, batch_size=2, max_cache_len=32)
+    with pytest.raises(RuntimeError, match="only the kvcompile backend attends over"):
+        model(_prompt(), past_key_values=cache)
+
+
+def test_a_cache_of_another_plan_is_refused_by_name():
+    model = make_tiny_model("llama")
+    other = kvcompile.Plan.from_k_channels({0: [[0, 1, 2, 3], [4, 5, 6, 7]]})
+    cache = kvcompile.cache_for(model, other, batch_size=2, max_cache_len=32)
+    compiled = torch.compile(model, backend="kvcompile", options={"plan": PRUNE, "inductor": False})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=f"made for plan {other.fingerprint()}"):
+        compiled(_prompt(), past_key_values=cache)
+
+
+@pytest.mark.parametrize(
+    "plan, options, error, message",
+    [
+        (kvcompile.Plan.from_k_channels({}), {}, PlanError, "plan is empty"),
+        (kvcompile.Plan.from_k_channels({0: [[0, 1]]}), {}, PlanError, "layer 0, field k_channels: plan lists 1 KV heads"),
+        (PRUNE, {"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        (PRUNE, {"max_cache_len": 2.5}, ValueError, "max_cache_len must be a positive int"),
+    ],
+)
+def test_cache_for_checks_the_plan_as_transform_does(plan, options, error, message):
+    with pytest.raises(error, match=message):
+        kvcompile.cache_for(make_tiny_model("llama"), plan, **{"batch_size": 2, "max_cache_len": 32, **options})
+
+
+def test_a_windowed_cache_continues_one_token_at_a_time():
+    model = make_tiny_model("llama")
+    plan = PRUNE.with_windows(**WINDOWS)
+    cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=32)
+    compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": False})
+    with torch.no_grad():
+        compiled(_prompt(), past_key_values=cache)
+        with pytest.raises(ValueError, match=r"adds one token per row \(got 2\)"):
+            compiled(_prompt(length=2), past_key_values=cache)
+
+
+def test_a_prompt_longer_than_the_cache_is_refused():
+    model = make_tiny_model("llama")
+    cache = kvcompile.cache_for(model, PRUNE, batch_size=2, max_cache_len=8)
+    compiled = torch.compile(model, backend="kvcompile", options={"plan": PRUNE, "inductor": False})
+    with pytest.raises(ValueError, match="9 tokens do not fit the cache's max_cache_len of 8"):
+        compiled(_prompt(length=9), past_key_values=cache)
