@@ -1,17 +1,21 @@
 """The torch.compile backend `"kvcompile"`.
 
-    cm = torch.compile(model, backend="kvcompile", options={"plan": plan})
-    out = cm(ids, use_cache=True)
-    out = cm(tok, past_key_values=out.past_key_values, use_cache=True)
+    cache = kvcompile.cache_for(model, plan, batch_size=8, max_cache_len=33_000)
+    cm = torch.compile(model, backend="kvcompile", mode="reduce-overhead")
+    out = cm(ids, past_key_values=cache)          # the prompt, written to the compressed cache
+    out = cm(tok, past_key_values=cache)          # decode steps, in place, replayed from CUDA graphs
 
-Every graph dynamo captures from the model's forward (prefill and decode, the HF cache object's
-updates inline) goes through `plan_attention_in_hf_graph`, then inductor. Decode attention then
-scores with the plan's kept K channels, as `kvcompile.transform` does; the cache object stays the
-model's own, with full-width keys (see the pass for why), so this backend gives the plan's outputs,
-not its memory or bandwidth: `kvcompile.transform` and the ONNX export give those.
+Every graph dynamo captures from the model's forward goes through the HF_GRAPH stage, then
+inductor. On a `StaticCompressedCache` (static_cache.py) each attention becomes the plan's: the
+cache holds the plan's layout and decode reads only it, for every plan (pruned, windowed, merged).
+The cache names its plan, so `options={"plan": plan}` may be left out; `mode` is inductor's.
+A model called without such a cache makes transformers' DynamicCache, which keeps every channel:
+there the backend needs the plan option, takes plans without merges or windows, and gives the
+plan's outputs without its memory (passes/hf_graph_attention.py).
 
-Options: `plan` (a `kvcompile.Plan` without merges or windows; required) and `inductor` (default
-True; False runs the rewritten graphs as they are, which is quicker to compile).
+Options: `plan` (a `kvcompile.Plan`), `inductor` (default True; False runs the rewritten graphs as
+they are, which is quicker to compile) and `mode` (as torch.compile's, for when options are given:
+torch.compile takes one of the two).
 """
 
 from __future__ import annotations
@@ -23,31 +27,54 @@ import torch.fx
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the rewritten graphs call)
 
+from .passes.cache_sites import cache_site_plans
 from .pipeline import HF_GRAPH, run_stage
-from .plan import Plan
+from .plan import Plan, PlanError
+from .static_cache import plan_of_cache
 
 BACKEND_NAME = "kvcompile"
 ENTRY_POINT_GROUP = "torch_dynamo_backends"
+_OPTIONS = ("plan", "inductor", "mode")
 
 
-def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
+def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None,
+                      mode: str | None = None):
     """A dynamo backend: the plan's attention on `gm`, then inductor (see the module docstring)."""
     options = dict(options or {})
     plan = options.pop("plan", None)
     use_inductor = options.pop("inductor", True)
+    mode = options.pop("mode", mode)
     if options:
-        raise TypeError(f"unknown kvcompile backend options {sorted(options)}; expected 'plan' and 'inductor'")
+        raise TypeError(f"unknown kvcompile backend options {sorted(options)}; expected some of {list(_OPTIONS)}")
+    if plan is None:
+        plan = _plan_of_the_cache(gm)
     if not isinstance(plan, Plan):
         raise TypeError(
-            "the kvcompile backend needs options={'plan': plan} with a kvcompile.Plan, got "
+            "the kvcompile backend needs options={'plan': plan} with a kvcompile.Plan, or a model running on "
+            "past_key_values=kvcompile.cache_for(model, plan, ...), got "
             f"{type(plan).__name__ if plan is not None else 'no plan'}"
         )
     gm = run_stage(HF_GRAPH, gm, plan)
     if not use_inductor:
         return gm.forward
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+
+def _plan_of_the_cache(gm: torch.fx.GraphModule) -> Plan | None:
+    fingerprints = cache_site_plans(gm)
+    if len(fingerprints) > 1:
+        raise PlanError(f"this graph reads caches of several plans ({sorted(fingerprints)}); one model runs one plan")
+    if not fingerprints:
+        return None
+    fingerprint = fingerprints.pop()
+    plan = plan_of_cache(fingerprint)
+    if plan is None:
+        raise PlanError(f"the graph reads a StaticCompressedCache of plan {fingerprint}, which no live cache holds: "
+                        "pass options={'plan': plan}")
+    return plan
 
 
 def register() -> None:

@@ -24,6 +24,8 @@ model was called with, padding included (a tensor inside a compiled region, as S
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -78,9 +80,11 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.holds_tokens = True
         return keys, values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # the lowered attention reads HF's mask at a prompt only, for its padding: (S, S) is all it needs
-        return query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # the lowered attention reads HF's mask at a prompt only, for its padding: (S, S) is all it
+        # needs (transformers before 5.2x passes the call's cache_position instead of its length)
+        length = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
+        return length, 0
 
     def get_seq_length(self):
         if not self.holds_tokens:
@@ -94,6 +98,13 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.lengths.zero_()
         self.positions.zero_()
         self.holds_tokens = False
+
+    def hold_random_tokens(self, length: int, generator: torch.Generator | None = None) -> None:
+        for entry in self.entries.values():
+            entry.normal_(generator=generator)
+        self.lengths.fill_(length)
+        self.positions.fill_(length)
+        self.holds_tokens = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         beam_idx = beam_idx.to(self.lengths.device)
@@ -122,6 +133,15 @@ class StaticCompressedCache(Cache):
             for layer in range(shape.num_layers)
         ])
         self.plan, self.shape = plan, shape
+        _PLANS[fingerprint] = plan
+
+    def hold_random_tokens(self, length: int, generator: torch.Generator | None = None) -> None:
+        """Every row holds `length` standard-normal tokens, as if a prompt had been written: for
+        benchmarks, whose decode speed depends on the cache's length, not on what it holds."""
+        if not 0 < length < self.max_cache_len:
+            raise ValueError(f"length must be in [1, {self.max_cache_len}) (max_cache_len), got {length}")
+        for layer in self.layers:
+            layer.hold_random_tokens(length, generator)
 
     @property
     def max_batch_size(self) -> int:
@@ -149,6 +169,16 @@ class StaticCompressedCache(Cache):
     def __repr__(self) -> str:
         return (f"StaticCompressedCache(plan={self.layers[0].plan_fingerprint}, batch_size={self.max_batch_size}, "
                 f"max_cache_len={self.max_cache_len}, capacity_nbytes={self.capacity_nbytes})")
+
+
+# The plans of live caches by fingerprint: a graph on a cache names its plan, so the backend needs
+# no plan option when the model runs on one (and torch.compile's mode= can be given instead).
+_PLANS: "weakref.WeakValueDictionary[str, Plan]" = weakref.WeakValueDictionary()
+
+
+def plan_of_cache(fingerprint: str) -> Plan | None:
+    """The plan of a live StaticCompressedCache made under the plan of this fingerprint, if any."""
+    return _PLANS.get(fingerprint)
 
 
 def cache_for(model: torch.nn.Module, plan: Plan, *, batch_size: int, max_cache_len: int) -> StaticCompressedCache:

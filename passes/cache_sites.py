@@ -110,6 +110,11 @@ def lower_cache_sites(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphMod
     return gm
 
 
+def cache_site_plans(gm: torch.fx.GraphModule) -> set[str]:
+    """The fingerprints of the plans whose caches the graph's cache sites read."""
+    return {node.args[6] for node in gm.graph.nodes if node.op == "call_function" and node.target in CACHE_SITE}
+
+
 def find_cache_sites(gm: torch.fx.GraphModule) -> list[CacheSite]:
     """Each cache_site call with the attention reading its outputs; every one must have one."""
     markers = [node for node in gm.graph.nodes if node.op == "call_function" and node.target in CACHE_SITE]

@@ -115,3 +115,54 @@ def _forced_logits(tm, ids, mask, tokens):
         out = tm(tokens[:, step : step + 1], past_key_values=out.past_key_values, use_cache=True)
         history.append(out.logits[:, -1])
     return torch.stack(history, dim=1), out.past_key_values
+
+
+@pytest.mark.parametrize("kind", ["pruned", "windowed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, dtype):
+    """torch.compile(backend="kvcompile", mode="reduce-overhead") on kvcompile.cache_for: the Triton
+    kernels (the window a ring) in CUDA graphs. Fed the same tokens for 70 steps, as close to the
+    op-by-op runtime as inductor's graphs of it are (test above)."""
+    plan = _plan(kind)
+    model = make_tiny_model("llama", num_layers=3, dtype=dtype).cuda()
+    eager = kvcompile.transform(model, plan, cuda_graphs=False)
+    exact = kvcompile.transform(make_tiny_model("llama", num_layers=3).cuda(), plan, cuda_graphs=False)
+    ids = _prompt(2).cuda()
+    tokens = torch.randint(3, model.config.vocab_size, (2, 70), device="cuda")
+    want, _ = _forced_logits(eager, ids, None, tokens)
+    torch._dynamo.reset()
+    cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=ids.shape[1] + tokens.shape[1])
+    compiled = torch.compile(model, backend="kvcompile", mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        compiled(ids, past_key_values=cache)
+        got = torch.stack([compiled(tokens[:, i : i + 1], past_key_values=cache).logits[:, -1].clone()
+                           for i in range(tokens.shape[1])], dim=1)
+    assert cache.row_lengths == [ids.shape[1] + tokens.shape[1]] * 2
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    else:
+        truth = _forced_logits(exact, ids, None, tokens)[0]
+        error = lambda logits: ((logits.float() - truth).norm() / truth.norm()).item()  # noqa: E731
+        assert 0 < error(got) <= 2 * error(want), (error(got), error(want))
+    torch._dynamo.reset()
+
+
+def test_transformers_generate_on_the_static_cache_with_cuda_graphs():
+    """A left-padded batch through transformers' generate, the forward compiled with CUDA graphs: the
+    tokens of kvcompile.transform's generate."""
+    from tests.test_padded_batches import _padded, _rows
+
+    plan = _plan("windowed")
+    model = make_tiny_model("llama", num_layers=3).cuda()
+    ids, mask = _padded([row.cuda() for row in _rows()], "left")
+    want = kvcompile.transform(model, plan).generate(ids, attention_mask=mask, max_new_tokens=40)
+    torch._dynamo.reset()
+    cache = kvcompile.cache_for(model, plan, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + 40)
+    model.forward = torch.compile(model.forward, backend="kvcompile", mode="reduce-overhead")
+    try:
+        got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+                             do_sample=False)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert torch.equal(got, want)

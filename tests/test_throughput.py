@@ -26,6 +26,7 @@ def test_every_method_decodes_and_the_report_compares_with_dense():
     assert report["speedup_vs_dense"]["dense"] == 1.0 == report["speedup_vs_fastest_stock"]["dense"]
     # the twin reads the dense cache, the plan a smaller one; both read every weight
     assert report["bytes_per_step"]["dense-twin"] == report["bytes_per_step"]["dense"] > report["bytes_per_step"]["transformed"]
+    assert report["bytes_per_step"]["compiled"] == report["bytes_per_step"]["transformed"]  # the same cache
     assert report["byte_ideal_speedup"] == round(report["bytes_per_step"]["dense"] / report["bytes_per_step"]["transformed"], 3)
     assert "batch 2 x context 40" in throughput.format_row(report)
     torch._dynamo.reset()

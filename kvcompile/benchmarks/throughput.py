@@ -9,8 +9,9 @@ Ways to run one model, timed in the same process on caches of the same length:
   same programs, kernels and CUDA graphs as ``transformed`` over the full cache, the fair stand-in
   for a serving engine's dense decode;
 - ``transformed``: `kvcompile.transform(model, plan)` on the compressed cache;
-- ``compiled``: `torch.compile(model, backend="kvcompile", options={"plan": plan})` with the model's
-  DynamicCache (the backend takes no windows, so it gets the plan's channels without them).
+- ``compiled``: `torch.compile(model, backend="kvcompile", mode="reduce-overhead")` on the plan's
+  compressed cache, `kvcompile.cache_for(model, plan)`: transformers' own forward, its attention
+  lowered by the backend, replayed from CUDA graphs.
 
 The caches are filled with random keys and values instead of a prefill: decode speed depends on the
 cache's length and layout, not its contents, and a 32K-token prefill's logits alone would not fit
@@ -25,12 +26,12 @@ the rate it reads them at; `byte_ideal_speedup` is the dense step's bytes over t
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ import torch
 from kvcompile.capture import capture, dynamic_cache_holding
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.runtime import transform
+from kvcompile.static_cache import cache_for
 
 from .bench import LEANK_COUNTS
 
@@ -177,12 +179,10 @@ def _method_rates(method, model, plan, shape, batch, context, dtype, device, war
         cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers], max_cache_len=capacity)
     elif method == "static-compiled":
         runner, cache = _static_compiled(model, layers, capacity)
+    elif method == "compiled":
+        runner, cache = _compiled_on_static_cache(model, plan, batch, context, capacity)
     else:
-        runner = model
-        if method == "compiled":
-            torch._dynamo.reset()
-            runner = torch.compile(model, backend="kvcompile", options={"plan": replace(plan, sink=0, recent=0)})
-        cache = dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
+        runner, cache = model, dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
     del layers
     return _decode_rates(runner, cache, batch, model.config.vocab_size, device, warmup, steps, repeats)
 
@@ -225,15 +225,37 @@ def _static_compiled(model, layers, capacity: int):
     return step, cache
 
 
+def _compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capacity: int):
+    """The plan's static compressed cache holding `context` random tokens per row, and a step running
+    the model compiled by the kvcompile backend on it (CUDA graphs on a GPU)."""
+    torch._dynamo.reset()
+    device = next(model.parameters()).device
+    cache = cache_for(model, plan, batch_size=batch, max_cache_len=capacity)
+    cache.hold_random_tokens(context, torch.Generator(device=device).manual_seed(0))
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    compiled = torch.compile(model, backend="kvcompile", mode=mode, fullgraph=True)
+    position = torch.tensor([context], device=device)
+    # transformers before 5.2x computes positions from the cache's count unless given cache_position
+    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+
+    def step(token, past_key_values, use_cache=True):
+        extra = {"cache_position": position} if takes_cache_position else {}
+        out = compiled(token, past_key_values=past_key_values, position_ids=position[None].expand(batch, 1),
+                       use_cache=use_cache, **extra)
+        position.add_(1)
+        return out
+
+    return step, cache
+
+
 def _bytes_per_step(model, plan: Plan, shape: ModelShape, dtype, batch: int, context: int) -> dict[str, int]:
     """Bytes a decode step reads at `context` cached tokens: every weight once, and the cache."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     dense_cache = keep_everything_plan(shape).cache_nbytes(shape, dtype, batch, context)
     planned = plan.cache_nbytes(shape, dtype, batch, context)
     dense = weights + dense_cache
-    # the backend gathers the kept channels from the model's own full-width cache: it reads all of it
     return {"dense": dense, "static-compiled": dense, "dense-twin": dense, "transformed": weights + planned,
-            "compiled": dense}
+            "compiled": weights + planned}
 
 
 def format_row(report: dict) -> str:
