@@ -54,9 +54,9 @@ The algorithm
    the same combination `ops._combine_partials` does across regions. The counter increment is an
    acquire-release atomic after a barrier, so the last program sees every slot the others wrote.
    A split with no token (a short row, an empty middle) stores m = -inf, l = 0, which weighs 0;
-   the combine never forms -inf - -inf. The last program then sets the counter back to 0, so the
-   counters are zeroed once per stream (`_zeroed_counters`) and not before every call: a memset
-   is a launch of its own, about a fifth of a batch-1 layer's time in a CUDA graph.
+   the combine never forms -inf - -inf. The counters are zeroed by each call (a memset node in a
+   CUDA graph, a few microseconds): counters kept zeroed between calls would be one more buffer
+   living across calls, which a CUDA graph tree's memory pool must not hold.
 
 5. **Precision.** Scores and the softmax state are fp32 whatever the input dtype. Scores are
    scaled by `scale * log2(e)` so the exponentials are `exp2` (one instruction on NVIDIA GPUs);
@@ -302,7 +302,6 @@ def _decode_kernel(
             _combine(max_ptr, sum_ptr, acc_ptr, out_ptr, batch, kv_head, head_splits, group_size, value_dim,
                      stride_pb, stride_ph, stride_ps, stride_ab, stride_ah, stride_as, stride_ad,
                      stride_ob, stride_oh, stride_od, COMBINE_H, BLOCK_DV, COMBINE_SLOTS)
-            tl.store(counters_ptr + pid, 0)  # every split has counted: ready for the next call
 
 
 @triton.jit
@@ -464,7 +463,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
     row_max = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     acc = torch.empty(batch, num_q_heads, splits, value_dim, dtype=torch.float32, device=q.device)
-    counters = _zeroed_counters(batch * num_kv_heads, q.device)
+    counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)
     out = torch.empty(batch, num_q_heads, 1, value_dim, dtype=values.dtype, device=q.device)
 
     unused = values  # any valid pointer, for arguments a constexpr flag leaves unread
@@ -542,24 +541,6 @@ def _check_decode(q, tensors, *lengths):
         if x.shape != (q.shape[0],) or x.dtype not in (torch.int64, torch.int32) or x.device != q.device:
             raise ValueError(f"lengths must be ({q.shape[0]},) int64 or int32 on {q.device}, got "
                              f"{tuple(x.shape)} {x.dtype} on {x.device}")
-
-
-# Per (device, stream): counters at 0, each call's last programs setting theirs back to 0. Calls on
-# one stream run in order, so they can share a buffer; calls on two streams may overlap, so they don't.
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _zeroed_counters(size: int, device: torch.device) -> torch.Tensor:
-    """`size` int32 zeros for a call's programs to count finished splits in (and leave at 0)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    counters = _COUNTERS.get((device, stream))
-    if counters is not None and counters.numel() >= size:
-        return counters
-    counters = torch.zeros(size, dtype=torch.int32, device=device)
-    if not capturing:  # a memset captured into a CUDA graph runs at its replays only, not now
-        _COUNTERS[(device, stream)] = counters
-    return counters
 
 
 @functools.lru_cache(maxsize=None)

@@ -86,7 +86,7 @@ class GraphedDecode:
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # captured on the warm-up stream: what the kernels set up once per stream is already there
+        # captured on the stream it warmed up on (lazily made state, such as cuBLAS workspaces, is per stream)
         with torch.cuda.graph(graph, pool=self._pool, stream=side):
             logits = run()
         self._pool = graph.pool()

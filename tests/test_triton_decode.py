@@ -166,19 +166,6 @@ def test_default_splits(group_size):
     _assert_fp32_close(_pruned_triton(x), _pruned_reference(x))
 
 
-def test_split_counters_are_zeroed_once_and_left_at_zero():
-    """A call's last programs set their split counters back to 0, so one zeroed buffer per stream
-    serves every call: calls in a row, of more and of fewer rows than the one before, each match
-    the reference and leave every counter at 0."""
-    triton_decode._COUNTERS.clear()
-    for batch, length in [(1, 50), (3, 95), (2, 9), (3, 50)]:
-        x = _to(_pruned_inputs(PLANS["mixed"], 2, batch, length))
-        _assert_fp32_close(_pruned_triton(x, **FORCED_SPLIT), _pruned_reference(x))
-        (counters,) = triton_decode._COUNTERS.values()
-        assert counters.numel() >= batch * 4 and not counters.any()
-    assert counters.numel() == 3 * 4  # grown once, for the 3-row call, and kept for the smaller one
-
-
 def test_strided_inputs_and_other_value_dim():
     # every input a strided view of a larger buffer (as a fused qkv projection or a preallocated
     # cache would give), and a value head dim other than the key's
