@@ -44,22 +44,24 @@ class StaticCompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, plan: Plan, fingerprint: str, shape: ModelShape, layer: int, batch_size: int,
-                 max_cache_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, plan: Plan, fingerprint: str, shape: ModelShape, layer: int, max_cache_len: int,
+                 lengths: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.plan, self.layer, self.plan_fingerprint, self.max_cache_len = plan, layer, fingerprint, max_cache_len
         self.windowed = plan.windowed and layer in plan.k_channels
         slots = {FULL: max_cache_len, MIDDLE: max_cache_len + plan.sink, WINDOW: plan.sink + window_ring(plan)}
+        batch_size, device = lengths.shape[0], lengths.device
         self.entries = {
             name: torch.zeros(batch_size, heads, slots[entry_region(plan, name)], width, dtype=dtype, device=device)
             for name, (heads, width) in layer_entries(plan, layer, shape).items()
         }
         self.constants = site_constants(plan, layer, shape, dtype, device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros((), dtype=torch.int64, device=device)  # what get_seq_length reports
+        # every layer's rows hold the same tokens: one count per row (and one position count, what
+        # get_seq_length reports) for the whole cache, so a step computes its slots once
+        self.lengths, self.positions = lengths, positions
         self.holds_tokens = False  # host state dynamo guards on: a prompt and a decode step compile apart
         self.is_initialized = True
-        for tensor in [*self.entries.values(), *self.constants.values(), self.lengths, self.positions]:
+        for tensor in [*self.entries.values(), *self.constants.values()]:
             torch._dynamo.mark_static_address(tensor)  # fixed addresses: CUDA graphs replay over them
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -76,7 +78,8 @@ class StaticCompressedLayer(CacheLayerMixin):
             key_states, value_states, self.lengths, list(self.entries.values()), list(self.constants.values()),
             self.layer, self.plan_fingerprint, not self.holds_tokens,
         )
-        self.positions.add_(key_states.shape[2])
+        if self.layer == 0:
+            self.positions.add_(key_states.shape[2])
         self.holds_tokens = True
         return keys, values
 
@@ -107,10 +110,10 @@ class StaticCompressedLayer(CacheLayerMixin):
         self.holds_tokens = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """This layer's entries in the order of `beam_idx` (the cache reorders the shared counts)."""
         beam_idx = beam_idx.to(self.lengths.device)
         for entry in self.entries.values():
             entry.copy_(entry.index_select(0, beam_idx))
-        self.lengths.copy_(self.lengths.index_select(0, beam_idx))
 
     @property
     def nbytes(self) -> int:
@@ -128,12 +131,21 @@ class StaticCompressedCache(Cache):
     def __init__(self, plan: Plan, shape: ModelShape, batch_size: int, max_cache_len: int, dtype: torch.dtype,
                  device: torch.device):
         fingerprint = plan.fingerprint()
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros((), dtype=torch.int64, device=device)
+        for tensor in (self.lengths, self.positions):
+            torch._dynamo.mark_static_address(tensor)
         super().__init__(layers=[
-            StaticCompressedLayer(plan, fingerprint, shape, layer, batch_size, max_cache_len, dtype, device)
+            StaticCompressedLayer(plan, fingerprint, shape, layer, max_cache_len, self.lengths, self.positions, dtype)
             for layer in range(shape.num_layers)
         ])
         self.plan, self.shape = plan, shape
         _PLANS[fingerprint] = plan
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Rows in the order of `beam_idx` (beam search)."""
+        super().reorder_cache(beam_idx)
+        self.lengths.copy_(self.lengths.index_select(0, beam_idx.to(self.lengths.device)))
 
     def hold_random_tokens(self, length: int, generator: torch.Generator | None = None) -> None:
         """Every row holds `length` standard-normal tokens, as if a prompt had been written: for
@@ -145,7 +157,7 @@ class StaticCompressedCache(Cache):
 
     @property
     def max_batch_size(self) -> int:
-        return self.layers[0].lengths.shape[0]
+        return self.lengths.shape[0]
 
     @property
     def max_cache_len(self) -> int:
@@ -154,7 +166,7 @@ class StaticCompressedCache(Cache):
     @property
     def row_lengths(self) -> list[int]:
         """Each row's real tokens held (a host sync)."""
-        return self.layers[0].lengths.tolist()
+        return self.lengths.tolist()
 
     @property
     def nbytes(self) -> int:

@@ -104,8 +104,13 @@ def site_constants(plan: Plan, layer: int, shape: ModelShape, dtype: torch.dtype
 
 
 def lower_cache_sites(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    for site in find_cache_sites(gm):
-        _lower(gm, site, plan)
+    sites = find_cache_sites(gm)
+    if not sites:
+        return gm
+    counts = _SharedCounts(gm.graph, plan)
+    for site in sites:
+        _lower(site, plan, counts)
+    counts.write_back()
     eliminate_dead_code(gm)
     return gm
 
@@ -147,7 +152,7 @@ def _is_repeat_kv(node: torch.fx.Node) -> bool:
     )
 
 
-def _lower(gm: torch.fx.GraphModule, site: CacheSite, plan: Plan) -> None:
+def _lower(site: CacheSite, plan: Plan, shared: "_SharedCounts") -> None:
     new_key, new_value, lengths, entries, constants, layer, fingerprint, prompt = site.marker.args
     if fingerprint != plan.fingerprint():
         raise PlanError(f"layer {layer}: the StaticCompressedCache was made for plan {fingerprint}, the backend was "
@@ -159,8 +164,9 @@ def _lower(gm: torch.fx.GraphModule, site: CacheSite, plan: Plan) -> None:
     scale = float(arguments["scale"] if arguments["scale"] is not None else query.meta["example_value"].shape[-1] ** -0.5)
     entry = dict(zip(layer_entry_names(plan, layer), entries, strict=True))
     constant = dict(zip(site_constant_names(plan, layer), constants, strict=True))
-    b = _Builder(site.attention.graph, new_key.meta["example_value"].device)
+    b = _Builder(site.attention.graph)
     with b.graph.inserting_before(site.attention):
+        counts = shared.of(lengths, prompt, mask, new_key)
         if layer in plan.merges:
             query = b(ops.project_heads.default, query, constant["query_order"], constant["query_up"])
             new_key = b(ops.merge_heads.default, new_key, constant["groups"], constant["key_down"])
@@ -168,42 +174,34 @@ def _lower(gm: torch.fx.GraphModule, site: CacheSite, plan: Plan) -> None:
         groups = [(entry[key_entry(layer, group.width)], constant[f"heads.w{group.width}"],
                    constant[f"channels.w{group.width}"])
                   for group in (k_groups(plan, layer) if layer in plan.k_channels else ())]
+        # the kept channels of the new tokens, by plain indexing: inductor fuses it into one kernel
+        middle_keys = [(buffer, _kept_channels(b, new_key, heads, channels)) for buffer, heads, channels in groups]
 
-        # each new token's index in its row (c), and the row's count once they are written (n)
-        if prompt:
-            index, counts = _prompt_indices(b, mask, new_key)
+        if _windowed(plan, layer):
+            windows = counts.windows(entry[value_entry(layer)])
+            middle_values = b(torch.index_select, new_value, 1, constant["value_heads"])
+            for buffer, tokens in [*middle_keys, (entry[value_entry(layer)], middle_values)]:
+                b(ops.write_cache.default, buffer, tokens, windows.middle_slot)
+            for name, tokens in ((key_window_entry(layer), new_key), (value_window_entry(layer), new_value)):
+                b(ops.write_cache.default, entry[name], tokens, windows.window_slot)
         else:
-            step = b(torch.arange, b(torch.ops.aten.sym_size.int, new_key, 2), device=b.device)
-            index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step)
-            counts = b(operator.add, lengths, b(torch.ops.aten.sym_size.int, new_key, 2))
-
-        middle_keys = [(buffer, b(ops.gather_kv_channels.default, new_key, heads, channels))
-                       for buffer, heads, channels in groups]
-        if not _windowed(plan, layer):
             writes = middle_keys or [(entry[key_entry(layer)], new_key)]
-            writes.append((entry[value_entry(layer)], new_value))
-            for buffer, tokens in writes:
-                b(ops.write_cache.default, buffer, tokens, index)
-            middle = None
-        else:
-            middle = _write_windowed(b, plan, entry, constant, layer, middle_keys, new_key, new_value, index, counts,
-                                     prompt, lengths)
+            for buffer, tokens in [*writes, (entry[value_entry(layer)], new_value)]:
+                b(ops.write_cache.default, buffer, tokens, counts.index)
 
         if prompt:  # LeanK prefills densely: every channel of the prompt's own keys
             out = b(ops.attention.default, query, new_key, new_value, mask, scale, bool(arguments["is_causal"]))
         elif _windowed(plan, layer):
-            window = b(operator.sub, counts, middle)
             out = b(ops.windowed_attention.default, query, entry[key_window_entry(layer)],
                     entry[value_window_entry(layer)], [k for k, _, _ in groups], [h for _, h, _ in groups],
                     [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, plan.sink,
-                    window_lengths=window, middle_lengths=middle, window_start=middle)
+                    window_lengths=windows.window, middle_lengths=windows.middle, window_start=windows.middle)
         elif groups:
             out = b(ops.pruned_attention.default, query, [k for k, _, _ in groups], [h for _, h, _ in groups],
-                    [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, counts)
+                    [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, counts.after)
         else:
             out = b(ops.attention.default, query, entry[key_entry(layer)], entry[value_entry(layer)], None, scale,
-                    False, counts)
-        b(torch.ops.aten.copy_.default, lengths, counts)
+                    False, counts.after)
         if layer in plan.merges:
             out = b(ops.project_heads.default, out, constant["output_order"], constant["output_up"])
     out.meta.update(site.attention.meta)
@@ -211,33 +209,76 @@ def _lower(gm: torch.fx.GraphModule, site: CacheSite, plan: Plan) -> None:
     b.graph.erase_node(site.attention)
 
 
-def _write_windowed(b, plan, entry, constant, layer, middle_keys, new_key, new_value, index, counts, prompt, lengths):
-    """A windowed layer's writes: kept channels of every token to the middle (slot c - sink; sink
-    tokens to spare slots past capacity), every channel to the window (sink slots, then the ring).
-    Returns the middle count a decode step attends over, the runtime's before the step's token
-    (its window holds the tokens after it, the new one included)."""
-    sink, ring = plan.sink, window_ring(plan)
-    is_sink = b(operator.lt, index, sink)
-    middle_capacity = b(torch.ops.aten.sym_size.int, entry[value_entry(layer)], 2)
-    middle_slot = b(torch.where, is_sink, b(operator.add, index, b(operator.sub, middle_capacity, sink)),
-                    b(operator.sub, index, sink))
-    middle_values = b(torch.index_select, new_value, 1, constant["value_heads"])
-    for buffer, tokens in [*middle_keys, (entry[value_entry(layer)], middle_values)]:
-        b(ops.write_cache.default, buffer, tokens, middle_slot)
+def _kept_channels(b, keys, heads, channels):
+    """keys (B, H, S, D) -> (B, G, S, w): head heads[g]'s channels channels[g]."""
+    picked = b(torch.index_select, keys, 1, heads)
+    index = b(operator.getitem, channels, (None, slice(None), None, slice(None)))  # (1, G, 1, w)
+    size = lambda dim: b(torch.ops.aten.sym_size.int, picked, dim)  # noqa: E731
+    return b(torch.gather, picked, 3, b(torch.Tensor.expand, index, size(0), -1, size(2), -1))
 
-    ring_slot = b(operator.add, b(operator.mod, b(operator.sub, index, sink), ring), sink)
-    if prompt:
-        # a prompt keeps its last ring - 1 tokens; older ones and padding go to the slot the next token
-        # takes, which holds none of the tokens kept
-        row_counts = b(operator.getitem, counts, (slice(None), None))
-        kept = b(torch.logical_and, b(operator.ge, index, b(operator.sub, row_counts, ring - 1)),
-                 b(operator.lt, index, row_counts))
-        spare = b(operator.add, b(operator.mod, b(torch.clamp, b(operator.sub, counts, sink), min=0), ring), sink)
-        ring_slot = b(torch.where, kept, ring_slot, b(operator.getitem, spare, (slice(None), None)))
-    window_slot = b(torch.where, is_sink, index, ring_slot)
-    b(ops.write_cache.default, entry[key_window_entry(layer)], new_key, window_slot)
-    b(ops.write_cache.default, entry[value_window_entry(layer)], new_value, window_slot)
-    return None if prompt else _middle_length(b, plan, lengths)
+
+class _SharedCounts:
+    """Each row's counts and this call's slots, computed once per graph from the cache's `lengths`
+    (every layer of a cache shares it) and written back once, after every site has read it."""
+
+    def __init__(self, graph: torch.fx.Graph, plan: Plan):
+        self.graph, self.plan = graph, plan
+        self.made: dict[torch.fx.Node, _Counts] = {}
+
+    def of(self, lengths, prompt, mask, new_key) -> "_Counts":
+        if lengths not in self.made:
+            self.made[lengths] = _Counts(_Builder(self.graph), self.plan, lengths, prompt, mask, new_key)
+        return self.made[lengths]
+
+    def write_back(self) -> None:
+        with self.graph.inserting_before(self.graph.output_node()):
+            for lengths, counts in self.made.items():
+                self.graph.call_function(torch.ops.aten.copy_.default, (lengths, counts.after))
+
+
+class _Counts:
+    """index (B, S): each new token's index in its row (a prompt's padding after its real tokens);
+    after (B,): each row's count once they are written; `windows` the same for windowed layers."""
+
+    def __init__(self, b, plan: Plan, lengths, prompt: bool, mask, new_key):
+        self.b, self.plan, self.lengths, self.prompt = b, plan, lengths, prompt
+        if prompt:
+            self.index, self.after = _prompt_indices(b, mask, new_key)
+        else:
+            step = b(torch.arange, b(torch.ops.aten.sym_size.int, new_key, 2), device=new_key.meta["example_value"].device)
+            self.index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step)
+            self.after = b(operator.add, lengths, b(torch.ops.aten.sym_size.int, new_key, 2))
+        self._windows = None
+
+    def windows(self, middle_entry: torch.fx.Node) -> "_WindowCounts":
+        if self._windows is None:
+            self._windows = _WindowCounts(self.b, self.plan, self, middle_entry)
+        return self._windows
+
+
+class _WindowCounts:
+    """Where a windowed layer's new tokens go and what a decode step attends over. Kept channels of
+    every token go to the middle (slot c - sink; sink tokens to the spare slots after the middle's
+    capacity), every channel to the window (sink slots, then the ring). A decode step attends over
+    the runtime's middle before its token (`middle`) and the window after it (`window`)."""
+
+    def __init__(self, b, plan: Plan, counts: _Counts, middle_entry: torch.fx.Node):
+        sink, ring, index, after = plan.sink, window_ring(plan), counts.index, counts.after
+        is_sink = b(operator.lt, index, sink)
+        spare_from = b(operator.sub, b(torch.ops.aten.sym_size.int, middle_entry, 2), sink)
+        self.middle_slot = b(torch.where, is_sink, b(operator.add, index, spare_from), b(operator.sub, index, sink))
+        ring_slot = b(operator.add, b(operator.mod, b(operator.sub, index, sink), ring), sink)
+        if counts.prompt:
+            # a prompt keeps its last ring - 1 tokens; older ones and padding go to the slot the next
+            # token takes, which holds none of the tokens kept
+            row_after = b(operator.getitem, after, (slice(None), None))
+            kept = b(torch.logical_and, b(operator.ge, index, b(operator.sub, row_after, ring - 1)),
+                     b(operator.lt, index, row_after))
+            spare = b(operator.add, b(operator.mod, b(torch.clamp, b(operator.sub, after, sink), min=0), ring), sink)
+            ring_slot = b(torch.where, kept, ring_slot, b(operator.getitem, spare, (slice(None), None)))
+        self.window_slot = b(torch.where, is_sink, index, ring_slot)
+        self.middle = _middle_length(b, plan, counts.lengths)
+        self.window = b(operator.sub, after, self.middle)
 
 
 def _middle_length(b, plan: Plan, counts):
@@ -265,8 +306,8 @@ def _prompt_indices(b, mask, new_key):
 class _Builder:
     """`b(op, *args, **kwargs)`: a call_function node at the graph's insert point."""
 
-    def __init__(self, graph: torch.fx.Graph, device: torch.device):
-        self.graph, self.device = graph, device
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
 
     def __call__(self, op, *args, **kwargs) -> torch.fx.Node:
         return self.graph.call_function(op, args, kwargs)
