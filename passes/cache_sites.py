@@ -17,8 +17,12 @@ Here that pair becomes what `kvcompile.transform`'s programs do at the same site
 
 with the layer's merge around it (queries projected after RoPE, new K and V merged before the
 cache, the output projected back to the model's heads: the same maps `merge_kv_heads` folds or
-inserts) and its kept K channels gathered before the cache. HF's mask is read at the prompt only,
-for its padding (the last query's row marks every real token); decode counts come from the cache.
+inserts) and its kept K channels gathered before the cache. A windowed layer writes each token's
+kept channels to its middle as the token arrives and every channel to its window, a ring after the
+sink (static_cache.py); decode attends over the middle the runtime holds before the step and the
+window after it (`windowed_attention` with the ring's phase). HF's mask is read at the prompt only,
+for its padding (the last query's row marks every real token); decode counts come from the cache,
+one per row for all layers, computed once per graph and written back after the last site.
 """
 
 from __future__ import annotations
