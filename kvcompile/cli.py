@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("output", type=Path, help="folder for prefill.onnx, decode.onnx and manifest.json")
     _model_options(export)
     export.add_argument("--plan", required=True, metavar="PLAN", help="a plan directory or a built-in plan name")
+    export.add_argument("--drop-windows", action="store_true",
+                        help="export a windowed plan without its sink/recent windows (the ONNX export takes none yet)")
     export.add_argument("--external-data", action="store_true", help="weights in external data files")
     export.add_argument("--gqa", action="store_true",
                         help="attention as onnxruntime's GroupQueryAttention (plans that only fold head merges)")
@@ -260,6 +262,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export.onnx import OnnxExportError, export_onnx
 
     plan = _load_plan(args.plan)
+    if plan.windowed:  # refused before the model loads, with the way out
+        if not args.drop_windows:
+            raise SettingsError(f"--plan {args.plan}: keeps full-channel windows (sink {plan.sink}, recent {plan.recent}), "
+                                "which the ONNX export does not take yet: pass --drop-windows to export it without them")
+        plan = plan.with_windows(0, 0)
     model, _ = _load(args)
     try:
         export_onnx(model, plan, args.output, external_data=args.external_data or None, gqa=args.gqa)

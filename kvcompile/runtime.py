@@ -105,9 +105,11 @@ class TransformedModel(torch.nn.Module):
         use_cache: bool = True,
         attention_mask: torch.Tensor | None = None,
         max_cache_len: int | None = None,
+        cache: CompressedKVCache | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
-        """Logits of `input_ids` (B, S) and, with `use_cache`, the cache extended by them.
+        """Logits of `input_ids` (B, S) and, with `use_cache`, the cache extended by them. The cache
+        comes as `past_key_values` or as `cache` (the name newer transformers releases use).
 
         Without a cache (or with an empty one) this is a prefill: `attention_mask` (B, S), 1 for
         real tokens, 0 for padding (either side), positions counted over real tokens as transformers
@@ -117,6 +119,10 @@ class TransformedModel(torch.nn.Module):
         """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
+        if cache is not None:
+            if past_key_values is not None:
+                raise TypeError("pass the cache as past_key_values or as cache, not both")
+            past_key_values = cache
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be (batch, seq) with batch, seq >= 1, got shape {tuple(input_ids.shape)}")
         param = next(self._source[0].parameters())

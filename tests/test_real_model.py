@@ -92,3 +92,30 @@ def test_leank_plan_decodes_a_tokenizers_padded_batch_like_each_prompt_alone(smo
         alone = torch.tensor([row])
         assert torch.equal(tokens[i, -STEPS:], tm.generate(alone, max_new_tokens=STEPS, eos_token_id=[])[0, -STEPS:]), i
         torch.testing.assert_close(out.logits[i, -1], tm(alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_leank_plan_through_the_backend_and_generate_on_smollm2(smollm2):
+    """The shipped windowed plan on its compressed transformers cache: transformers' generate of a
+    left-padded batch of real text under the kvcompile backend gives transform's tokens, and the cache
+    holds the plan's bytes for each row's own length."""
+    model, tokenizer = smollm2
+    plan = kvcompile.Plan.load_builtin("smollm2-135m-instruct/leank-k50")
+    ids = tokenizer(evaluation_text()[:12000]).input_ids
+    rows = [ids[:300], ids[1000:1444], ids[2000:2452]]
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    want = kvcompile.transform(model, plan).generate(**batch, max_new_tokens=STEPS, eos_token_id=[])
+    torch._dynamo.reset()
+    cache = kvcompile.cache_for(model, plan, batch_size=len(rows), max_cache_len=batch.input_ids.shape[1] + STEPS)
+    model.forward = torch.compile(model.forward, backend="kvcompile", options={"plan": plan, "inductor": False})
+    try:
+        got = model.generate(**batch, past_key_values=cache, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                             do_sample=False)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    held = [len(row) + STEPS - 1 for row in rows]  # generate does not feed back its last token
+    assert cache.row_lengths == held
+    shape = kvcompile.ModelShape.from_config(model.config)
+    assert cache.nbytes == sum(plan.cache_nbytes(shape, torch.float32, 1, n) for n in held)

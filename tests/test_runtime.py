@@ -103,6 +103,19 @@ def test_layers_missing_from_the_plan_keep_all_channels():
     assert cache.entries["key.1.w2"].shape == (1, 2, 12, 2)
 
 
+def test_the_cache_comes_as_past_key_values_or_as_cache():
+    """Both names transformers releases use for the cache argument."""
+    tm = kvcompile.transform(make_tiny_model("llama"), PRUNE)
+    prompt, token = _prompt(2), _prompt(2, length=1, seed=1)
+    by_old_name = tm(token, past_key_values=tm(prompt).past_key_values)
+    by_new_name = tm(token, cache=tm(prompt).past_key_values)
+    assert torch.equal(by_new_name.logits, by_old_name.logits)
+    assert by_new_name.past_key_values.length == 13
+    with pytest.raises(TypeError, match="as past_key_values or as cache, not both"):
+        out = tm(prompt)
+        tm(token, past_key_values=out.past_key_values, cache=out.past_key_values)
+
+
 def test_generate_greedy_matches_the_reference_loop():
     model = make_tiny_model("qwen2")
     tm = kvcompile.transform(model, PRUNE)
