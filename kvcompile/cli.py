@@ -161,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
 
     builtin = commands.add_parser("plans", help="list the plans shipped with kvcompile")
     builtin.set_defaults(run=_run_plans)
+    for command in commands.choices.values():
+        command.formatter_class = _HelpWithDefaults
     return parser
 
 
@@ -339,6 +341,18 @@ def _run_plans(args: argparse.Namespace) -> int:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default where it has one and the help does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        takes_value = action.nargs != 0  # a flag's default is its absence
+        if takes_value and action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _load(args: argparse.Namespace):
