@@ -196,7 +196,8 @@ def plan_of_cache(fingerprint: str) -> Plan | None:
 def cache_for(model: torch.nn.Module, plan: Plan, *, batch_size: int, max_cache_len: int) -> StaticCompressedCache:
     """An empty compressed cache for `model` under `plan` (checked as `kvcompile.transform` checks
     it), `batch_size` rows of `max_cache_len` tokens each (prompt and generated, padding excluded),
-    on the model's device and in its dtype."""
+    on the model's device and in its dtype. A prompt longer than that is refused; a decode step past
+    it is not checked on the host (that would wait for the GPU every step) and fails in the write."""
     from .runtime import checked_model_shape
 
     shape = checked_model_shape(model, plan)
