@@ -196,7 +196,7 @@ def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: lis
     parser.add_argument("--json", type=Path, metavar="PATH", default=json_default,
                         help="write every number and the configuration here" + (f" (default {json_default})" if json_default else ""))
     parser.add_argument("--plot", type=Path, metavar="PATH", default=plot_default,
-                        help="PNG of accuracy against KV memory" + (f" (default {plot_default})" if plot_default else ""))
+                        help="PNG of accuracy and perplexity against KV memory" + (f" (default {plot_default})" if plot_default else ""))
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 

@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompile
 from kvcompile import Plan
-from kvcompile.evaluation.evaluate import QUICK, EvalSettings, Method, evaluate, format_table, kv_bytes_per_token, plot, wilson_interval
+from kvcompile.evaluation.evaluate import (QUICK, EvalSettings, Method, evaluate, figure, format_table, kv_bytes_per_token,
+                                          length_label, plot, wilson_interval)
 from tests import dense_scores
 from tests.tiny_models import byte_level_tokenizer
 
@@ -86,6 +87,27 @@ def test_table_json_and_plot(report, tmp_path):
     assert "one-channel" in table and "95% Wilson interval" in table
     plot(report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_figure_has_a_legend_a_perplexity_panel_and_intervals(report):
+    pytest.importorskip("matplotlib")
+    fig = figure(report)
+    accuracy_axes, perplexity_axes = fig.axes
+    names = [row["name"] for row in report["rows"]]
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == names  # one entry per method
+    longest = max(report["rows"][0]["perplexity"], key=int)
+    assert perplexity_axes.get_ylabel() == f"perplexity at {length_label(longest)} tokens"
+    assert [line.get_ydata()[0] for line in perplexity_axes.get_lines()] == [row["perplexity"][longest] for row in report["rows"]]
+    intervals = accuracy_axes.containers  # one errorbar per method, its bar the Wilson interval
+    assert len(intervals) == len(names)
+    row = report["rows"][0]
+    cells = list(row["accuracy"].values())
+    low, high = wilson_interval(sum(c["correct"] for c in cells), sum(c["samples"] for c in cells))
+    (bar,) = intervals[0].lines[2]
+    assert bar.get_segments()[0][:, 1].tolist() == pytest.approx([low, high])
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_merged_plans_prefill_themselves(model, tokenizer):

@@ -54,7 +54,10 @@ def plot(plan: Plan, path: str | Path, title: str | None = None) -> Path:
             ax.axvline(head * head_dim - 0.5, color="red", linewidth=0.8)
         ax.set_ylabel("layer")
         figure.colorbar(image, ax=ax, label=label)
-    axes[1].set_xlabel(f"KV head × channel ({heads} heads of {head_dim}; red lines separate heads)")
+    # a label per head, a minor tick every 16 channels of it (channel 0 of each head is its red line's right)
+    axes[1].set_xticks([head * head_dim + (head_dim - 1) / 2 for head in range(heads)], [f"head {h}" for h in range(heads)])
+    axes[1].set_xticks([head * head_dim + c for head in range(heads) for c in range(0, head_dim, 16)], minor=True)
+    axes[1].set_xlabel(f"KV head × channel ({heads} heads of {head_dim}, minor ticks every 16 channels)")
     sparsity = plan.meta.get("sparsity")
     axes[0].set_title(title or f"learned K-channel importance ({plan.meta.get('method', 'plan')}"
                       + (f", {sparsity:.0%} sparsity" if sparsity is not None else "") + ")")

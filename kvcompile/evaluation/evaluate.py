@@ -290,27 +290,52 @@ def cell_label(key: str) -> str:
 
 
 def plot(report: dict, path) -> None:
-    """Mean retrieval accuracy against KV bytes per token, one point per method (needs matplotlib)."""
+    """`figure(report)` as a PNG (needs matplotlib)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure(report: dict):
+    """Two panels against KV bytes per token, one marker per method and one legend for both: mean
+    retrieval accuracy with its 95% Wilson interval, and perplexity at the longest length (where
+    plans differ most). Points that share a place stay apart in the legend, not in overprinted labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for row in report["rows"]:
-        cells = list(row["accuracy"].values())
-        accuracy = sum(c["correct"] for c in cells) / max(1, sum(c["samples"] for c in cells))
+    fig, (accuracy_axes, perplexity_axes) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    lengths = list(report["rows"][0]["perplexity"])
+    longest = max(lengths, key=int) if lengths else None
+    for i, row in enumerate(report["rows"]):
         kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
-        ax.scatter(kv, accuracy, s=40)
-        ax.annotate(row["name"], (kv, accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("KV cache bytes per token (K + V, all layers)")
-    ax.set_ylabel("retrieval accuracy (all tasks and lengths)")
-    ax.set_title(report["model"], fontsize=9)
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
+        cells = list(row["accuracy"].values())
+        correct, samples = sum(c["correct"] for c in cells), sum(c["samples"] for c in cells)
+        accuracy = correct / max(1, samples)
+        low, high = wilson_interval(correct, samples)
+        style = dict(marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", linestyle="none", markersize=7,
+                     label=row["name"])
+        accuracy_axes.errorbar(kv, accuracy, yerr=[[accuracy - low], [high - accuracy]], capsize=3, **style)
+        if longest is not None:
+            perplexity_axes.plot(kv, row["perplexity"][longest], **style)
+    accuracy_axes.set(xlabel="KV cache bytes per token (K + V, all layers)", ylim=(-0.05, 1.05),
+                      ylabel="retrieval accuracy, all tasks and lengths (95% interval)")
+    perplexity_axes.set(xlabel="KV cache bytes per token (K + V, all layers)",
+                        ylabel=f"perplexity at {length_label(longest)} tokens" if longest else "perplexity (not measured)")
+    perplexity_axes.set_yscale("log")  # a broken plan's perplexity is orders of magnitude off
+    for axes in (accuracy_axes, perplexity_axes):
+        axes.grid(alpha=0.3, which="both")
+    handles, labels = accuracy_axes.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="method")
+    fig.suptitle(report["model"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "*")
 
 
 def with_overrides(settings: EvalSettings, **overrides) -> EvalSettings:
