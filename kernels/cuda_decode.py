@@ -1,7 +1,8 @@
 """Decode attention on CUDA: the Triton kernels where they compute the op exactly, the reference
 elsewhere.
 
-Registered as the CUDA kernels of `kvcompile::pruned_attention` and `kvcompile::windowed_attention`,
+Registered as the CUDA kernels of `kvcompile::pruned_attention` and `kvcompile::windowed_attention`
+(and of `kvcompile::write_tokens`, a step's cache writes in one launch: triton_write.py),
 so one program runs the reference on CPU and Triton on a GPU, decided per call by the tensors'
 device (the dispatcher is the lowering). The kernels take one query token and no mask.
 `kvcompile::attention` over a cache written in place (layers a plan leaves whole, merged heads) is
@@ -27,6 +28,8 @@ from .ops import (
     pruned_attention_reference,
     windowed_attention,
     windowed_attention_reference,
+    write_tokens,
+    write_tokens_reference,
 )
 
 
@@ -77,3 +80,14 @@ def _windowed_attention_cuda(q, k_window, v_window, k_middle, heads, channels, v
                                window_lengths=window_lengths, middle_lengths=middle_lengths, window_start=window_start)
     return windowed_attention_reference(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale,
                                         is_causal, sink, window_lengths, middle_lengths, window_start)
+
+
+@write_tokens.register_kernel("cuda")
+def _write_tokens_cuda(caches, sources, heads, channels, slots):
+    try:
+        from .triton_write import write_tokens as triton_write_tokens
+    except ImportError:  # a CUDA machine without triton
+        triton_write_tokens = None
+    if triton_write_tokens is None or any(c.dtype != s.dtype for c, s in zip(caches, sources)):
+        return write_tokens_reference(caches, sources, heads, channels, slots)
+    triton_write_tokens(caches, sources, heads, channels, slots)

@@ -390,3 +390,27 @@ def cache_site(
 @cache_site.register_fake
 def _(key, value, lengths, entries, constants, layer, plan, prompt):
     return key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+@torch.library.custom_op("kvcompile::write_tokens", mutates_args=("caches",))
+def write_tokens(
+    caches: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    heads: list[torch.Tensor],
+    channels: list[torch.Tensor],
+    slots: list[torch.Tensor],
+) -> None:
+    """Write S new tokens into several caches at once: caches[i] (B, G_i, C_i, w_i) gets, in slot
+    slots[i][b, s] of row g, channels channels[i][g] (G_i, w_i) of head heads[i][g] of sources[i]
+    (B, H, S, D). One call per layer (all its entries), one kernel launch on CUDA."""
+    write_tokens_reference(caches, sources, heads, channels, slots)
+
+
+def write_tokens_reference(caches, sources, heads, channels, slots) -> None:
+    for cache, source, head, channel, slot in zip(caches, sources, heads, channels, slots, strict=True):
+        write_cache(cache, gather_kv_channels(source, head, channel), slot)
+
+
+@write_tokens.register_fake
+def _(caches, sources, heads, channels, slots):
+    return None

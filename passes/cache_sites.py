@@ -70,8 +70,9 @@ def _windowed(plan: Plan, layer: int) -> bool:
 
 def site_constant_names(plan: Plan, layer: int) -> list[str]:
     """The tensors a layer's lowered site reads besides its entries, in the order its cache passes
-    them: kept-channel indices per width group, a windowed layer's middle value heads, a merge's maps."""
-    names = []
+    them: every head and channel (for entries written whole), kept-channel indices per width group,
+    a windowed layer's middle value heads, a merge's maps."""
+    names = ["all_heads", "all_channels"]
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         names += [f"heads.w{group.width}", f"channels.w{group.width}"]
     names += ["value_heads"] if _windowed(plan, layer) else []
@@ -81,7 +82,8 @@ def site_constant_names(plan: Plan, layer: int) -> list[str]:
 def site_constants(plan: Plan, layer: int, shape: ModelShape, dtype: torch.dtype,
                    device: torch.device) -> dict[str, torch.Tensor]:
     """`site_constant_names`' tensors, floating ones in `dtype`."""
-    constants = {}
+    heads, width = plan.kv_heads(layer, shape)
+    constants = {"all_heads": torch.arange(heads), "all_channels": torch.arange(width)[None]}
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         constants[f"heads.w{group.width}"] = group.heads_tensor()
         constants[f"channels.w{group.width}"] = group.channels_tensor()
@@ -178,20 +180,24 @@ def _lower(site: CacheSite, plan: Plan, shared: "_SharedCounts") -> None:
         groups = [(entry[key_entry(layer, group.width)], constant[f"heads.w{group.width}"],
                    constant[f"channels.w{group.width}"])
                   for group in (k_groups(plan, layer) if layer in plan.k_channels else ())]
-        # the kept channels of the new tokens, by plain indexing: inductor fuses it into one kernel
-        middle_keys = [(buffer, _kept_channels(b, new_key, heads, channels)) for buffer, heads, channels in groups]
+        # (entry, source, heads, channels, slots) of each write, all made by one write_tokens call
+        def whole(heads):
+            return b(torch.Tensor.expand, constant["all_channels"], b(torch.ops.aten.sym_size.int, heads, 0), -1)
 
+        every_head = constant["all_heads"]
         if _windowed(plan, layer):
             windows = counts.windows(entry[value_entry(layer)])
-            middle_values = b(torch.index_select, new_value, 1, constant["value_heads"])
-            for buffer, tokens in [*middle_keys, (entry[value_entry(layer)], middle_values)]:
-                b(ops.write_cache.default, buffer, tokens, windows.middle_slot)
-            for name, tokens in ((key_window_entry(layer), new_key), (value_window_entry(layer), new_value)):
-                b(ops.write_cache.default, entry[name], tokens, windows.window_slot)
+            value_heads = constant["value_heads"]
+            writes = [(k, new_key, h, c, windows.middle_slot) for k, h, c in groups] + [
+                (entry[value_entry(layer)], new_value, value_heads, whole(value_heads), windows.middle_slot),
+                (entry[key_window_entry(layer)], new_key, every_head, whole(every_head), windows.window_slot),
+                (entry[value_window_entry(layer)], new_value, every_head, whole(every_head), windows.window_slot),
+            ]
         else:
-            writes = middle_keys or [(entry[key_entry(layer)], new_key)]
-            for buffer, tokens in [*writes, (entry[value_entry(layer)], new_value)]:
-                b(ops.write_cache.default, buffer, tokens, counts.index)
+            keys = [(k, new_key, h, c, counts.index) for k, h, c in groups] or [
+                (entry[key_entry(layer)], new_key, every_head, whole(every_head), counts.index)]
+            writes = keys + [(entry[value_entry(layer)], new_value, every_head, whole(every_head), counts.index)]
+        b(ops.write_tokens.default, *(list(column) for column in zip(*writes)))
 
         if prompt:  # LeanK prefills densely: every channel of the prompt's own keys
             out = b(ops.attention.default, query, new_key, new_value, mask, scale, bool(arguments["is_causal"]))
@@ -211,14 +217,6 @@ def _lower(site: CacheSite, plan: Plan, shared: "_SharedCounts") -> None:
     out.meta.update(site.attention.meta)
     site.attention.replace_all_uses_with(out)
     b.graph.erase_node(site.attention)
-
-
-def _kept_channels(b, keys, heads, channels):
-    """keys (B, H, S, D) -> (B, G, S, w): head heads[g]'s channels channels[g]."""
-    picked = b(torch.index_select, keys, 1, heads)
-    index = b(operator.getitem, channels, (None, slice(None), None, slice(None)))  # (1, G, 1, w)
-    size = lambda dim: b(torch.ops.aten.sym_size.int, picked, dim)  # noqa: E731
-    return b(torch.gather, picked, 3, b(torch.Tensor.expand, index, size(0), -1, size(2), -1))
 
 
 class _SharedCounts:

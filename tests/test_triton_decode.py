@@ -372,3 +372,28 @@ def _counted(fn, calls):
         calls.append(1)
         return fn(*args, **kwargs)
     return counted
+
+
+def test_write_tokens_writes_every_entry_in_one_launch():
+    """`kvcompile::write_tokens`' Triton face against its reference: two width groups, an entry written
+    whole (its channel rows a broadcast view) from a strided source, two new tokens per row at each
+    row's own slots."""
+    from kvcompile.kernels import triton_write
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, seq, capacity = 2, 4, 2, 10
+    key = torch.randn(batch, heads, seq, D, generator=g)
+    value = torch.randn(batch, heads, seq + 1, D, generator=g)[:, :, 1:]
+    sources = [key, key, value]
+    rows = [torch.tensor([0, 2]), torch.tensor([3]), torch.arange(heads)]
+    channels = [torch.tensor([[0, 1, 2, 5], [3, 4, 8, 15]]), torch.tensor([[7, 9, 11]]), torch.arange(D)[None].expand(heads, D)]
+    slots = [torch.tensor([[3, 4], [7, 8]])] * 2 + [torch.tensor([[0, 1], [5, 6]])]
+    caches = [torch.zeros(batch, 2, capacity, 4), torch.zeros(batch, 1, capacity, 3), torch.zeros(batch, heads, capacity, D)]
+    want = [cache.clone() for cache in caches]
+    ops.write_tokens(want, sources, rows, channels, slots)  # the reference, on CPU
+    on_device = lambda tensors: [t.to(DEVICE) for t in tensors]  # noqa: E731
+    got = on_device(caches)
+    triton_write.write_tokens(got, on_device(sources), on_device(rows), on_device(channels), on_device(slots))
+    for g_, w in zip(got, want):
+        assert torch.equal(g_.cpu(), w)
+    assert want[0][1, 1, 8].tolist() == key[1, 2, 1, [3, 4, 8, 15]].tolist()  # row 1's second token, head 2
