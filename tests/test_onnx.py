@@ -209,15 +209,13 @@ def test_cli_export_writes_files_onnxruntime_runs(tmp_path, monkeypatch, capsys)
 
     model = make_tiny_model("llama")
     monkeypatch.setattr(cli, "load_default_model", lambda *args: (model, None))
-    PRUNE.save(tmp_path / "plan")
-    assert cli.main(["export", str(tmp_path / "out"), "--plan", str(tmp_path / "plan")]) == 0
+    # a windowed plan is refused by name before the model loads; --drop-windows exports its channels
+    PRUNE.with_windows(sink=2, recent=4).save(tmp_path / "plan")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(tmp_path / "out"), "--plan", str(tmp_path / "plan")])
+    assert exit_info.value.code == 2
+    assert "keeps full-channel windows (sink 2, recent 4)" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "out"), "--plan", str(tmp_path / "plan"), "--drop-windows"]) == 0
     prompt = _prompt(batch=1, length=9, seed=3)
     want = kvcompile.transform(model, PRUNE).generate(prompt, max_new_tokens=4, do_sample=False)
     assert torch.equal(generate(tmp_path / "out", prompt, max_new_tokens=4), want)
-    PRUNE.with_windows(sink=2, recent=4).save(tmp_path / "windowed-plan")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["export", str(tmp_path / "windowed"), "--plan", str(tmp_path / "windowed-plan")])
-    assert exit_info.value.code == 2
-    assert "keeps full-channel windows (sink 2, recent 4)" in capsys.readouterr().err
-    assert cli.main(["export", str(tmp_path / "windowed"), "--plan", str(tmp_path / "windowed-plan"), "--drop-windows"]) == 0
-    assert torch.equal(generate(tmp_path / "windowed", prompt, max_new_tokens=4), want)  # the plan's channels
