@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import kvcompile.kernels  # noqa: F401  (registers kvcompile::cache_site)
-from kvcompile.passes.cache_sites import site_constants, window_ring
+from kvcompile.passes.cache_sites import site_constants, window_ring, windowed_layer
 
 from .layout import FULL, MIDDLE, WINDOW, entry_region, layer_entries
 from .plan import ModelShape, Plan
@@ -48,7 +48,7 @@ class StaticCompressedLayer(CacheLayerMixin):
                  lengths: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.plan, self.layer, self.plan_fingerprint, self.max_cache_len = plan, layer, fingerprint, max_cache_len
-        self.windowed = plan.windowed and layer in plan.k_channels
+        self.windowed = windowed_layer(plan, layer)
         slots = {FULL: max_cache_len, MIDDLE: max_cache_len + plan.sink, WINDOW: plan.sink + window_ring(plan)}
         batch_size, device = lengths.shape[0], lengths.device
         self.entries = {

@@ -64,7 +64,8 @@ def window_ring(plan: Plan) -> int:
     return plan.recent + plan.buffer
 
 
-def _windowed(plan: Plan, layer: int) -> bool:
+def windowed_layer(plan: Plan, layer: int) -> bool:
+    """Whether `layer` keeps full-channel windows under `plan` (a planned layer of a windowed plan)."""
     return plan.windowed and layer in plan.k_channels
 
 
@@ -75,7 +76,7 @@ def site_constant_names(plan: Plan, layer: int) -> list[str]:
     names = ["all_heads", "all_channels"]
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         names += [f"heads.w{group.width}", f"channels.w{group.width}"]
-    names += ["value_heads"] if _windowed(plan, layer) else []
+    names += ["value_heads"] if windowed_layer(plan, layer) else []
     return names + list(_MERGE_CONSTANTS if layer in plan.merges else ())
 
 
@@ -87,7 +88,7 @@ def site_constants(plan: Plan, layer: int, shape: ModelShape, dtype: torch.dtype
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         constants[f"heads.w{group.width}"] = group.heads_tensor()
         constants[f"channels.w{group.width}"] = group.channels_tensor()
-    if _windowed(plan, layer):
+    if windowed_layer(plan, layer):
         constants["value_heads"] = torch.tensor(plan.middle_value_heads(layer), dtype=torch.int64)
     merge = plan.merges.get(layer)
     if merge is not None:
@@ -113,9 +114,9 @@ def lower_cache_sites(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphMod
     sites = find_cache_sites(gm)
     if not sites:
         return gm
-    counts = _SharedCounts(gm.graph, plan)
+    counts, fingerprint = _SharedCounts(gm.graph, plan), plan.fingerprint()
     for site in sites:
-        _lower(site, plan, counts)
+        _lower(site, plan, fingerprint, counts)
     counts.write_back()
     eliminate_dead_code(gm)
     return gm
@@ -158,11 +159,11 @@ def _is_repeat_kv(node: torch.fx.Node) -> bool:
     )
 
 
-def _lower(site: CacheSite, plan: Plan, shared: "_SharedCounts") -> None:
-    new_key, new_value, lengths, entries, constants, layer, fingerprint, prompt = site.marker.args
-    if fingerprint != plan.fingerprint():
-        raise PlanError(f"layer {layer}: the StaticCompressedCache was made for plan {fingerprint}, the backend was "
-                        f"given plan {plan.fingerprint()}: make the cache with kvcompile.cache_for(model, plan)")
+def _lower(site: CacheSite, plan: Plan, fingerprint: str, shared: "_SharedCounts") -> None:
+    new_key, new_value, lengths, entries, constants, layer, cache_plan, prompt = site.marker.args
+    if cache_plan != fingerprint:
+        raise PlanError(f"layer {layer}: the StaticCompressedCache was made for plan {cache_plan}, the backend was "
+                        f"given plan {fingerprint}: make the cache with kvcompile.cache_for(model, plan)")
     arguments = site.arguments
     if arguments["dropout_p"] != 0.0:
         raise PlanError(f"layer {layer}: attention with dropout (is the model in training mode?)")
@@ -185,7 +186,7 @@ def _lower(site: CacheSite, plan: Plan, shared: "_SharedCounts") -> None:
             return b(torch.Tensor.expand, constant["all_channels"], b(torch.ops.aten.sym_size.int, heads, 0), -1)
 
         every_head = constant["all_heads"]
-        if _windowed(plan, layer):
+        if windowed_layer(plan, layer):
             windows = counts.windows(entry[value_entry(layer)])
             value_heads = constant["value_heads"]
             writes = [(k, new_key, h, c, windows.middle_slot) for k, h, c in groups] + [
@@ -201,7 +202,7 @@ def _lower(site: CacheSite, plan: Plan, shared: "_SharedCounts") -> None:
 
         if prompt:  # LeanK prefills densely: every channel of the prompt's own keys
             out = b(ops.attention.default, query, new_key, new_value, mask, scale, bool(arguments["is_causal"]))
-        elif _windowed(plan, layer):
+        elif windowed_layer(plan, layer):
             out = b(ops.windowed_attention.default, query, entry[key_window_entry(layer)],
                     entry[value_window_entry(layer)], [k for k, _, _ in groups], [h for _, h, _ in groups],
                     [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, plan.sink,
