@@ -30,6 +30,12 @@ import torch
 import torch.nn.functional as F
 
 
+# Ops whose implementations read any strides: inductor may hand them views of its buffers as they
+# are, where it would otherwise copy every input into the strides seen at trace time (a copy per
+# use: one per cache entry a layer's new key is written to).
+_ANY_STRIDES = (torch.Tag.flexible_layout,)
+
+
 def masked_softmax_attention(scores, v, mask, is_causal):
     """softmax(scores + mask) @ v, scores (B, Hq, S, T) already scaled, v (B, Hkv, T, D)."""
     scores = scores + _sequence_bias(mask, is_causal, scores.shape, scores.device)
@@ -38,7 +44,7 @@ def masked_softmax_attention(scores, v, mask, is_causal):
     return probs @ v.repeat_interleave(repeats, dim=1)
 
 
-@torch.library.custom_op("kvcompile::attention", mutates_args=())
+@torch.library.custom_op("kvcompile::attention", mutates_args=(), tags=_ANY_STRIDES)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,7 +115,7 @@ def _(x, heads, channels):
     return x.new_empty(x.shape[0], heads.shape[0], x.shape[2], channels.shape[-1])
 
 
-@torch.library.custom_op("kvcompile::pruned_attention", mutates_args=())
+@torch.library.custom_op("kvcompile::pruned_attention", mutates_args=(), tags=_ANY_STRIDES)
 def pruned_attention(
     q: torch.Tensor,
     k_groups: list[torch.Tensor],
@@ -157,7 +163,7 @@ def _(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-@torch.library.custom_op("kvcompile::windowed_attention", mutates_args=())
+@torch.library.custom_op("kvcompile::windowed_attention", mutates_args=(), tags=_ANY_STRIDES)
 def windowed_attention(
     q: torch.Tensor,
     k_window: torch.Tensor,
@@ -337,7 +343,7 @@ def _(cache, new, slots):
     return None
 
 
-@torch.library.custom_op("kvcompile::merge_heads", mutates_args=())
+@torch.library.custom_op("kvcompile::merge_heads", mutates_args=(), tags=_ANY_STRIDES)
 def merge_heads(x: torch.Tensor, groups: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """x (B, H, S, d) -> (B, G, S, s·d): the heads `groups[g]` (t of them) concatenated per token
     and mapped by `down[g]` (t·d, s·d), as in bases.py's c = k_group @ down."""
@@ -352,7 +358,7 @@ def _(x, groups, down):
     return x.new_empty(x.shape[0], groups.shape[0], x.shape[2], down.shape[-1])
 
 
-@torch.library.custom_op("kvcompile::project_heads", mutates_args=())
+@torch.library.custom_op("kvcompile::project_heads", mutates_args=(), tags=_ANY_STRIDES)
 def project_heads(x: torch.Tensor, heads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (B, H, S, d) -> (B, H', S, d'): output head i is input head `heads[i]` times `weight[i]` (d, d')."""
     return x.index_select(1, heads) @ weight
@@ -392,7 +398,7 @@ def _(key, value, lengths, entries, constants, layer, plan, prompt):
     return key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-@torch.library.custom_op("kvcompile::write_tokens", mutates_args=("caches",))
+@torch.library.custom_op("kvcompile::write_tokens", mutates_args=("caches",), tags=_ANY_STRIDES)
 def write_tokens(
     caches: list[torch.Tensor],
     sources: list[torch.Tensor],

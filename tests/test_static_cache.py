@@ -2,10 +2,13 @@
 the same logits and tokens for pruned and merged plans, the plan's bytes, transformers' generate
 with a padded batch, and clear errors where the cache is misused."""
 
+import ast
 import functools
+import re
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import kvcompile
 from kvcompile import PlanError
@@ -93,13 +96,27 @@ def test_inductor_and_transformers_generate_with_a_padded_batch():
     compiled = torch.compile(model.forward, backend="kvcompile", options={"plan": plan})
     model.forward = compiled  # how transformers' docs compile a model that generates
     try:
-        got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
-                             do_sample=False)
+        got, codes = run_and_get_code(model.generate, input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                      max_new_tokens=10, do_sample=False)
     finally:
         del model.forward
     assert torch.equal(got, want)
     assert cache.row_lengths == (mask.sum(1) + 9).tolist()  # the last token is returned, not cached
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    (decode,) = [code for code in codes if "windowed_attention" in code]
+    _assert_each_write_input_made_once(decode, model.config.num_hidden_layers)
+
+
+def _assert_each_write_input_made_once(code: str, layers: int) -> None:
+    """Each layer's new key goes to several entries (each width group's kept channels, the window),
+    and every layer writes at the same slots: inductor's code computes each once and hands the one
+    buffer to every write, not a copy per use (on a GPU, a kernel each per layer and step)."""
+    writes = [ast.parse(call).body[0].value for call in re.findall(r"torch\.ops\.kvcompile\.write_tokens\.default\(.*", code)]
+    assert len(writes) == layers
+    assert any(len(write.args[0].elts) > 3 for write in writes)  # some layer writes its key to 3+ entries
+    for write in writes:  # (caches, sources, heads, channels, slots)
+        assert len({ast.unparse(source) for source in write.args[1].elts}) == 2  # its new key and value
+    assert len({ast.unparse(slots) for write in writes for slots in write.args[4].elts}) == 2  # middle, window
 
 
 def test_the_cache_is_reset_and_reused_without_recompiling():
