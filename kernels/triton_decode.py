@@ -125,7 +125,8 @@ def _online_softmax(
 ):  # fmt: skip
     """(max, sum, acc) of the query block (BLOCK_H, BLOCK_W) over tokens [start, end) of one key
     row of `width` channels; HAS_KEYS=False scores every token 0 (a head keeping no channel).
-    RING: token t >= ring_sink sits in slot ring_sink + (t - ring_sink + ring_start) % ring_period."""
+    RING: token t >= ring_sink sits in slot ring_sink + (t - ring_sink + ring_start) % ring_period, with
+    0 <= ring_start < ring_period and t - ring_sink < ring_period, so the modulo is one subtraction."""
     c = tl.arange(0, BLOCK_W)
     d = tl.arange(0, BLOCK_DV)
     row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -136,7 +137,9 @@ def _online_softmax(
         in_piece = t < end
         slot = t
         if RING:
-            slot = tl.where(t < ring_sink, t, ring_sink + (t - ring_sink + ring_start) % ring_period)
+            in_ring = t - ring_sink + ring_start
+            in_ring = tl.where(in_ring >= ring_period, in_ring - ring_period, in_ring)
+            slot = tl.where(t < ring_sink, t, ring_sink + in_ring)
         if HAS_KEYS:  # keys loaded transposed (w, n) so the score block is a plain q @ k
             k_block = tl.load(
                 k_base + c[:, None] * stride_kd + slot[None, :] * stride_kt,
@@ -203,7 +206,7 @@ def _decode_kernel(
     width = kv_head * 0
     ring_start = kv_head * 0
     if RING:  # the window's slots after the sink are a ring; its oldest token is at this phase
-        ring_start = tl.load(window_start_ptr + batch * stride_ls).to(tl.int32)
+        ring_start = tl.load(window_start_ptr + batch * stride_ls).to(tl.int32) % (window_tokens - sink)
     for g in tl.static_range(NUM_GROUPS):
         i = tl.arange(0, BLOCK_G)
         heads = tl.load(heads_ptrs[g] + i, mask=i < group_rows[g], other=-1).to(tl.int32)
