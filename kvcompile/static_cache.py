@@ -47,12 +47,13 @@ class StaticCompressedLayer(CacheLayerMixin):
     def __init__(self, plan: Plan, fingerprint: str, shape: ModelShape, layer: int, max_cache_len: int,
                  lengths: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
         super().__init__()
-        self.plan, self.layer, self.plan_fingerprint, self.max_cache_len = plan, layer, fingerprint, max_cache_len
+        self.plan, self.shape, self.layer, self.plan_fingerprint = plan, shape, layer, fingerprint
+        self.max_cache_len = max_cache_len
         self.windowed = windowed_layer(plan, layer)
         slots = {FULL: max_cache_len, MIDDLE: max_cache_len + plan.sink, WINDOW: plan.sink + window_ring(plan)}
         batch_size, device = lengths.shape[0], lengths.device
         self.entries = {
-            name: torch.zeros(batch_size, heads, slots[entry_region(plan, name)], width, dtype=dtype, device=device)
+            name: torch.zeros(batch_size, heads, slots[entry_region(plan, shape, name)], width, dtype=dtype, device=device)
             for name, (heads, width) in layer_entries(plan, layer, shape).items()
         }
         self.constants = site_constants(plan, layer, shape, dtype, device)
@@ -121,7 +122,7 @@ class StaticCompressedLayer(CacheLayerMixin):
         rows = self.lengths.tolist()
         middle = sum(self.plan.middle_length(n) for n in rows)
         held = {FULL: sum(rows), MIDDLE: middle, WINDOW: sum(rows) - middle}
-        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held[entry_region(self.plan, name)]
+        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held[entry_region(self.plan, self.shape, name)]
                    for name, entry in self.entries.items())
 
 
@@ -201,6 +202,10 @@ def cache_for(model: torch.nn.Module, plan: Plan, *, batch_size: int, max_cache_
     from .runtime import checked_model_shape
 
     shape = checked_model_shape(model, plan)
+    if shape.slides:
+        sliding = [layer for layer in range(shape.num_layers) if shape.window(layer) is not None]
+        raise NotImplementedError(f"layers {sliding} attend sliding windows, whose rings StaticCompressedCache does not "
+                                  "keep yet: use kvcompile.transform(model, plan) and the cache it returns")
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
