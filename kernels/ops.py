@@ -62,7 +62,7 @@ def attention(
 def attention_reference(q, k, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::attention", q, mask, is_causal, lengths)
     if window:
-        (k, v), mask = _ring_tokens("kvcompile::attention", lengths, [k, v], q.shape[2], window)
+        (k, v), mask = _ring_view("kvcompile::attention", lengths, [k, v], q.shape[2], window)
     elif lengths is not None:
         k, v = _cut_to_lengths("kvcompile::attention", lengths, [k, v], q.shape[2])
         mask = _length_mask(lengths, q.shape[2], k.shape[2])
@@ -144,7 +144,7 @@ def pruned_attention(
 def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
     if window:
-        (*k_groups, v), mask = _ring_tokens("kvcompile::pruned_attention", lengths, [*k_groups, v], q.shape[2], window)
+        (*k_groups, v), mask = _ring_view("kvcompile::pruned_attention", lengths, [*k_groups, v], q.shape[2], window)
     elif lengths is not None:
         *k_groups, v = _cut_to_lengths("kvcompile::pruned_attention", lengths, [*k_groups, v], q.shape[2])
         mask = _length_mask(lengths, q.shape[2], v.shape[2])
@@ -280,7 +280,7 @@ def _cut_to_lengths(op, lengths, tensors, min_length) -> list[torch.Tensor]:
     return [x[:, :, :longest].masked_fill(~valid[:, None, :, None], 0) for x in tensors]
 
 
-def _ring_tokens(op, lengths, tensors, s, window) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _ring_view(op, lengths, tensors, s, window) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The (B, H, C, d) rings `tensors`, slots holding no token zeroed (garbage would reach the
     arithmetic, as in `_cut_to_lengths`), and the (B, 1, s, C) mask of the sliding rule."""
     if lengths is None:
@@ -291,15 +291,19 @@ def _ring_tokens(op, lengths, tensors, s, window) -> tuple[list[torch.Tensor], t
                          f"window of {window} see")
     if int(lengths.min()) < s:
         raise ValueError(f"{op}: lengths must be at least the {s} queries, got {lengths.tolist()}")
-    slots = torch.arange(capacity, device=lengths.device)
-    # slot j holds the latest token t = j (mod C) before lengths[b]; negative: none yet
-    last = lengths[:, None] - 1
-    token = slots + torch.div(last - slots, capacity, rounding_mode="floor") * capacity  # (B, C)
+    token = ring_tokens(lengths, capacity)
     held = token >= 0
     query = lengths[:, None] - s + torch.arange(s, device=lengths.device)  # (B, s)
     token, query = token[:, None, :], query[..., None]
     mask = held[:, None, :] & (token <= query) & (token > query - window)
     return [x[:, :, :capacity].masked_fill(~held[:, None, :, None], 0) for x in tensors], mask[:, None]
+
+
+def ring_tokens(lengths: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): the token each slot of a ring holds in rows of `lengths` tokens, the latest
+    t = slot (mod capacity) before the row's length; negative where none is yet."""
+    slots = torch.arange(capacity, device=lengths.device)
+    return slots + torch.div(lengths[:, None] - 1 - slots, capacity, rounding_mode="floor") * capacity
 
 
 def _length_mask(lengths, s, t) -> torch.Tensor:

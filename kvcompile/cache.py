@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 import kvcompile.kernels  # noqa: F401  (registers gather_kv_channels and write_cache)
+from kvcompile.kernels.ops import ring_tokens
 
 from .layout import (
     FULL,
@@ -189,7 +190,7 @@ class CompressedKVCache:
             self.buffers[name] = _with_capacity(tokens.pop(name)[:, :, :longest], full)
         for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == RING]:
             capacity = self.ring_capacity(entry_layer(name), 1)
-            self.buffers[name] = _take_tokens(tokens.pop(name), _ring_tokens(self.lengths, capacity))
+            self.buffers[name] = _take_tokens(tokens.pop(name), _ring_sources(self.lengths, capacity))
         for layer in self._windowed_layers(tokens):
             self._split_window(layer, tokens, full)
 
@@ -300,7 +301,7 @@ class CompressedKVCache:
                 continue
             capacity = self.ring_capacity(entry_layer(name), new_tokens)
             if buffer.shape[2] < capacity:
-                self.buffers[name] = _take_tokens(buffer, _ring_tokens(self.lengths, capacity) % buffer.shape[2])
+                self.buffers[name] = _take_tokens(buffer, _ring_sources(self.lengths, capacity) % buffer.shape[2])
 
 
 def _grown(capacity: int, needed: int) -> int:
@@ -319,13 +320,10 @@ def _with_capacity(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
     return buffer
 
 
-def _ring_tokens(lengths: torch.Tensor, capacity: int) -> torch.Tensor:
-    """(B, capacity): the token each slot of a ring holds in rows of `lengths` tokens, the latest
-    t = slot (mod capacity) before the row's length; token 0 where none is yet (a finite value no
-    query reads)."""
-    slots = torch.arange(capacity, device=lengths.device)
-    tokens = slots + torch.div(lengths[:, None] - 1 - slots, capacity, rounding_mode="floor") * capacity
-    return tokens.clamp(min=0)
+def _ring_sources(lengths: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): the token each slot of a ring of `capacity` takes, token 0 where none is yet
+    (a finite value no query reads)."""
+    return ring_tokens(lengths, capacity).clamp(min=0)
 
 
 def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

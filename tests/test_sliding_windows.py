@@ -155,6 +155,20 @@ def test_padded_rows_keep_their_own_windows():
     assert cache.nbytes == sum(tm.plan.cache_nbytes(tm.shape, tm.dtype, 1, n) for n in cache.row_lengths)
 
 
+def test_calibration_prunes_sliding_layers_within_their_windows():
+    model, program = _mistral()
+    tokens = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(4))
+    plan = kvcompile.calibrate(model, kvcompile.Recipe(k_sparsity=0.5, align=4), tokens, program=program, progress=False)
+    assert plan.model.sliding_windows == (WINDOW, WINDOW) and sorted(plan.k_channels) == [0, 1]
+    tm = kvcompile.transform(model, plan, program=program)
+    prompt = _prompt(2, 9, seed=8)
+    got, _ = _transformed_decode(tm, prompt, 6)
+    fed = torch.stack([g.argmax(-1) for g in got[:-1]], dim=1)
+    want, _ = masked_reference_decode(model, prompt, plan.k_channels, next_tokens=fed, steps=6)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+
+
 def test_windowed_plans_leave_sliding_layers_alone():
     model, _ = _mistral()
     with pytest.raises(PlanError, match=r"layer 0, fields sink/recent: layer 0 attends a sliding window of 4 tokens"):
