@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import kvcompile
 from kvcompile import Plan, PlanError
@@ -167,6 +167,25 @@ def test_calibration_prunes_sliding_layers_within_their_windows():
     want, _ = masked_reference_decode(model, prompt, plan.k_channels, next_tokens=fed, steps=6)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_merged_heads_keep_their_window_too(tmp_path):
+    """KV heads merged (folded into the weights) then pruned: the rings hold the merged heads."""
+    model, program = _mistral()
+    tokens = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(4))
+    recipe = kvcompile.Recipe(kv_group_size=2, rope="commute", k_sparsity=0.5, align=4)
+    plan = kvcompile.calibrate(model, recipe, tokens, program=program, progress=False)
+    merge_only = Plan.from_k_channels({}, model=plan.model).with_merges(plan.merges)
+    kvcompile.transform(model, merge_only, program=program).save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tm = kvcompile.transform(model, plan, program=program)
+    prompt = _prompt(2, 9, seed=3)
+    got, _ = _transformed_decode(tm, prompt, 8)
+    fed = torch.stack([g.argmax(-1) for g in got[:-1]], dim=1)
+    want, _ = masked_reference_decode(merged, prompt, plan.k_channels, next_tokens=fed, steps=8)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_windowed_plans_leave_sliding_layers_alone():
