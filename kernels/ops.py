@@ -411,13 +411,14 @@ def cache_site(
     layer: int,
     plan: str,
     prompt: bool,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a layer's new post-RoPE key/value (B, Hkv, S, D) meet a `kvcompile.StaticCompressedCache`.
 
     Its cache layer returns this op's outputs to the model's attention in place of a dense K/V; the
     torch.compile backend replaces the op and that attention by the plan's writes into `entries`
-    and the plan's attention over them (passes/cache_sites.py). It has no computation of its own:
-    run anywhere else, it says so."""
+    and the plan's attention over them (passes/cache_sites.py); `window`: the layer's sliding
+    window (0: none). It has no computation of its own: run anywhere else, it says so."""
     raise RuntimeError(
         f"layer {layer}: a kvcompile.StaticCompressedCache holds its plan's compressed layout, which only the "
         "kvcompile backend attends over: run the model as torch.compile(model, backend='kvcompile', "
@@ -426,7 +427,7 @@ def cache_site(
 
 
 @cache_site.register_fake
-def _(key, value, lengths, entries, constants, layer, plan, prompt):
+def _(key, value, lengths, entries, constants, layer, plan, prompt, window):
     return key.new_empty(key.shape), value.new_empty(value.shape)
 
 

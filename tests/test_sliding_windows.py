@@ -188,9 +188,30 @@ def test_merged_heads_keep_their_window_too(tmp_path):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_on_the_static_cache_matches_transform():
+    """The kvcompile backend on a StaticCompressedCache, whose sliding layers are rings of window
+    slots: transform's logits and tokens, the plan's bytes."""
+    from tests.test_backend import _greedy
+    from tests.test_static_cache import STEPS as COMPILED_STEPS, _compiled_greedy
+
+    model, program = _mistral()
+    plan = Plan.from_k_channels({0: K_CHANNELS[0]})  # layer 0's ring pruned, layer 1's whole
+    prompt = _prompt(2, 9, seed=9)
+    torch._dynamo.reset()
+    try:
+        got_logits, got_tokens, cache = _compiled_greedy(model, plan, prompt)
+    finally:
+        torch._dynamo.reset()
+    want_logits, want_tokens = _greedy(kvcompile.transform(model, plan, program=program), prompt, steps=COMPILED_STEPS)
+    for got, want in zip(got_logits, want_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    length = prompt.shape[1] + COMPILED_STEPS
+    assert cache.nbytes == plan.cache_nbytes(cache.shape, torch.float32, 2, length)
+    assert {entry.shape[2] for layer in cache.layers for entry in layer.entries.values()} == {WINDOW}
+
+
 def test_windowed_plans_leave_sliding_layers_alone():
     model, _ = _mistral()
     with pytest.raises(PlanError, match=r"layer 0, fields sink/recent: layer 0 attends a sliding window of 4 tokens"):
         kvcompile.transform(model, Plan.from_k_channels(K_CHANNELS, sink=2, recent=4))
-    with pytest.raises(NotImplementedError, match=r"layers \[0, 1\] attend sliding windows"):
-        kvcompile.cache_for(model, Plan.from_k_channels(K_CHANNELS), batch_size=1, max_cache_len=16)
