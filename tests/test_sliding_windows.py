@@ -1,7 +1,8 @@
 """Sliding-window layers keep only their window: a sliding layer's cache is a ring of its last
 window - 1 tokens, pruned as the plan says, against the dense model with transformers' own sliding
-cache (keep-everything plans) and the masked reference, which runs the unmodified model under its
-own sliding masks (pruned plans). Windows are shorter than the prompts."""
+cache (keep-everything plans), the masked reference, which runs the unmodified model under its own
+sliding masks (pruned plans), and, for the static cache under the kvcompile backend, `transform`.
+Windows are shorter than the prompts."""
 
 import functools
 
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import kvcompile
 from kvcompile import Plan, PlanError
 from kvcompile.benchmarks.throughput import keep_everything_plan
+from kvcompile.passes.graph import PassError
+from kvcompile.pipeline import FUSED_CACHE_UPDATE, canonical_program, run_stage
 from tests.masked_reference import masked_attention, masked_reference_decode
 from tests.tiny_models import make_tiny_model, slow_unless
 
@@ -188,13 +191,14 @@ def test_merged_heads_keep_their_window_too(tmp_path):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_on_the_static_cache_matches_transform():
+@pytest.mark.parametrize("arch", slow_unless(["mistral", "gemma3"], default=("mistral",)))
+def test_compiled_on_the_static_cache_matches_transform(arch):
     """The kvcompile backend on a StaticCompressedCache, whose sliding layers are rings of window
     slots: transform's logits and tokens, the plan's bytes."""
     from tests.test_backend import _greedy
     from tests.test_static_cache import STEPS as COMPILED_STEPS, _compiled_greedy
 
-    model, program = _mistral()
+    model, program = _model(arch)
     plan = Plan.from_k_channels({0: K_CHANNELS[0]})  # layer 0's ring pruned, layer 1's whole
     prompt = _prompt(2, 9, seed=9)
     torch._dynamo.reset()
@@ -208,10 +212,14 @@ def test_compiled_on_the_static_cache_matches_transform():
     assert torch.equal(got_tokens, want_tokens)
     length = prompt.shape[1] + COMPILED_STEPS
     assert cache.nbytes == plan.cache_nbytes(cache.shape, torch.float32, 2, length)
-    assert {entry.shape[2] for layer in cache.layers for entry in layer.entries.values()} == {WINDOW}
+    sliding = _sliding_layers(cache.shape)
+    assert {entry.shape[2] for layer in sliding for entry in cache.layers[layer].entries.values()} == {WINDOW}
 
 
-def test_windowed_plans_leave_sliding_layers_alone():
-    model, _ = _mistral()
+def test_windowed_plans_and_fused_cache_updates_leave_sliding_layers_alone():
+    model, program = _mistral()
+    no_plan = Plan.from_k_channels({})
+    with pytest.raises(PassError, match="layer 0: it attends a sliding window of 4 tokens, which the fused cache"):
+        run_stage(FUSED_CACHE_UPDATE, canonical_program(program, no_plan), no_plan)
     with pytest.raises(PlanError, match=r"layer 0, fields sink/recent: layer 0 attends a sliding window of 4 tokens"):
         kvcompile.transform(model, Plan.from_k_channels(K_CHANNELS, sink=2, recent=4))
