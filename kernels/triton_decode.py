@@ -409,7 +409,8 @@ def pruned_decode(
     """
     _check_decode(q, [v, *k_groups], lengths)
     visible, ring_start = _ring_reads(lengths, window, v.shape[2])
-    middle = _Middle(k_groups, heads, channels, v, visible, values_by_head=True, uniform_rest=True, ring_start=ring_start)
+    middle = _Middle(k_groups, heads, channels, v, visible, values_by_head=True, uniform_rest=True,
+                     ring_start=ring_start)
     return _launch(q, scale, block_tokens, splits, window=None, middle=middle)
 
 
@@ -441,7 +442,8 @@ def _ring_reads(lengths: torch.Tensor | None, window: int, capacity: int):
     if lengths is None:
         raise ValueError("a sliding window comes with lengths (its cache is a ring written in place)")
     if capacity < window:
-        raise ValueError(f"a ring of {capacity} slots cannot hold the {window} tokens a query with a window of {window} sees")
+        raise ValueError(f"a ring of {capacity} slots cannot hold the {window} tokens a query with a window of "
+                         f"{window} sees")
     visible = lengths.clamp(max=window)
     return visible, (lengths - visible) % capacity
 

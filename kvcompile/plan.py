@@ -102,7 +102,8 @@ def attention_windows(config) -> tuple[int | None, ...] | None:
     (Mistral, Phi-3); None when no layer slides. Other layer types (chunked attention, ...) are
     refused by name: their caches keep other tokens."""
     window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or [_SLIDING if window is not None else _FULL] * config.num_hidden_layers
+    default = _SLIDING if window is not None else _FULL
+    types = getattr(config, "layer_types", None) or [default] * config.num_hidden_layers
     windows = []
     for layer, kind in enumerate(types):
         if kind not in (_SLIDING, _FULL):
@@ -546,7 +547,9 @@ def _parse_head(layer: int, head: int, ids: Sequence[int]) -> tuple[int, ...]:
 def _shape_document(shape: ModelShape) -> dict:
     """plan.json's `model`: a model without sliding layers is written as before they were recorded."""
     document = vars(shape)
-    return document if shape.sliding_windows is not None else {k: v for k, v in document.items() if k != "sliding_windows"}
+    if shape.sliding_windows is None:
+        return {name: value for name, value in document.items() if name != "sliding_windows"}
+    return document
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -132,7 +132,8 @@ class StaticCompressedLayer(CacheLayerMixin):
         held = {FULL: sum(rows), MIDDLE: middle, WINDOW: sum(rows) - middle}
         if self.is_sliding:
             held[RING] = sum(min(n, self.window - 1) for n in rows)
-        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held[entry_region(self.plan, self.shape, name)]
+        return sum(entry.shape[1] * entry.shape[3] * entry.element_size()
+                   * held[entry_region(self.plan, self.shape, name)]
                    for name, entry in self.entries.items())
 
 

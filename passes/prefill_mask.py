@@ -48,6 +48,7 @@ def _sliding_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, window: int) ->
     positions = next(n for n in graph.nodes if n.op == "placeholder" and n.target == placeholder_name("position_ids"))
     call = lambda op, *args: graph.call_function(op, args)
     with graph.inserting_before(mask.next):  # the program's last input
-        distance = call(aten.sub.Tensor, call(aten.unsqueeze.default, positions, 2), call(aten.unsqueeze.default, positions, 1))
+        query, key = call(aten.unsqueeze.default, positions, 2), call(aten.unsqueeze.default, positions, 1)
+        distance = call(aten.sub.Tensor, query, key)
         near = call(aten.unsqueeze.default, call(aten.lt.Scalar, distance, window), 1)
         return call(aten.logical_and.default, mask, near)
