@@ -288,9 +288,9 @@ class _WindowCounts:
 
 
 def _ring_slot(b, counts: _Counts, ring, window: int):
-    """Where a sliding layer's new tokens go in its ring of C slots: token t to slot t % C. A prompt
-    keeps its last window - 1 tokens; older ones and padding go to the slot the next token takes,
-    which holds none of the tokens kept."""
+    """Where a sliding layer's new tokens go in its ring of C = window slots: token t to slot t % C.
+    A prompt keeps its last window - 1 tokens; older ones and padding go to the slot the next token
+    takes, which holds none of the tokens kept."""
     capacity = b(torch.ops.aten.sym_size.int, ring, 2)
     slot = b(operator.mod, counts.index, capacity)
     if counts.prompt:
