@@ -51,22 +51,22 @@ def _triton_applies(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
 
 
 @attention.register_kernel("cuda")
-def _attention_cuda(q, k, v, mask, scale, is_causal, lengths=None):
+def _attention_cuda(q, k, v, mask, scale, is_causal, lengths=None, window=0):
     if lengths is not None and _triton_applies(q, mask, is_causal, [k.dtype, v.dtype]):
         from .triton_decode import dense_decode
 
-        return dense_decode(q, k, v, scale, lengths=lengths)
-    return attention_reference(q, k, v, mask, scale, is_causal, lengths)
+        return dense_decode(q, k, v, scale, lengths=lengths, window=window)
+    return attention_reference(q, k, v, mask, scale, is_causal, lengths, window)
 
 
 @pruned_attention.register_kernel("cuda")
-def _pruned_attention_cuda(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+def _pruned_attention_cuda(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
     if _triton_applies(q, mask, is_causal, [v.dtype, *(k.dtype for k in k_groups)]):
         from .triton_decode import pruned_decode
 
-        return pruned_decode(q, k_groups, heads, channels, v, scale, lengths=lengths)
-    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths)
+        return pruned_decode(q, k_groups, heads, channels, v, scale, lengths=lengths, window=window)
+    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths, window)
 
 
 @windowed_attention.register_kernel("cuda")

@@ -22,6 +22,10 @@ beyond a row's count hold garbage and are never read. The attention ops take suc
 of a mask: row b's keys are slots [0, lengths[b]), and its S queries are the last S of them (query
 i sees slots j <= lengths[b] - S + i; at decode, S = 1, all of them). `windowed_attention` takes
 one count per region: the window's (the same rule) and the middle's (every query sees all of it).
+
+Rings (a sliding-window layer's cache, `window` > 0, with `lengths`): the C slots are a ring, token
+t of row b in slot t % C, row b's tokens those before lengths[b]; query i (token lengths[b] - S +
+i) sees the tokens in (its - window, its]. C >= window - 1 + S keeps every one of them.
 """
 
 from __future__ import annotations
@@ -53,15 +57,19 @@ def attention(
     scale: float,
     is_causal: bool,
     lengths: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Dense GQA-native attention; K/V are not repeated. Matches SDPA with `scale`. With `lengths`
-    (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k and v."""
-    return attention_reference(q, k, v, mask, scale, is_causal, lengths)
+    (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k and v; with
+    `window` too, over the rings k and v by the sliding rule (module docstring)."""
+    return attention_reference(q, k, v, mask, scale, is_causal, lengths, window)
 
 
-def attention_reference(q, k, v, mask, scale, is_causal, lengths=None):
+def attention_reference(q, k, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::attention", q, mask, is_causal, lengths)
-    if lengths is not None:
+    if window:
+        (k, v), mask = _ring_view("kvcompile::attention", lengths, [k, v], q.shape[2], window)
+    elif lengths is not None:
         k, v = _cut_to_lengths("kvcompile::attention", lengths, [k, v], q.shape[2])
         mask = _length_mask(lengths, q.shape[2], k.shape[2])
     repeats = q.shape[1] // k.shape[1]
@@ -77,7 +85,7 @@ def attention_reference(q, k, v, mask, scale, is_causal, lengths=None):
 
 
 @attention.register_fake
-def _(q, k, v, mask, scale, is_causal, lengths=None):
+def _(q, k, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::attention", q, mask, is_causal, lengths)
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
@@ -126,20 +134,24 @@ def pruned_attention(
     scale: float,
     is_causal: bool,
     lengths: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention whose scores use only the kept key channels.
 
     Every query head of a KV head's GQA group is gathered with that KV head's channels, so
     `q[idx] . k[idx]` is the score; `scale` stays the full head's. A KV head in no group keeps no
     channels: its scores are 0 and it attends uniformly over the unmasked keys. With `lengths`
-    (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k_groups and v.
+    (then mask None, is_causal False), row b attends over slots [0, lengths[b]) of k_groups and v;
+    with `window` too, over the rings k_groups and v by the sliding rule (module docstring).
     """
-    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths)
+    return pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths, window)
 
 
-def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
-    if lengths is not None:
+    if window:
+        (*k_groups, v), mask = _ring_view("kvcompile::pruned_attention", lengths, [*k_groups, v], q.shape[2], window)
+    elif lengths is not None:
         *k_groups, v = _cut_to_lengths("kvcompile::pruned_attention", lengths, [*k_groups, v], q.shape[2])
         mask = _length_mask(lengths, q.shape[2], v.shape[2])
     b, hq, s, d = q.shape
@@ -158,7 +170,7 @@ def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_
 
 
 @pruned_attention.register_fake
-def _(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+def _(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None, window=0):
     check_lengths_arguments("kvcompile::pruned_attention", q, mask, is_causal, lengths)
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
@@ -274,6 +286,32 @@ def _cut_to_lengths(op, lengths, tensors, min_length) -> list[torch.Tensor]:
     return [x[:, :, :longest].masked_fill(~valid[:, None, :, None], 0) for x in tensors]
 
 
+def _ring_view(op, lengths, tensors, s, window) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The (B, H, C, d) rings `tensors`, slots holding no token zeroed (garbage would reach the
+    arithmetic, as in `_cut_to_lengths`), and the (B, 1, s, C) mask of the sliding rule."""
+    if lengths is None:
+        raise ValueError(f"{op}: a sliding window comes with lengths (its cache is a ring written in place)")
+    capacity = min(x.shape[2] for x in tensors)
+    if capacity < window - 1 + s:
+        raise ValueError(f"{op}: a ring of {capacity} slots cannot hold the {window - 1 + s} tokens {s} queries with a "
+                         f"window of {window} see")
+    if int(lengths.min()) < s:
+        raise ValueError(f"{op}: lengths must be at least the {s} queries, got {lengths.tolist()}")
+    token = ring_tokens(lengths, capacity)
+    held = token >= 0
+    query = lengths[:, None] - s + torch.arange(s, device=lengths.device)  # (B, s)
+    token, query = token[:, None, :], query[..., None]
+    mask = held[:, None, :] & (token <= query) & (token > query - window)
+    return [x[:, :, :capacity].masked_fill(~held[:, None, :, None], 0) for x in tensors], mask[:, None]
+
+
+def ring_tokens(lengths: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): the token each slot of a ring holds in rows of `lengths` tokens, the latest
+    t = slot (mod capacity) before the row's length; negative where none is yet."""
+    slots = torch.arange(capacity, device=lengths.device)
+    return slots + torch.div(lengths[:, None] - 1 - slots, capacity, rounding_mode="floor") * capacity
+
+
 def _length_mask(lengths, s, t) -> torch.Tensor:
     """Boolean (B, 1, s, t): the s queries are the last s of row b's lengths[b] keys, so query i
     sees slots j <= lengths[b] - s + i (and never a slot at or beyond lengths[b])."""
@@ -379,13 +417,14 @@ def cache_site(
     layer: int,
     plan: str,
     prompt: bool,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a layer's new post-RoPE key/value (B, Hkv, S, D) meet a `kvcompile.StaticCompressedCache`.
 
     Its cache layer returns this op's outputs to the model's attention in place of a dense K/V; the
     torch.compile backend replaces the op and that attention by the plan's writes into `entries`
-    and the plan's attention over them (passes/cache_sites.py). It has no computation of its own:
-    run anywhere else, it says so."""
+    and the plan's attention over them (passes/cache_sites.py); `window`: the layer's sliding
+    window (0: none). It has no computation of its own: run anywhere else, it says so."""
     raise RuntimeError(
         f"layer {layer}: a kvcompile.StaticCompressedCache holds its plan's compressed layout, which only the "
         "kvcompile backend attends over: run the model as torch.compile(model, backend='kvcompile', "
@@ -394,7 +433,7 @@ def cache_site(
 
 
 @cache_site.register_fake
-def _(key, value, lengths, entries, constants, layer, plan, prompt):
+def _(key, value, lengths, entries, constants, layer, plan, prompt, window):
     return key.new_empty(key.shape), value.new_empty(value.shape)
 
 

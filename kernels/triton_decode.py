@@ -171,7 +171,7 @@ def _online_softmax(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_window_ptr, v_window_ptr, window_lengths_ptr, window_start_ptr, sink,
+    q_ptr, k_window_ptr, v_window_ptr, window_lengths_ptr, ring_start_ptr, sink,
     k_middle_ptrs, heads_ptrs, channels_ptrs, v_middle_ptr, middle_lengths_ptr,
     max_ptr, sum_ptr, acc_ptr, counters_ptr, out_ptr,
     num_kv_heads, num_splits, window_tokens, middle_tokens, group_size, head_dim, value_dim, widest_middle, qk_scale,
@@ -186,13 +186,14 @@ def _decode_kernel(
     stride_ab, stride_ah, stride_as, stride_ad,
     stride_ob, stride_oh, stride_od,
     HAS_WINDOW: tl.constexpr, NUM_GROUPS: tl.constexpr, UNIFORM_REST: tl.constexpr, VALUES_BY_HEAD: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, RING: tl.constexpr, EXACT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RING: tl.constexpr, MIDDLE_RING: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, COMBINE_H: tl.constexpr, COMBINE_SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Split `split` of one (sequence, KV head): its piece of the head's regions into its slot, and,
     for the last split to finish, the head's output. `widest_middle` is the widest middle's K width
-    (-1: no head has a middle)."""
+    (-1: no head has a middle). RING: the window's slots after the sink are a ring; MIDDLE_RING: the
+    middle's slots are (a sliding layer's cache); either starts at the row's `ring_start`."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     batch = (pid // num_kv_heads).to(tl.int64)  # int64: B * stride_b may pass 2**31 elements
@@ -205,8 +206,12 @@ def _decode_kernel(
     value_row = kv_head * 0
     width = kv_head * 0
     ring_start = kv_head * 0
-    if RING:  # the window's slots after the sink are a ring; its oldest token is at this phase
-        ring_start = tl.load(window_start_ptr + batch * stride_ls).to(tl.int32) % (window_tokens - sink)
+    if RING or MIDDLE_RING:  # the ring's oldest token read is at this phase, reduced to one period here
+        ring_start = tl.load(ring_start_ptr + batch * stride_ls).to(tl.int32)
+        if RING:
+            ring_start = ring_start % (window_tokens - sink)
+        else:
+            ring_start = ring_start % middle_tokens
     for g in tl.static_range(NUM_GROUPS):
         i = tl.arange(0, BLOCK_G)
         heads = tl.load(heads_ptrs[g] + i, mask=i < group_rows[g], other=-1).to(tl.int32)
@@ -274,8 +279,9 @@ def _decode_kernel(
         if UNIFORM_REST:
             if (not in_window) & (group < 0):
                 row_max, row_sum, acc = _online_softmax(
-                    row_max, v_middle, 0, 0, 0, v_middle, stride_vmt, stride_vmd, value_dim,
-                    start, end, qk_scale, 0, 0, 1, False, False, EXACT_FP32, BLOCK_H, _UNIFORM_BLOCK_W, BLOCK_DV, BLOCK_N,
+                    row_max, v_middle, 0, 0, 0, v_middle, stride_vmt, stride_vmd, value_dim, start, end, qk_scale,
+                    0, ring_start, middle_tokens, False, MIDDLE_RING, EXACT_FP32, BLOCK_H, _UNIFORM_BLOCK_W, BLOCK_DV,
+                    BLOCK_N,
                 )  # fmt: skip
         for g in tl.static_range(NUM_GROUPS):
             if (not in_window) & (group == g):
@@ -289,7 +295,8 @@ def _decode_kernel(
                 row_max, row_sum, acc = _online_softmax(
                     q_block, k_base, k_middle_strides[g][2], k_middle_strides[g][3], group_widths[g],
                     v_middle, stride_vmt, stride_vmd, value_dim,
-                    start, end, qk_scale, 0, 0, 1, True, False, EXACT_FP32, BLOCK_H, BLOCK_WS[g], BLOCK_DV, BLOCK_N,
+                    start, end, qk_scale, 0, ring_start, middle_tokens, True, MIDDLE_RING, EXACT_FP32, BLOCK_H,
+                    BLOCK_WS[g], BLOCK_DV, BLOCK_N,
                 )  # fmt: skip
 
         d = tl.arange(0, BLOCK_DV)
@@ -395,18 +402,22 @@ def pruned_decode(
     scale: float,
     *,
     lengths: torch.Tensor | None = None,
+    window: int = 0,
     block_tokens: int = 64,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """`pruned_attention(q, ..., mask=None, is_causal=False, lengths)` for one query token.
+    """`pruned_attention(q, ..., mask=None, is_causal=False, lengths, window)` for one query token.
 
     q (B, Hq, 1, D); k_groups[g] (B, G_g, T, w_g) of KV heads heads[g] keeping channels[g];
     v (B, Hkv, T, Dv). KV heads in no group attend uniformly. Returns (B, Hq, 1, Dv) in v's dtype.
     `lengths` (B,): row b reads only slots [0, lengths[b]) (at least 1); T is then a capacity.
+    `window` (with lengths): k_groups and v are rings (ops.py), the query sees its last `window` tokens.
     Tuning knobs as in `windowed_decode`.
     """
     _check_decode(q, [v, *k_groups], lengths)
-    middle = _Middle(k_groups, heads, channels, v, lengths, values_by_head=True, uniform_rest=True)
+    visible, ring_start = _ring_reads(lengths, window, v.shape[2])
+    middle = _Middle(k_groups, heads, channels, v, visible, values_by_head=True, uniform_rest=True,
+                     ring_start=ring_start)
     return _launch(q, scale, block_tokens, splits, window=None, middle=middle)
 
 
@@ -417,13 +428,31 @@ def dense_decode(
     scale: float,
     *,
     lengths: torch.Tensor | None = None,
+    window: int = 0,
     block_tokens: int = 64,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """`attention(q, k, v, mask=None, scale, is_causal=False, lengths)` for one query token: q
-    (B, Hq, 1, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv); the whole sequence is one window."""
+    """`attention(q, k, v, mask=None, scale, is_causal=False, lengths, window)` for one query token:
+    q (B, Hq, 1, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv); the whole sequence is one window (a ring
+    with `window`)."""
     _check_decode(q, [k, v], lengths)
-    return _launch(q, scale, block_tokens, splits, window=_Window(k, v, lengths), middle=None)
+    visible, ring_start = _ring_reads(lengths, window, k.shape[2])
+    return _launch(q, scale, block_tokens, splits, window=_Window(k, v, visible, ring_start), middle=None)
+
+
+def _ring_reads(lengths: torch.Tensor | None, window: int, capacity: int):
+    """(tokens the query reads, the ring slot of the oldest) of rings written in place, on the
+    device: the row's last `window` tokens, which a ring of capacity >= window still holds;
+    (lengths, None) without a window."""
+    if not window:
+        return lengths, None
+    if lengths is None:
+        raise ValueError("a sliding window comes with lengths (its cache is a ring written in place)")
+    if capacity < window:
+        raise ValueError(f"a ring of {capacity} slots cannot hold the {window} tokens a query with a window of "
+                         f"{window} sees")
+    visible = lengths.clamp(max=window)
+    return visible, (lengths - visible) % capacity
 
 
 @dataclass
@@ -444,6 +473,7 @@ class _Middle:
     lengths: torch.Tensor | None
     values_by_head: bool  # values hold every KV head (pruned), or only the grouped ones (windowed)
     uniform_rest: bool  # heads in no group attend uniformly over the values (pruned), or have no middle
+    ring_start: torch.Tensor | None = None  # a ring's oldest slot read (a sliding layer's cache)
 
 
 def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _Middle | None) -> torch.Tensor:
@@ -482,12 +512,15 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
     else:  # uniform heads read width-0 keys
         widest_middle = max(group_widths) if groups else 0
     combine_h = triton.next_power_of_2(group_size)
+    # the one ring's phase (a window's or a sliding layer's middle), else any valid pointer
+    ring_start = _field(window, "ring_start", None)
+    ring_start = _field(middle, "ring_start", unused) if ring_start is None else ring_start
     lengths = [x.lengths for x in (window, middle) if x is not None]
     has_lengths = any(x is not None for x in lengths)
 
     _decode_kernel[(batch * num_kv_heads, splits)](
         q, _field(window, "keys", unused), _field(window, "values", unused), _field(window, "lengths", unused),
-        _field(window, "ring_start", unused), _field(window, "sink", 0),
+        ring_start, _field(window, "sink", 0),
         k_middle, heads, channels, _field(middle, "values", unused), _field(middle, "lengths", unused),
         row_max, row_sum, acc, counters, out,
         num_kv_heads, splits, window_tokens, middle_tokens, group_size, q.shape[-1], value_dim, widest_middle,
@@ -498,7 +531,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
         *(window.values.stride() if window is not None else (0,) * 4),
         tuple(k.stride() for k in k_middle), tuple(c.stride() if c.dim() == 2 else (0, 0) for c in channels),
         *(middle.values.stride() if middle is not None else (0,) * 4),
-        _stride_of(window), _stride_of(middle), _field(window, "ring_start", unused).stride(0),
+        _stride_of(window), _stride_of(middle), ring_start.stride(0),
         *row_max.stride(),
         *acc.stride(),
         out.stride(0), out.stride(1), out.stride(3),
@@ -508,6 +541,7 @@ def _launch(q, scale, block_tokens, splits, *, window: _Window | None, middle: _
         VALUES_BY_HEAD=middle is not None and middle.values_by_head,
         HAS_LENGTHS=has_lengths,
         RING=window is not None and window.ring_start is not None,
+        MIDDLE_RING=middle is not None and middle.ring_start is not None,
         EXACT_FP32=_exact_fp32(q.dtype),
         BLOCK_H=_block(group_size),
         BLOCK_D=_block(q.shape[-1]),

@@ -13,6 +13,10 @@ a row's window is full the runtime moves `plan.buffer` tokens from its front (af
 end of the middle, keeping their kept channels, and moves the window's remaining recent tokens down
 by as much: O(window) work once every `buffer` tokens, never O(length).
 
+A sliding-window layer's buffers are RINGs: token t of a row in slot t % C, C = window - 1 + the
+tokens of the largest call so far, so a row holds its last window - 1 tokens (all a later query
+sees) and a call overwrites only tokens no query sees. A larger call regrows the rings, once.
+
 Capacity grows by doubling when a call would overflow it (or is set once with `max_cache_len`).
 A cache records the plan and model shape that wrote it; a model refuses a cache of another plan.
 Like transformers' caches, a call extends the cache it is given; `copy()` gives an independent one.
@@ -23,12 +27,15 @@ from __future__ import annotations
 import torch
 
 import kvcompile.kernels  # noqa: F401  (registers gather_kv_channels and write_cache)
+from kvcompile.kernels.ops import ring_tokens
 
 from .layout import (
     FULL,
     MIDDLE,
+    RING,
     WINDOW,
     entry_kind,
+    entry_layer,
     entry_region,
     k_groups,
     key_entry,
@@ -83,12 +90,25 @@ class CompressedKVCache:
         middle = [self.plan.middle_length(n) for n in self.row_lengths]
         return middle if region == MIDDLE else [n - m for n, m in zip(self.row_lengths, middle)]
 
+    def entry_lengths(self, name: str) -> list[int]:
+        """Each row's token count in buffer `name`: its region's, or a sliding layer's last
+        window - 1 (what its ring holds for later queries)."""
+        window = self.shape.window(entry_layer(name))
+        if window is not None:
+            return [min(n, window - 1) for n in self.row_lengths]
+        return self.region_lengths(entry_region(self.plan, self.shape, name))
+
     @property
     def entries(self) -> dict[str, torch.Tensor]:
         """Each buffer's slots up to its region's longest row: views, no copy (a shorter row's
-        slots past its own count hold no token of it)."""
-        longest = {region: max(self.region_lengths(region), default=0) for region in (FULL, WINDOW, MIDDLE)}
-        return {name: buffer[:, :, : longest[entry_region(self.plan, name)]] for name, buffer in self.buffers.items()}
+        slots past its own count hold no token of it); a ring's slots that may hold a token, in
+        ring order."""
+        return {name: buffer[:, :, : self._longest_slots(name, buffer)] for name, buffer in self.buffers.items()}
+
+    def _longest_slots(self, name: str, buffer: torch.Tensor) -> int:
+        if entry_region(self.plan, self.shape, name) == RING:
+            return min(buffer.shape[2], self.length)
+        return max(self.entry_lengths(name), default=0)
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +133,7 @@ class CompressedKVCache:
         for name, buffer in self.buffers.items():
             if entry_kind(name) in kinds:
                 per_token = buffer.shape[1] * buffer.shape[3] * buffer.element_size()
-                total += per_token * sum(self.region_lengths(entry_region(self.plan, name)))
+                total += per_token * sum(self.entry_lengths(name))
         return total
 
     def copy(self) -> "CompressedKVCache":
@@ -166,8 +186,11 @@ class CompressedKVCache:
         self._count_middle()
         longest = self.length
         full = max(capacity or 0, _grown(longest, longest + 1))
-        for name in [name for name in tokens if entry_region(self.plan, name) == FULL]:
+        for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == FULL]:
             self.buffers[name] = _with_capacity(tokens.pop(name)[:, :, :longest], full)
+        for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == RING]:
+            capacity = self.ring_capacity(entry_layer(name), 1)
+            self.buffers[name] = _take_tokens(tokens.pop(name), _ring_sources(self.lengths, capacity))
         for layer in self._windowed_layers(tokens):
             self._split_window(layer, tokens, full)
 
@@ -203,6 +226,11 @@ class CompressedKVCache:
         moved[value_entry(layer)] = values.index_select(1, heads)
         return moved
 
+    def ring_capacity(self, layer: int, new_tokens: int) -> int:
+        """Ring slots a sliding layer needs for a call of `new_tokens`: the window - 1 tokens its
+        first query sees before its own, and the call's."""
+        return self.shape.window(layer) - 1 + new_tokens
+
     def window_capacity(self, new_tokens: int) -> int:
         """Window slots a call of `new_tokens` needs: the sink, the recent tokens, a buffer not
         yet moved, and the call's."""
@@ -214,6 +242,7 @@ class CompressedKVCache:
         """The decode program's index inputs for a call adding `new_tokens` to every row, growing
         the buffers first where they would overflow."""
         self._reserve(FULL, max(self.region_lengths(FULL), default=0) + new_tokens)
+        self._reserve_rings(new_tokens)
         step = torch.arange(new_tokens, device=self.lengths.device)
         inputs = {CACHE_SLOTS: self.lengths[:, None] + step, CACHE_LENGTHS: self.lengths + new_tokens}
         if self.plan.windowed:
@@ -261,8 +290,18 @@ class CompressedKVCache:
     def _reserve(self, region: str, slots: int) -> None:
         """Grow every buffer of `region` to at least `slots` slots (doubling), keeping its tokens."""
         for name, buffer in self.buffers.items():
-            if entry_region(self.plan, name) == region and buffer.shape[2] < slots:
+            if entry_region(self.plan, self.shape, name) == region and buffer.shape[2] < slots:
                 self.buffers[name] = _with_capacity(buffer, _grown(buffer.shape[2], slots))
+
+    def _reserve_rings(self, new_tokens: int) -> None:
+        """Regrow the rings too small for a call of `new_tokens`: each slot of the larger ring takes
+        its token from the old one (tokens the old ring no longer held are older than any query sees)."""
+        for name, buffer in self.buffers.items():
+            if entry_region(self.plan, self.shape, name) != RING:
+                continue
+            capacity = self.ring_capacity(entry_layer(name), new_tokens)
+            if buffer.shape[2] < capacity:
+                self.buffers[name] = _take_tokens(buffer, _ring_sources(self.lengths, capacity) % buffer.shape[2])
 
 
 def _grown(capacity: int, needed: int) -> int:
@@ -279,6 +318,12 @@ def _with_capacity(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
     buffer = tokens.new_empty(batch, heads, capacity, width)
     buffer[:, :, :count] = tokens
     return buffer
+
+
+def _ring_sources(lengths: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, capacity): the token each slot of a ring of `capacity` takes, token 0 where none is yet
+    (a finite value no query reads)."""
+    return ring_tokens(lengths, capacity).clamp(min=0)
 
 
 def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,17 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .layout import key_entry, value_entry
 from .plan import ModelShape
-from .program import LOGITS, SIGNATURE_KEY, TOKEN_INPUTS, Signature, clone_program, past, placeholder_name, present
+from .program import (
+    LOGITS,
+    SHAPE_KEY,
+    SIGNATURE_KEY,
+    TOKEN_INPUTS,
+    Signature,
+    clone_program,
+    past,
+    placeholder_name,
+    present,
+)
 
 SOURCE_KEY = "kvcompile.source"  # weak reference to the model a program was captured from
 # The wrapper holds the user's model as `self.model`: module paths in the graph start with this.
@@ -107,6 +117,7 @@ def capture(model: torch.nn.Module, shape: ModelShape | None = None) -> torch.fx
         ) from err
     program = _to_plain_graph_module(exported.module(), shape.num_layers)
     program.meta[SOURCE_KEY] = weakref.ref(model)
+    program.meta[SHAPE_KEY] = shape
     return program
 
 

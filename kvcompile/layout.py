@@ -15,6 +15,10 @@ With windows (`plan.sink` or `plan.recent` > 0) a planned layer has two regions:
 
 The middle holds tokens [sink, sink + M), M = `plan.middle_length(T)`; tokens move from the window
 to the middle `plan.buffer` at a time, as LeanK flushes its buffer (cache.py).
+
+A sliding-window layer (`shape.window(l)`) has the entries of a layer without windows, each a RING:
+token t of a row sits in slot t % C of its C slots, C >= window - 1 + the tokens of a call, so a
+call overwrites only tokens no query of it or after it attends.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from .plan import ModelShape, Plan
 
-FULL, WINDOW, MIDDLE = "full", "window", "middle"
+FULL, WINDOW, MIDDLE, RING = "full", "window", "middle", "ring"
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,11 @@ def entry_kind(entry: str) -> str:
     return entry.partition(".")[0]
 
 
-def entry_region(plan: Plan, entry: str) -> str:
+def entry_region(plan: Plan, shape: ModelShape, entry: str) -> str:
     """Which token count an entry's rows follow: WINDOW (a full-channel window), MIDDLE (the pruned
-    middle of a windowed layer) or FULL (every token of the row)."""
+    middle of a windowed layer), RING (a sliding layer's last tokens) or FULL (every token of the row)."""
+    if shape.window(entry_layer(entry)) is not None:
+        return RING
     if entry_kind(entry) in ("key_window", "value_window"):
         return WINDOW
     if plan.windowed and entry_layer(entry) in plan.k_channels:

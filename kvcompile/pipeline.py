@@ -34,7 +34,7 @@ from .passes import (
     write_cache_in_place,
 )
 from .plan import Plan
-from .program import clone_program
+from .program import clone_program, model_shape_of
 
 # One GQA-native attention op per site, then the plan's head merges (weights folded or projections added).
 CANONICAL = (canonicalize_attention, merge_kv_heads)
@@ -65,7 +65,9 @@ class Programs:
     canonical: torch.fx.GraphModule
     prefill: torch.fx.GraphModule
     decode: torch.fx.GraphModule
-    cache_encoder: torch.fx.GraphModule | None  # None when the plan merges heads (see extract_cache_encoder)
+    # None when the plan merges heads (see extract_cache_encoder) or layers slide (a dense cache
+    # of a sliding layer holds its window, not the prompt the encoder reads)
+    cache_encoder: torch.fx.GraphModule | None
 
 
 def run_stage(stage, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
@@ -83,5 +85,5 @@ def compile_programs(captured: torch.fx.GraphModule, plan: Plan, stages: PhaseSt
     prefill = run_stage(stages.prefill, clone_program(canonical), plan)
     decode = run_stage(stages.decode, clone_program(canonical), plan)
     # Without merges the prefill is the dense model's up to the cache: one dense prefill can feed it.
-    encoder = None if plan.merges else extract_cache_encoder(prefill)
+    encoder = None if plan.merges or model_shape_of(captured).slides else extract_cache_encoder(prefill)
     return Programs(canonical, prefill, decode, encoder)

@@ -16,6 +16,11 @@ middle `buffer` at a time: after a call that leaves T tokens, the middle holds t
 Without windows (sink = recent = 0, the default) every token is "middle": all keep the planned
 channels, and a head keeping none scores 0 on every key, i.e. attends uniformly.
 
+Sliding-window layers (Mistral, Gemma-2/3, Qwen2 with `use_sliding_window`, Cohere2, ...): a
+layer whose queries attend only the last `window` tokens (themselves included) holds only the last
+`window - 1` tokens between calls (`ModelShape.sliding_windows`), at its planned channels; LeanK's
+sink/recent windows apply to global layers only, so a windowed plan cannot plan a sliding layer.
+
 Merge part (KV-head merging): for each merged layer, groups of t KV heads, each becoming one KV
 head of s·d channels (s sub-heads of the original width d; s = 1 is plain GQA with fewer heads),
 through `down`/`up` maps (see bases.py). Merging comes first: a layer's K channels then index its
@@ -53,13 +58,16 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class ModelShape:
     """The facts about a model that a plan depends on; checked before any rewrite. `model_type` is
-    None where it is unknown (a graph dynamo captured shows the shape, not the model)."""
+    None where it is unknown (a graph dynamo captured shows the shape, not the model).
+    `sliding_windows`: per layer, the tokens a query attends (itself included) of a sliding-window
+    layer, None for a layer attending every token; None where unknown (all layers global)."""
 
     model_type: str | None
     num_layers: int
     num_kv_heads: int
     num_heads: int
     head_dim: int
+    sliding_windows: tuple[int | None, ...] | None = None
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -72,7 +80,39 @@ class ModelShape:
             num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
             num_heads=num_heads,
             head_dim=head_dim,
+            sliding_windows=attention_windows(text),
         )
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, None for a layer attending every token."""
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
+
+    @property
+    def slides(self) -> bool:
+        """Whether any layer attends a sliding window."""
+        return any(window is not None for window in self.sliding_windows or ())
+
+
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+
+
+def attention_windows(config) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window as transformers' caches read it: from `layer_types` where the
+    config has them (Gemma, Qwen2, Cohere2, ...), else one `sliding_window` for every layer
+    (Mistral, Phi-3); None when no layer slides. Other layer types (chunked attention, ...) are
+    refused by name: their caches keep other tokens."""
+    window = getattr(config, "sliding_window", None)
+    default = _SLIDING if window is not None else _FULL
+    types = getattr(config, "layer_types", None) or [default] * config.num_hidden_layers
+    windows = []
+    for layer, kind in enumerate(types):
+        if kind not in (_SLIDING, _FULL):
+            raise PlanError(f"layer {layer}: config field layer_types says {kind!r}; kvcompile compiles "
+                            f"{_FULL!r} and {_SLIDING!r} layers")
+        if kind == _SLIDING and not (isinstance(window, int) and window >= 1):
+            raise PlanError(f"layer {layer}: a {_SLIDING!r} layer needs config field sliding_window >= 1, got {window!r}")
+        windows.append(window if kind == _SLIDING else None)
+    return tuple(windows) if any(w is not None for w in windows) else None
 
 
 def decoder_config(config):
@@ -244,26 +284,37 @@ class Plan:
             return shape.num_kv_heads, shape.head_dim
         return len(merge.groups), merge.merged_head_dim(shape.head_dim)
 
+    def token_elements(self, layer: int, shape: ModelShape) -> tuple[int, int]:
+        """(K, V) elements one token of `layer` holds at its planned widths (a middle token of a
+        windowed plan: streaming heads hold no V)."""
+        full = math.prod(self.kv_heads(layer, shape))
+        if layer not in self.k_channels:
+            return full, full
+        values = len(self.middle_value_heads(layer)) * self.kv_heads(layer, shape)[1] if self.windowed else full
+        return sum(self.kept_counts(layer)), values
+
+    def held_tokens(self, layer: int, shape: ModelShape, length: int) -> tuple[int, int]:
+        """(tokens at the planned widths, tokens with every channel) `layer` holds after `length`
+        tokens: a sliding layer the last `window - 1` (all a later query can see), a windowed
+        layer its middle and its window, any other layer all of them."""
+        window = shape.window(layer)
+        if window is not None:
+            return min(length, window - 1), 0
+        if self.windowed and layer in self.k_channels:
+            middle = self.middle_length(length)
+            return middle, length - middle
+        return length, 0
+
     def k_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
         """Bytes of K one middle token occupies in the cache, summed over layers (batch 1).
 
-        Without windows that is every token; with windows, window tokens cost
-        `window_bytes_per_token` instead."""
-        per_layer = [
-            sum(self.kept_counts(layer)) if layer in self.k_channels else math.prod(self.kv_heads(layer, shape))
-            for layer in range(shape.num_layers)
-        ]
-        return sum(per_layer) * _itemsize(dtype)
+        Without windows that is every token (of the layers that hold it: a sliding layer holds
+        its window's); with windows, window tokens cost `window_bytes_per_token` instead."""
+        return sum(self.token_elements(layer, shape)[0] for layer in range(shape.num_layers)) * _itemsize(dtype)
 
     def v_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
         """Bytes of V one middle token occupies (streaming heads of windowed plans hold none)."""
-        per_layer = [
-            len(self.middle_value_heads(layer)) * self.kv_heads(layer, shape)[1]
-            if self.windowed and layer in self.k_channels
-            else math.prod(self.kv_heads(layer, shape))
-            for layer in range(shape.num_layers)
-        ]
-        return sum(per_layer) * _itemsize(dtype)
+        return sum(self.token_elements(layer, shape)[1] for layer in range(shape.num_layers)) * _itemsize(dtype)
 
     def window_bytes_per_token(self, shape: ModelShape, dtype: torch.dtype) -> int:
         """Bytes of K and V one token occupies while it has all channels (a window token): every
@@ -275,17 +326,16 @@ class Plan:
         return sum(self.kv_nbytes(shape, dtype, batch, length))
 
     def kv_nbytes(self, shape: ModelShape, dtype: torch.dtype, batch: int, length: int) -> tuple[int, int]:
-        """(K bytes, V bytes) of the compressed cache for `batch` sequences of `length` tokens.
-
-        Middle tokens cost the kept channels (K) and non-streaming heads (V); window tokens cost
-        every channel of every head, half in K and half in V. Without windows, every token is a
-        middle token."""
-        middle = self.middle_length(length)
-        window_half = (length - middle) * self.window_bytes_per_token(shape, dtype) // 2
-        return (
-            batch * (middle * self.k_bytes_per_token(shape, dtype) + window_half),
-            batch * (middle * self.v_bytes_per_token(shape, dtype) + window_half),
-        )
+        """(K bytes, V bytes) of the compressed cache for `batch` sequences of `length` tokens: per
+        layer, its `held_tokens` at its planned widths (`token_elements`) and with every channel."""
+        k_elements = v_elements = 0
+        for layer in range(shape.num_layers):
+            planned, whole = self.held_tokens(layer, shape, length)
+            k, v = self.token_elements(layer, shape)
+            full = math.prod(self.kv_heads(layer, shape))
+            k_elements += planned * k + whole * full
+            v_elements += planned * v + whole * full
+        return batch * k_elements * _itemsize(dtype), batch * v_elements * _itemsize(dtype)
 
     def fingerprint(self) -> str:
         """A short hash of the plan's content, for reports and caches."""
@@ -308,10 +358,11 @@ class Plan:
                 "with the kept channels of each KV head, or kvcompile.calibrate"
             )
         if self.model is not None:
-            diffs = [  # a field the shape does not know (None) cannot differ
+            diffs = [  # a field the shape does not know (None) cannot differ, nor windows a plan did not record
                 f"{name}: plan {getattr(self.model, name)!r}, model {getattr(shape, name)!r}"
                 for name in ModelShape.__dataclass_fields__
                 if getattr(shape, name) is not None and getattr(self.model, name) != getattr(shape, name)
+                and not (name == "sliding_windows" and self.model.sliding_windows is None)
             ]
             if diffs:
                 raise PlanError("plan was made for another model (" + "; ".join(diffs) + ")")
@@ -323,6 +374,12 @@ class Plan:
         for layer, merge in self.merges.items():
             merge.validate(layer, shape)
         for layer, heads in self.k_channels.items():
+            if self.windowed and shape.window(layer) is not None:
+                raise PlanError(
+                    f"layer {layer}, fields sink/recent: layer {layer} attends a sliding window of "
+                    f"{shape.window(layer)} tokens, and a plan's full-channel windows apply to global layers only: "
+                    f"leave layer {layer} out of k_channels, or use a plan without windows"
+                )
             num_kv_heads, head_dim = self.kv_heads(layer, shape)
             merged = " (after merging)" if layer in self.merges else ""
             if len(heads) != num_kv_heads:
@@ -365,7 +422,7 @@ class Plan:
             "version": FORMAT_VERSION,
             "fingerprint": self.fingerprint(),
             "tensors_sha256": digest,
-            "model": None if self.model is None else vars(self.model),
+            "model": None if self.model is None else _shape_document(self.model),
             "k_channels": {str(layer): list(self.kept_counts(layer)) for layer in self.k_channels},
             "merges": {
                 str(layer): {
@@ -431,13 +488,18 @@ class Plan:
         model = document.get("model")
         if model is not None:
             expected = set(ModelShape.__dataclass_fields__)
-            if set(fields.of_type(model, dict, "model")) != expected:
+            # plans written before sliding windows were recorded have no `sliding_windows`
+            if not expected - {"sliding_windows"} <= set(fields.of_type(model, dict, "model")) <= expected:
                 raise PlanError(f"{json_path}: field model: expected keys {sorted(expected)}, got {sorted(model)}")
-            for name in expected - {"model_type"}:
+            for name in expected - {"model_type", "sliding_windows"}:
                 fields.of_type(model[name], int, f"model.{name}")
             if model["model_type"] is not None:
                 fields.of_type(model["model_type"], str, "model.model_type")
-            model = ModelShape(**model)
+            windows = model.get("sliding_windows")
+            if windows is not None:
+                windows = tuple(None if w is None else fields.of_type(w, int, "model.sliding_windows")
+                                for w in fields.of_type(windows, list, "model.sliding_windows"))
+            model = ModelShape(**{**model, "sliding_windows": windows})
         # plans written before windows existed have none
         windows = {name: fields.get(name, int, default=default)
                    for name, default in (("sink", 0), ("recent", 0), ("buffer", DEFAULT_BUFFER))}
@@ -480,6 +542,14 @@ def _parse_head(layer: int, head: int, ids: Sequence[int]) -> tuple[int, ...]:
             raise PlanError(f"{where}: channels not sorted ascending ({out[-1]} before {c} at position {pos})")
         out.append(c)
     return tuple(out)
+
+
+def _shape_document(shape: ModelShape) -> dict:
+    """plan.json's `model`: a model without sliding layers is written as before they were recorded."""
+    document = vars(shape)
+    if shape.sliding_windows is None:
+        return {name: value for name, value in document.items() if name != "sliding_windows"}
+    return document
 
 
 def _itemsize(dtype: torch.dtype) -> int:

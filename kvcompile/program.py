@@ -14,7 +14,8 @@ The runtime's programs take index inputs besides (cache.py computes them per cal
 
     prefill_mask   (B, 1, S, S) bool  which prompt tokens each prompt token attends (padding, causality)
     cache_slots    (B, S)   where this call's tokens go in each row of the full-length entries
-    cache_lengths  (B,)     tokens each row of those entries holds once they are written
+    cache_lengths  (B,)     tokens each row of those entries holds once they are written (a sliding
+                            layer's rings take slot cache_slots % capacity: layout.py)
     window_slots, window_lengths    the same for the full-channel windows (windowed plans)
     middle_lengths (B,)     tokens each row of the pruned middle holds (windowed plans)
 
@@ -35,6 +36,7 @@ from .layout import entry_layer
 from .plan import ModelShape, Plan
 
 SIGNATURE_KEY = "kvcompile.signature"
+SHAPE_KEY = "kvcompile.shape"  # the ModelShape of the captured model: its sliding windows, for the passes
 TOKEN_INPUTS = ("input_ids", "position_ids")
 LOGITS = "logits"
 PREFILL_MASK = "prefill_mask"
@@ -86,6 +88,11 @@ class Signature:
 
 def signature_of(gm: torch.fx.GraphModule) -> Signature:
     return gm.meta[SIGNATURE_KEY]
+
+
+def model_shape_of(gm: torch.fx.GraphModule) -> ModelShape:
+    """The shape of the model a program was captured from."""
+    return gm.meta[SHAPE_KEY]
 
 
 def call_program(

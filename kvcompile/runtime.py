@@ -187,9 +187,13 @@ class TransformedModel(torch.nn.Module):
     def encode_dense_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor],
                            max_cache_len: int | None = None) -> CompressedKVCache:
         """The cache this model's prefill writes, from a dense prefill's per-layer K/V (B, Hkv, T, D),
-        e.g. the layers of a transformers DynamicCache. For plans that do not merge heads."""
-        if self.cache_encoder is None:
+        e.g. the layers of a transformers DynamicCache. For plans that do not merge heads, on models
+        without sliding-window layers."""
+        if self.plan.merges:
             raise ValueError("this plan merges KV heads: its cache is not a function of the dense model's K/V")
+        if self.cache_encoder is None:
+            raise ValueError("this model has sliding-window layers, whose dense cache holds only their window: the "
+                             "compressed cache comes from this model's own prefill")
         entries = dict(zip(signature_of(self.cache_encoder).cache_outputs, self.cache_encoder(*keys, *values)))
         cache = CompressedKVCache(self.plan, self.shape)
         cache.write_prompt(entries, None, max_cache_len)

@@ -18,6 +18,10 @@ whose first `sink` slots hold the sink and the rest are a ring of `recent + buff
 middle count follows `plan.middle_length` and the window holds the tokens after it, as the
 runtime's flushes leave them; O(window) work every `buffer` tokens becomes none at all.
 
+A sliding-window layer (window W) holds a ring of W slots: token t in slot t % W, its last W - 1
+tokens kept for later queries (transformers' sliding layers keep as many), one-token steps after
+the prompt.
+
 What transformers sees follows its conventions: `get_seq_length()` counts every position the
 model was called with, padding included (a tensor inside a compiled region, as StaticCache's).
 """
@@ -32,7 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 import kvcompile.kernels  # noqa: F401  (registers kvcompile::cache_site)
 from kvcompile.passes.cache_sites import site_constants, window_ring, windowed_layer
 
-from .layout import FULL, MIDDLE, WINDOW, entry_region, layer_entries
+from .layout import FULL, MIDDLE, RING, WINDOW, entry_region, layer_entries
 from .plan import ModelShape, Plan
 
 
@@ -47,12 +51,16 @@ class StaticCompressedLayer(CacheLayerMixin):
     def __init__(self, plan: Plan, fingerprint: str, shape: ModelShape, layer: int, max_cache_len: int,
                  lengths: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
         super().__init__()
-        self.plan, self.layer, self.plan_fingerprint, self.max_cache_len = plan, layer, fingerprint, max_cache_len
+        self.plan, self.shape, self.layer, self.plan_fingerprint = plan, shape, layer, fingerprint
+        self.max_cache_len = max_cache_len
         self.windowed = windowed_layer(plan, layer)
-        slots = {FULL: max_cache_len, MIDDLE: max_cache_len + plan.sink, WINDOW: plan.sink + window_ring(plan)}
+        self.window = shape.window(layer)
+        self.is_sliding = self.window is not None  # transformers builds its sliding mask for such layers
+        slots = {FULL: max_cache_len, MIDDLE: max_cache_len + plan.sink, WINDOW: plan.sink + window_ring(plan),
+                 RING: self.window}
         batch_size, device = lengths.shape[0], lengths.device
         self.entries = {
-            name: torch.zeros(batch_size, heads, slots[entry_region(plan, name)], width, dtype=dtype, device=device)
+            name: torch.zeros(batch_size, heads, slots[entry_region(plan, shape, name)], width, dtype=dtype, device=device)
             for name, (heads, width) in layer_entries(plan, layer, shape).items()
         }
         self.constants = site_constants(plan, layer, shape, dtype, device)
@@ -71,12 +79,13 @@ class StaticCompressedLayer(CacheLayerMixin):
         if key_states.shape[2] > self.max_cache_len:
             raise ValueError(f"layer {self.layer}: {key_states.shape[2]} tokens do not fit the cache's max_cache_len "
                              f"of {self.max_cache_len}; make it with a larger kvcompile.cache_for(..., max_cache_len=)")
-        if self.windowed and self.holds_tokens and key_states.shape[2] > 1:
-            raise ValueError(f"layer {self.layer}: a call continuing a windowed plan's cache adds one token per row "
+        if (self.windowed or self.is_sliding) and self.holds_tokens and key_states.shape[2] > 1:
+            kind = "windowed plan" if self.windowed else "sliding-window layer"
+            raise ValueError(f"layer {self.layer}: a call continuing a {kind}'s cache adds one token per row "
                              f"(got {key_states.shape[2]}): its window is a ring sized for one (as generate() calls)")
         keys, values = torch.ops.kvcompile.cache_site(
             key_states, value_states, self.lengths, list(self.entries.values()), list(self.constants.values()),
-            self.layer, self.plan_fingerprint, not self.holds_tokens,
+            self.layer, self.plan_fingerprint, not self.holds_tokens, self.window or 0,
         )
         if self.layer == 0:
             self.positions.add_(key_states.shape[2])
@@ -121,7 +130,10 @@ class StaticCompressedLayer(CacheLayerMixin):
         rows = self.lengths.tolist()
         middle = sum(self.plan.middle_length(n) for n in rows)
         held = {FULL: sum(rows), MIDDLE: middle, WINDOW: sum(rows) - middle}
-        return sum(entry.shape[1] * entry.shape[3] * entry.element_size() * held[entry_region(self.plan, name)]
+        if self.is_sliding:
+            held[RING] = sum(min(n, self.window - 1) for n in rows)
+        return sum(entry.shape[1] * entry.shape[3] * entry.element_size()
+                   * held[entry_region(self.plan, self.shape, name)]
                    for name, entry in self.entries.items())
 
 

@@ -5,7 +5,8 @@ K/V and returns the present cache itself, so the site's two concats and its atte
 node with three results (output, present K, present V). Only plain sites qualify: canonical
 `kvcompile::attention` over `cat([past, new], -2)` of a cache input, as left by no plan or by
 weight-folded head merges. The site's mask is dropped for the op's own causal rule, which is the
-same for unpadded batches (the runtime refuses padding).
+same for unpadded batches (the runtime refuses padding), but not for a sliding-window layer's: such
+a site is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.fx
 
 from kvcompile.plan import Plan
+from kvcompile.program import model_shape_of
 
 from .graph import PassError, require_canonical
 from .sites import find_attention_sites
@@ -24,8 +26,12 @@ from .sites import find_attention_sites
 def fuse_cache_update(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     graph = gm.graph
     order = {node: index for index, node in enumerate(graph.nodes)}
+    shape = model_shape_of(gm)
     for site in find_attention_sites(gm):
         require_canonical(site, "fuse_cache_update")
+        if shape.window(site.layer) is not None:
+            raise PassError(f"layer {site.layer}: it attends a sliding window of {shape.window(site.layer)} tokens, "
+                            "which the fused cache update's causal rule would drop: export with gqa=False")
         if site.past_key.op != "placeholder" or site.past_value.op != "placeholder":
             raise PassError(f"layer {site.layer}: the cache concat does not read the cache inputs directly")
         last_input = max(site.key_cat, site.value_cat, site.query, key=order.__getitem__)

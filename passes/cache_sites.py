@@ -4,7 +4,7 @@ A model running on a `kvcompile.StaticCompressedCache` hands each layer's new po
 value to `kvcompile::cache_site` (static_cache.py) and attends over what it returns, as over any
 transformers cache:
 
-    k, v = kvcompile::cache_site(new_k, new_v, lengths, entries, constants, layer, plan, prompt)
+    k, v = kvcompile::cache_site(new_k, new_v, lengths, entries, constants, layer, plan, prompt, window)
     out  = F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), mask, ...)
 
 Here that pair becomes what `kvcompile.transform`'s programs do at the same site:
@@ -20,9 +20,11 @@ cache, the output projected back to the model's heads: the same maps `merge_kv_h
 inserts) and its kept K channels gathered before the cache. A windowed layer writes each token's
 kept channels to its middle as the token arrives and every channel to its window, a ring after the
 sink (static_cache.py); decode attends over the middle the runtime holds before the step and the
-window after it (`windowed_attention` with the ring's phase). HF's mask is read at the prompt only,
-for its padding (the last query's row marks every real token); decode counts come from the cache,
-one per row for all layers, computed once per graph and written back after the last site.
+window after it (`windowed_attention` with the ring's phase). A sliding layer's entries are rings
+(static_cache.py): token t in slot t % C, a prompt's last window - 1 tokens kept, decode attending
+over them with the layer's `window`. HF's mask is read at the prompt only, for its padding (its
+diagonal marks every real token, under a causal or a sliding mask alike); decode counts come from
+the cache, one per row for all layers, computed once per graph and written back after the last site.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _is_repeat_kv(node: torch.fx.Node) -> bool:
 
 
 def _lower(site: CacheSite, plan: Plan, fingerprint: str, shared: "_SharedCounts") -> None:
-    new_key, new_value, lengths, entries, constants, layer, cache_plan, prompt = site.marker.args
+    new_key, new_value, lengths, entries, constants, layer, cache_plan, prompt, window = site.marker.args
     if cache_plan != fingerprint:
         raise PlanError(f"layer {layer}: the StaticCompressedCache was made for plan {cache_plan}, the backend was "
                         f"given plan {fingerprint}: make the cache with kvcompile.cache_for(model, plan)")
@@ -195,9 +197,10 @@ def _lower(site: CacheSite, plan: Plan, fingerprint: str, shared: "_SharedCounts
                 (entry[value_window_entry(layer)], new_value, every_head, whole(every_head), windows.window_slot),
             ]
         else:
-            keys = [(k, new_key, h, c, counts.index) for k, h, c in groups] or [
-                (entry[key_entry(layer)], new_key, every_head, whole(every_head), counts.index)]
-            writes = keys + [(entry[value_entry(layer)], new_value, every_head, whole(every_head), counts.index)]
+            slot = _ring_slot(b, counts, entry[value_entry(layer)], window) if window else counts.index
+            keys = [(k, new_key, h, c, slot) for k, h, c in groups] or [
+                (entry[key_entry(layer)], new_key, every_head, whole(every_head), slot)]
+            writes = keys + [(entry[value_entry(layer)], new_value, every_head, whole(every_head), slot)]
         b(ops.write_tokens.default, *(list(column) for column in zip(*writes)))
 
         if prompt:  # LeanK prefills densely: every channel of the prompt's own keys
@@ -209,10 +212,10 @@ def _lower(site: CacheSite, plan: Plan, fingerprint: str, shared: "_SharedCounts
                     window_lengths=windows.window, middle_lengths=windows.middle, window_start=windows.middle)
         elif groups:
             out = b(ops.pruned_attention.default, query, [k for k, _, _ in groups], [h for _, h, _ in groups],
-                    [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, counts.after)
+                    [c for _, _, c in groups], entry[value_entry(layer)], None, scale, False, counts.after, window)
         else:
             out = b(ops.attention.default, query, entry[key_entry(layer)], entry[value_entry(layer)], None, scale,
-                    False, counts.after)
+                    False, counts.after, window)
         if layer in plan.merges:
             out = b(ops.project_heads.default, out, constant["output_order"], constant["output_up"])
     out.meta.update(site.attention.meta)
@@ -284,6 +287,21 @@ class _WindowCounts:
         self.window = b(operator.sub, after, self.middle)
 
 
+def _ring_slot(b, counts: _Counts, ring, window: int):
+    """Where a sliding layer's new tokens go in its ring of C = window slots: token t to slot t % C.
+    A prompt keeps its last window - 1 tokens; older ones and padding go to the slot the next token
+    takes, which holds none of the tokens kept."""
+    capacity = b(torch.ops.aten.sym_size.int, ring, 2)
+    slot = b(operator.mod, counts.index, capacity)
+    if counts.prompt:
+        row_after = b(operator.getitem, counts.after, (slice(None), None))
+        kept = b(torch.logical_and, b(operator.ge, counts.index, b(operator.sub, row_after, window - 1)),
+                 b(operator.lt, counts.index, row_after))
+        spare = b(operator.getitem, b(operator.mod, counts.after, capacity), (slice(None), None))
+        slot = b(torch.where, kept, slot, spare)
+    return slot
+
+
 def _middle_length(b, plan: Plan, counts):
     """`plan.middle_length` of each row's count, on the device."""
     moved = b(torch.floor_divide, b(operator.sub, counts, plan.sink + plan.recent), plan.buffer)
@@ -292,13 +310,13 @@ def _middle_length(b, plan: Plan, counts):
 
 def _prompt_indices(b, mask, new_key):
     """(index (B, S), counts (B,)) of a prompt's tokens: row b's real tokens are its tokens 0..n_b - 1
-    in order, its padding n_b onwards. Real tokens are those the last query's mask row allows (all,
-    without a mask)."""
+    in order, its padding n_b onwards. Real tokens are those that attend to themselves: the mask's
+    diagonal (all, without a mask)."""
     if mask is None:
         valid = b(torch.ones_like, b(operator.getitem, new_key, (slice(None), 0, slice(None), 0)), dtype=torch.bool)
     else:
-        last_row = b(operator.getitem, mask, (slice(None), 0, -1))
-        valid = last_row if mask.meta["example_value"].dtype == torch.bool else b(operator.eq, last_row, 0)
+        diagonal = b(torch.diagonal, b(operator.getitem, mask, (slice(None), 0)), 0, -2, -1)
+        valid = diagonal if mask.meta["example_value"].dtype == torch.bool else b(operator.eq, diagonal, 0)
     counts = b(torch.sum, valid, 1)
     padding_index = b(operator.add, b(operator.getitem, counts, (slice(None), None)),
                       b(torch.cumsum, b(torch.logical_not, valid), 1))

@@ -16,6 +16,9 @@ holding every token, `window_slots`/`window_lengths` for the full-channel window
 `middle_lengths` for the pruned middle, which decode reads but never writes. Attention then needs
 no mask: the counts say which slots hold tokens and the new tokens are each row's last. The mask
 HF built from positions dies with its last user.
+
+A sliding-window layer's entries are rings (layout.py): its tokens go to slots cache_slots % C, C
+the entry's capacity, and its attention reads the rings with `window`, the layer's sliding window.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from kvcompile.layout import entry_kind
+from kvcompile.layout import entry_kind, entry_layer
 from kvcompile.plan import Plan
 from kvcompile.program import (
     CACHE_LENGTHS,
@@ -32,6 +35,7 @@ from kvcompile.program import (
     WINDOW_LENGTHS,
     WINDOW_SLOTS,
     past,
+    model_shape_of,
     placeholder_name,
     signature_of,
 )
@@ -47,10 +51,11 @@ _MASK_AND_CAUSAL = {
     ops.pruned_attention.default: (5, 7),
     ops.windowed_attention.default: (7, 9),
 }
+_VALUES = {ops.attention.default: 2, ops.pruned_attention.default: 4}  # the value cache, which names the layer
 
 
 def write_cache_in_place(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    graph, sig = gm.graph, signature_of(gm)
+    graph, sig, shape = gm.graph, signature_of(gm), model_shape_of(gm)
     output = graph.output_node()
     placeholders = {node.target: node for node in graph.nodes if node.op == "placeholder"}
     kept, kept_names, written = [], [], []
@@ -71,13 +76,21 @@ def write_cache_in_place(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.Graph
     for entry, append, buffer in written:
         slots = add_input(gm, WINDOW_SLOTS if entry_kind(entry) in _WINDOW_KINDS else CACHE_SLOTS)
         with graph.inserting_before(append):
+            if shape.window(entry_layer(entry)) is not None:
+                capacity = graph.call_function(aten.sym_size.int, (buffer, 2))
+                slots = graph.call_function(aten.remainder.Scalar, (slots, capacity))
             graph.call_function(ops.write_cache.default, (buffer, append.args[0][1], slots))
         append.replace_all_uses_with(buffer)
         graph.erase_node(append)
 
+    layer_of = {placeholder_name(past(entry)): entry_layer(entry) for entry in sig.cache_inputs}
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _MASK_AND_CAUSAL:
             _attend_by_counts(gm, node)
+            if node.target in _VALUES:
+                window = shape.window(layer_of[node.args[_VALUES[node.target]].target])
+                if window is not None:
+                    node.update_kwarg("window", window)
     graph.eliminate_dead_code()
     return gm
 

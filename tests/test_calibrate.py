@@ -8,7 +8,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvcompile import ModelShape
 from kvcompile.calibration.calibrate import kept_channel_counts, qk_channel_scores, static_k_plan
-from kvcompile.calibration.recipe import RecipeError
+from kvcompile.calibration.recipe import Recipe, RecipeError
 from kvcompile.evaluation.text import CALIBRATION_TOPICS, EVALUATION_TOPICS, calibration_text, evaluation_text
 from tests.tiny_models import make_tiny_model
 
@@ -124,3 +124,10 @@ def test_calibration_and_evaluation_text_split_the_topics():
     assert set(CALIBRATION_TOPICS) | set(EVALUATION_TOPICS) == set(topics)
     assert len(calibration_text()) > 100_000 and len(evaluation_text()) > 100_000
     assert topics[CALIBRATION_TOPICS[0]] in calibration_text() and topics[EVALUATION_TOPICS[0]] in evaluation_text()
+
+
+def test_windowed_recipes_are_refused_for_models_with_sliding_layers():
+    shape = ModelShape("mistral", num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16, sliding_windows=(4, 4))
+    Recipe(k_sparsity=0.5, align=4).check(shape)  # a sliding layer's K may be pruned, within its own window
+    with pytest.raises(RecipeError, match=r"layers \[0, 1\] attend sliding windows: calibrate with sink=0 and recent=0"):
+        Recipe(k_sparsity=0.5, align=4, sink=2, recent=4).check(shape)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -239,3 +240,33 @@ def test_builtin_plans_list_load_and_fit_their_model():
                    for layer in plan.k_channels for head in range(plan.model.num_kv_heads))
     with pytest.raises(PlanError, match="no built-in plan 'smollm2/leank-k99'; built-in plans: smollm2-135m-instruct/leank-k50"):
         Plan.load_builtin("smollm2/leank-k99")
+
+
+# layer 0 attends a sliding window of 4 tokens, layer 1 every token
+SLIDING = ModelShape(model_type="gemma3_text", num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16,
+                     sliding_windows=(4, None))
+
+
+def test_sliding_layers_hold_their_window_minus_one_tokens():
+    plan = Plan.from_k_channels({0: [[0, 3, 5], []], 1: [[1], [2, 4]]}, model=SLIDING)
+    assert [plan.held_tokens(0, SLIDING, t) for t in (0, 2, 3, 50)] == [(0, 0), (2, 0), (3, 0), (3, 0)]
+    assert plan.held_tokens(1, SLIDING, 50) == (50, 0)
+    # 50 tokens: layer 0 holds 3 of them (K 3 channels, V 2 heads of 16), layer 1 all (K 3, V 32)
+    k_bytes, v_bytes = plan.kv_nbytes(SLIDING, torch.float32, batch=2, length=50)
+    assert (k_bytes, v_bytes) == (2 * (3 * 3 + 50 * 3) * 4, 2 * (3 * 32 + 50 * 32) * 4)
+    # a model recorded without windows holds every token of every layer
+    assert plan.cache_nbytes(SHAPE, torch.float32, 1, 50) == 50 * (6 + 64) * 4
+
+
+def test_sliding_windows_roundtrip_and_windowed_plans_leave_sliding_layers_out(tmp_path):
+    plan = Plan.from_k_channels({1: [[1], [2, 4]]}, model=SLIDING, sink=2, recent=4)
+    plan.validate(SLIDING)  # the sliding layer is not planned: its window is all it keeps
+    loaded = Plan.load(plan.save(tmp_path / "p"))
+    assert loaded.model.sliding_windows == (4, None) and loaded == plan
+    with pytest.raises(PlanError, match="layer 0, fields sink/recent: layer 0 attends a sliding window of 4 tokens"):
+        Plan.from_k_channels({0: [[0], [1]]}, sink=2, recent=4).validate(SLIDING)
+    # a plan whose model recorded no windows (saved before they were) still fits
+    unrecorded = dataclasses.replace(SLIDING, sliding_windows=None)
+    Plan.from_k_channels({1: [[1], [2, 4]]}, model=unrecorded).validate(SLIDING)
+    document = json.loads((Plan.from_k_channels({0: [[0], [1]]}, model=unrecorded).save(tmp_path / "q") / "plan.json").read_text())
+    assert "sliding_windows" not in document["model"]

@@ -268,6 +268,43 @@ def test_windowed_decode_over_a_ring(plan):
     _assert_fp32_close(got, want)
 
 
+# a sliding layer's ring: 13 slots, a window of 11; row 0 has wrapped, row 1 holds more tokens than
+# its window sees, row 2 fewer (the rest of its slots never written)
+RING_SLOTS, SLIDING_WINDOW, RING_LENGTHS = 13, 11, [40, 12, 5]
+
+
+def _sliding_ring(tensors, lengths):
+    """Each (B, H, RING_SLOTS, d) tensor as a ring of rows of `lengths` tokens (token t in slot
+    t % RING_SLOTS, NaN in slots never written), and the same tokens a query sees, in order:
+    (rings, in order, tokens each row sees)."""
+    seen = lengths.clamp(max=SLIDING_WINDOW)
+    tokens = (lengths - seen)[:, None] + torch.arange(SLIDING_WINDOW, device=lengths.device)
+    rings = [_with_garbage(x, lengths) for x in tensors]  # a row shorter than the ring never wrote its last slots
+    in_order = [ring.gather(2, (tokens % RING_SLOTS)[:, None, :, None].expand(-1, ring.shape[1], -1, ring.shape[3]))
+                for ring in rings]
+    return rings, in_order, seen
+
+
+def test_decode_over_a_sliding_ring():
+    """Dense and pruned decode over rings with a sliding window (kernels and reference ops) equal
+    the reference over the tokens the query sees, laid out in order."""
+    lengths = torch.tensor(RING_LENGTHS, device=DEVICE)
+    x = _to(_pruned_inputs(PLANS["mixed"], 2, 3, RING_SLOTS))
+    (*k_groups, v), (*k_in_order, v_in_order), seen = _sliding_ring([*x["k_groups"], x["v"]], lengths)
+    want = _pruned_reference({**x, "k_groups": k_in_order, "v": v_in_order}, seen)
+    rings = {**x, "k_groups": k_groups, "v": v}
+    _assert_fp32_close(_pruned_triton(rings, lengths=lengths, window=SLIDING_WINDOW, **FORCED_SPLIT), want)
+    got = ops.pruned_attention(x["q"], k_groups, x["heads"], x["channels"], v, None, D**-0.5, False, lengths,
+                               SLIDING_WINDOW)
+    _assert_fp32_close(got, want)
+
+    (k, v), (k_in_order, v_in_order), seen = _sliding_ring([torch.randn_like(v), torch.randn_like(v)], lengths)
+    want = ops.attention(x["q"], k_in_order, v_in_order, None, D**-0.5, False, seen)
+    _assert_fp32_close(triton_decode.dense_decode(x["q"], k, v, D**-0.5, lengths=lengths, window=SLIDING_WINDOW,
+                                                  **FORCED_SPLIT), want)
+    _assert_fp32_close(ops.attention(x["q"], k, v, None, D**-0.5, False, lengths, SLIDING_WINDOW), want)
+
+
 @pytest.mark.parametrize("group_size", [1, 3])
 @pytest.mark.parametrize("plan", PLANS)
 def test_pruned_decode_with_ragged_lengths(group_size, plan):

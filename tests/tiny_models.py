@@ -17,6 +17,10 @@ from transformers import PreTrainedTokenizerFast
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # OPT: learned positions (no RoPE), multi-head attention (4 KV heads), q pre-scaled, biases
 WITHOUT_ROPE = ("opt",)
+# Sliding-window attention in some layers (pass `sliding_window` and `layer_types` as overrides):
+# Gemma-3 (QK-norm, a local RoPE base for sliding layers), Cohere2 (interleaved RoPE on sliding
+# layers, none on global ones, parallel attention and MLP)
+HYBRID = ("gemma3", "cohere2")
 
 _CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -25,6 +29,8 @@ _CLASSES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     "opt": (transformers.OPTConfig, transformers.OPTForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    "cohere2": (transformers.Cohere2Config, transformers.Cohere2ForCausalLM),
 }
 
 _COMMON = dict(
@@ -50,6 +56,8 @@ _EXTRA = {
     "phi3": dict(original_max_position_embeddings=512, sliding_window=None),
     # OPT names its sizes differently and has no GQA
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True),
+    "gemma3": dict(query_pre_attn_scalar=16),
+    "cohere2": dict(),
 }
 _NOT_FOR = {"opt": ("num_key_value_heads", "head_dim", "intermediate_size")}
 
@@ -69,14 +77,16 @@ def slow_unless(values, default) -> list:
 
 
 def make_tiny_model(
-    arch: str, *, num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+    arch: str, *, num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
 ) -> transformers.PreTrainedModel:
-    """A `num_layers`-layer random `arch` causal LM (sdpa attention, eval mode), identical for equal `seed`."""
+    """A `num_layers`-layer random `arch` causal LM (sdpa attention, eval mode), identical for equal
+    `seed`; `overrides` are config fields (`sliding_window=4`, ...)."""
     if arch not in _CLASSES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES + WITHOUT_ROPE + HYBRID}")
     config_cls, model_cls = _CLASSES[arch]
     common = {k: v for k, v in _COMMON.items() if k not in _NOT_FOR.get(arch, ())}
-    config = config_cls(**common, **_EXTRA[arch], num_hidden_layers=num_layers, attn_implementation="sdpa")
+    fields = {**common, **_EXTRA[arch], **overrides}
+    config = config_cls(**fields, num_hidden_layers=num_layers, attn_implementation="sdpa")
     # The initial HF init is overwritten below; fork the RNG so building a model never moves the
     # caller's global torch seed.
     with torch.random.fork_rng(devices=[]):

@@ -99,6 +99,10 @@ class Recipe:
                 raise RecipeError(f"k_method must be one of {K_METHODS}, got {self.k_method!r}")
             if self.sink < 0 or self.recent < 0:
                 raise RecipeError(f"sink and recent must be >= 0, got sink={self.sink}, recent={self.recent}")
+            sliding = [layer for layer in range(shape.num_layers) if shape.window(layer) is not None]
+            if (self.sink or self.recent) and sliding:
+                raise RecipeError(f"sink/recent windows apply to global layers only, and layers {sliding} attend sliding "
+                                  "windows: calibrate with sink=0 and recent=0 (a sliding layer keeps its own window)")
             if self.k_method == "leank":
                 if self.kv_group_size is not None:
                     raise RecipeError("k_method 'leank' does not learn on merged heads yet: merge and learn in two plans")
