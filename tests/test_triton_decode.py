@@ -380,6 +380,9 @@ def test_supported():
         triton_decode.pruned_decode(torch.zeros(1, 4, 2, D), [], [], [], torch.zeros(1, 4, 5, D), 1.0)
 
 
+STEPS_THROUGH_KERNELS = 9  # every interpreted kernel call costs ~1.5 s; 9 steps see two window flushes
+
+
 def test_a_windowed_decode_through_the_kernels_matches_the_masked_model(monkeypatch):
     """The whole path: a transformed tiny Llama whose decode steps go through the op's CUDA face (on
     CPU registered for the test, the kernels under the interpreter) against the HF model with the
@@ -397,12 +400,13 @@ def test_a_windowed_decode_through_the_kernels_matches_the_masked_model(monkeypa
     with torch.library._scoped_library("kvcompile", "IMPL") as lib:
         if DEVICE == "cpu":
             lib.impl("windowed_attention", cuda_decode._windowed_attention_cuda, "CPU")
-        got, tokens, _ = test_windows._transformed_decode(tm, prompt)
+        got, tokens, middles = test_windows._transformed_decode(tm, prompt, steps=STEPS_THROUGH_KERNELS)
+    assert len(set(middles)) >= 3  # the window moved tokens to the middle twice while decoding
     want, _ = masked_reference_decode(model, prompt, test_windows.K_CHANNELS, next_tokens=tokens,
-                                      steps=test_windows.STEPS, windows=test_windows.WINDOWS)
+                                      steps=STEPS_THROUGH_KERNELS, windows=test_windows.WINDOWS)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
-    assert len(calls) == test_windows.STEPS * len(test_windows.K_CHANNELS)  # every decode step, every planned layer
+    assert len(calls) == STEPS_THROUGH_KERNELS * len(test_windows.K_CHANNELS)  # every decode step, planned layer
 
 
 def _counted(fn, calls):
