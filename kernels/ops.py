@@ -329,7 +329,18 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> 
     """Write S new tokens into a cache in place: cache (B, H, C, w), new (B, H, S, w), slots (B, S)
     int64; cache[b, :, slots[b, i]] = new[b, :, i]. Other slots are left as they are. Declared
     mutating, so FX dead-code elimination keeps a call although it returns nothing."""
-    cache.scatter_(2, slots[:, None, :, None].expand(new.shape), new)
+    cache.scatter_(2, _token_index(slots, new), new)
+
+
+def cache_written(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`write_cache`'s result as a new tensor, `cache` unchanged: the write of a program that has no
+    mutation (the ONNX export, where the runtime hands the output the input's memory)."""
+    return cache.scatter(2, _token_index(slots, new), new)
+
+
+def _token_index(slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """slots (B, S) as a scatter index over new's (B, H, S, w)."""
+    return slots[:, None, :, None].expand(new.shape)
 
 
 @write_cache.register_fake

@@ -274,9 +274,11 @@ def _grown(capacity: int, needed: int) -> int:
 
 
 def _with_capacity(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
-    """`tokens` (B, H, T, w) at the front of a new buffer of `capacity` slots."""
+    """`tokens` (B, H, T, w) at the front of a new buffer of `capacity` slots, the others zero: a
+    reader that masks slots past a row's count instead of cutting them (the ONNX decode attends
+    over the whole capacity) multiplies them by 0, which uninitialized NaNs would survive."""
     batch, heads, count, width = tokens.shape
-    buffer = tokens.new_empty(batch, heads, capacity, width)
+    buffer = tokens.new_zeros(batch, heads, capacity, width)
     buffer[:, :, :count] = tokens
     return buffer
 

@@ -22,6 +22,7 @@ import torch.fx
 from .passes import (
     PassManager,
     attend_with_prefill_mask,
+    cache_writes_as_outputs,
     canonicalize_attention,
     extract_cache_encoder,
     find_attention_sites,
@@ -51,6 +52,8 @@ class PhaseStages:
 
 EXPLICIT = PhaseStages(PREFILL, DECODE)
 IN_PLACE = PhaseStages(PREFILL + (attend_with_prefill_mask,), DECODE + (write_cache_in_place,))
+# ONNX export: the runtime's decode, its cache writes returned (onnxruntime binds them to the inputs' memory).
+CACHE_WRITES_AS_OUTPUTS = (cache_writes_as_outputs,)
 # ONNX export, gqa=True: each site's cache update and attention as one op onnxruntime implements.
 FUSED_CACHE_UPDATE = (fuse_cache_update,)
 # The torch.compile backend, on the torch-level graphs dynamo captures from a transformers forward:
