@@ -15,11 +15,15 @@ holds. kvcompile/export/onnx.py drives the export and says why it is built this 
   static per layer, so each arity gets its own function, told apart by the ONNX `overload` field
   (`groups2`, ...): every node keeps the op's name, inputs in the op's flattened order
   (q, k_0.., heads_0.., channels_0.., v, mask).
+- **Per-row lengths are an overload too.** The decode reads cache buffers with capacity and each
+  row's count instead of a mask (ops.py, "Caches written in place"): its attention nodes take
+  `lengths` where the mask was (overload `lengths`, `groups2_lengths`, ...), and the function
+  builds the mask from them (`_length_mask_nodes`). It attends over the whole capacity, so the
+  cache keeps its free slots finite (cache.py allocates them zeroed). `windowed_attention` is
+  exported in this form only: the window and the middle each with their row counts.
 - **Nodes are emitted through the exporter's recorder** (`onnxscript.evaluator.default()`, which
   the exporter sets while it runs a translation): an onnxscript `@script` function cannot be
   variadic, and this keeps one code path for all ops.
-- **`attention_with_cache` has no function**: it becomes onnxruntime's
-  `com.microsoft.GroupQueryAttention`, which appends to the cache itself.
 
 This module imports onnx_ir and onnxscript only inside the functions that build nodes, and
 kvcompile.kernels does not import it: onnx is an optional extra.
@@ -40,8 +44,6 @@ DOMAIN_VERSION = 1
 # The function bodies use ops unchanged since opset 18; once exported they import the opset the
 # exporter emitted (20 with torch 2.13).
 BODY_OPSET = 18
-# onnxruntime's contrib ops (GroupQueryAttention)
-MS_DOMAIN = "com.microsoft"
 
 _FLOAT, _BOOL = 1, 9  # onnx.TensorProto.FLOAT, BOOL
 # The overload (suffix) of an attention node that takes per-row cache lengths instead of a mask.
@@ -56,10 +58,10 @@ class TranslationError(RuntimeError):
 class Translation:
     """One op's ONNX face. `emit`: the translation torch.onnx.export calls with the op's
     arguments, recording its node(s). `function`: the model-local FUNCTION of the `ai.kvcompile`
-    node `emit` records (given that node, for its arity); None where the node is a runtime's own op."""
+    node `emit` records (given that node, for its arity)."""
 
     emit: Callable
-    function: Callable | None
+    function: Callable
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,52 +407,12 @@ def _project_heads_function(node):
     return b.function("project_heads", b.op("MatMul", b.op("Gather", x, heads, axis=1), weight))
 
 
-# kvcompile::attention_with_cache
-
-
-def _emit_attention_with_cache(q, past_k, past_v, new_k, new_v, scale: float):
-    """onnxruntime's GroupQueryAttention: tokens in (B, S, H·D) layout, the cache in
-    (B, Hkv, T, D); `seqlens_k` is each row's total length - 1 (no padding)."""
-    import onnx_ir as ir
-
-    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[3], new_k.shape[1]
-    if not all(isinstance(size, int) for size in (num_heads, head_dim, num_kv_heads)):
-        raise TranslationError(
-            f"GroupQueryAttention needs static head counts and head_dim, got q {q.shape}, k {new_k.shape}"
-        )
-
-    def constant(values, dtype=np.int64):
-        return _record("", "Constant", [], {"value": ir.tensor(np.asarray(values, dtype=dtype))})[0]
-
-    def tokens_major(x):  # (B, H, S, D) -> (B, S, H·D)
-        x = _record("", "Transpose", [x], {"perm": [0, 2, 1, 3]})[0]
-        return _record("", "Reshape", [x, constant([0, 0, -1])])[0]
-
-    def length(x):
-        return _record("", "Shape", [x], {"start": 2, "end": 3})[0]
-
-    total = _record("", "Add", [length(past_k), length(new_k)])[0]  # (1,) int64
-    batch = _record("", "Shape", [q], {"start": 0, "end": 1})[0]
-    seqlens_k = _record("", "Expand", [_record("", "Sub", [total, constant([1])])[0], batch])[0]
-    seqlens_k = _record("", "Cast", [seqlens_k], {"to": ir.DataType.INT32})[0]
-    total = _record("", "Cast", [_record("", "Reshape", [total, constant([], np.int64)])[0]], {"to": ir.DataType.INT32})[0]
-    out, present_k, present_v = _record(
-        MS_DOMAIN, "GroupQueryAttention",
-        [tokens_major(q), tokens_major(new_k), tokens_major(new_v), past_k, past_v, seqlens_k, total],
-        {"num_heads": num_heads, "kv_num_heads": num_kv_heads, "scale": float(scale)},
-        num_outputs=3,
-    )  # fmt: skip
-    out = _record("", "Reshape", [out, constant([0, 0, num_heads, head_dim])])[0]
-    return _record("", "Transpose", [out], {"perm": [0, 2, 1, 3]})[0], present_k, present_v
-
-
 # --------------------------------------------------------------------------------------------
 # the table
 
 
 TRANSLATIONS: dict[str, Translation] = {
     "attention": Translation(_emit_attention, _attention_function),
-    "attention_with_cache": Translation(_emit_attention_with_cache, None),
     "gather_kv_channels": Translation(_emit_gather_kv_channels, _gather_kv_channels_function),
     "pruned_attention": Translation(_emit_pruned_attention, _pruned_attention_function),
     "windowed_attention": Translation(_emit_windowed_attention, _windowed_attention_function),
@@ -468,14 +430,12 @@ def translation_table() -> dict[torch._ops.OpOverload, Callable]:
 
 def add_functions(model) -> None:
     """Give an exported `onnx_ir.Model` the FUNCTION of each (op, overload) its `ai.kvcompile`
-    nodes call, and the imports of the domains its nodes use. Call it after torch.onnx.export
+    nodes call, and the import of the domain. Call it after torch.onnx.export
     returns: the exporter's opset conversion and optimizer inline every model-local function they
     see (run the optimizer afterwards with `inline=False`)."""
     import onnx_ir as ir
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == MS_DOMAIN:
-            model.opset_imports[MS_DOMAIN] = 1
         if node.domain != DOMAIN or (DOMAIN, node.op_type, node.overload) in model.functions:
             continue
         function = TRANSLATIONS[node.op_type].function(node)

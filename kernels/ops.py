@@ -76,26 +76,6 @@ def _(q, k, v, mask, scale, is_causal, lengths=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-@torch.library.custom_op("kvcompile::attention_with_cache", mutates_args=())
-def attention_with_cache(
-    q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the S new tokens' K/V to the cache's P and attend causally, the new tokens last
-    (query i sees keys 0..P+i); returns (output, present K, present V). The contract of
-    onnxruntime's GroupQueryAttention, which the ONNX export can emit for it."""
-    k, v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
-    past, seq = past_k.shape[2], q.shape[2]
-    allowed = torch.arange(past + seq, device=q.device) <= torch.arange(past, past + seq, device=q.device)[:, None]
-    return attention(q, k, v, allowed, scale, False), k, v
-
-
-@attention_with_cache.register_fake
-def _(q, past_k, past_v, new_k, new_v, scale):
-    k = torch.cat([past_k, new_k], dim=2)
-    v = torch.cat([past_v, new_v], dim=2)
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), k, v
-
-
 @torch.library.custom_op("kvcompile::gather_kv_channels", mutates_args=())
 def gather_kv_channels(x: torch.Tensor, heads: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D) -> (B, G, T, w): KV heads `heads` (G,), channels `channels[g]` of head g."""

@@ -26,7 +26,6 @@ from .passes import (
     canonicalize_attention,
     extract_cache_encoder,
     find_attention_sites,
-    fuse_cache_update,
     lower_cache_sites,
     merge_kv_heads,
     plan_attention_in_hf_graph,
@@ -54,8 +53,6 @@ EXPLICIT = PhaseStages(PREFILL, DECODE)
 IN_PLACE = PhaseStages(PREFILL + (attend_with_prefill_mask,), DECODE + (write_cache_in_place,))
 # ONNX export: the runtime's decode, its cache writes returned (onnxruntime binds them to the inputs' memory).
 CACHE_WRITES_AS_OUTPUTS = (cache_writes_as_outputs,)
-# ONNX export, gqa=True: each site's cache update and attention as one op onnxruntime implements.
-FUSED_CACHE_UPDATE = (fuse_cache_update,)
 # The torch.compile backend, on the torch-level graphs dynamo captures from a transformers forward:
 # sites on a StaticCompressedCache, then attention on transformers' own cache.
 HF_GRAPH = (lower_cache_sites, plan_attention_in_hf_graph)

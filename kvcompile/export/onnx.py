@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from kvcompile.cache import CompressedKVCache
 from kvcompile.capture import capture
 from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
 from kvcompile.layout import FULL, MIDDLE, WINDOW, entry_region
@@ -86,7 +87,8 @@ def export_onnx(model: torch.nn.Module, plan: Plan, path: str | Path, *,
         _check_ops(gm, phase)
     prefill_module = _Prefill(tm.prefill_program, tm.empty_cache)
     decode_sig = signature_of(decode_program)
-    prefill_args, decode_args = _sample_calls(tm, decode_sig)
+    prefill_args = _sample_prompt(tm.device)
+    decode_args = decode_sample_args(tm(prefill_args[0]).past_key_values, decode_sig)
     programs = {
         PREFILL: export_program(prefill_module, prefill_module.signature, prefill_args, prefill_dynamic_shapes()),
         DECODE: export_program(decode_program, decode_sig, decode_args, decode_dynamic_shapes(decode_sig, plan)),
@@ -218,25 +220,27 @@ class _Prefill(torch.nn.Module):
         return self.program(*(values[name] for name in signature_of(self.program).inputs))
 
 
-@torch.no_grad()
-def _sample_calls(tm, decode_sig: Signature) -> tuple[tuple, tuple]:
-    """Example arguments of the prefill (a prompt) and of the decode (new tokens over the cache the
-    runtime keeps for that prompt, its buffers at a distinct capacity per region, so that export
-    keeps them apart). Sizes distinct and > 1: export specializes sizes 0 and 1."""
-    batch, seq, new = 2, 4, 3
-    device = tm.device
-    prompt = torch.zeros(batch, seq, dtype=torch.long, device=device)
+def _sample_prompt(device) -> tuple:
+    """Example arguments of the prefill: a prompt of 2 rows of 4 tokens, none padding."""
+    batch, seq = 2, 4
     positions, mask = prompt_positions_and_mask(torch.ones(batch, seq, dtype=torch.bool, device=device))
-    cache = tm(prompt).past_key_values
+    return torch.zeros(batch, seq, dtype=torch.long, device=device), positions, mask
+
+
+def decode_sample_args(cache: CompressedKVCache, signature: Signature, new: int = 3) -> tuple:
+    """Example arguments of a decode of `new` tokens continuing `cache`, in `signature`'s order:
+    its index inputs, and buffers shaped like its own but with a distinct capacity per region, so
+    that export keeps the regions' capacities apart. Sizes > 1: export specializes sizes 0 and 1."""
+    device = cache.lengths.device
     indices = cache.prepare_call(new)
     window = cache.window_capacity(new)
     capacity = {WINDOW: window, FULL: window + 11, MIDDLE: window + 23}
     values = {
-        "input_ids": torch.zeros(batch, new, dtype=torch.long, device=device),
+        "input_ids": torch.zeros(cache.batch_size, new, dtype=torch.long, device=device),
         "position_ids": cache.lengths[:, None] + torch.arange(new, device=device),
         **indices,
     }
     for entry, buffer in cache.buffers.items():
-        size = capacity[entry_region(tm.plan, entry)]
+        size = capacity[entry_region(cache.plan, entry)]
         values[past(entry)] = buffer.new_zeros(buffer.shape[0], buffer.shape[1], size, buffer.shape[3])
-    return (prompt, positions, mask), tuple(values[name] for name in decode_sig.inputs)
+    return tuple(values[name] for name in signature.inputs)

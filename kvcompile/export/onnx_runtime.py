@@ -29,7 +29,7 @@ import torch
 
 from kvcompile.cache import CompressedKVCache
 from kvcompile.plan import ModelShape, Plan
-from kvcompile.program import LOGITS, Signature, present
+from kvcompile.program import LOGITS, Signature, past, present
 from kvcompile.runtime import eos_token_ids, last_real_index, padding_mask, prompt_positions_and_mask
 from kvcompile.stores import read_json
 
@@ -67,6 +67,7 @@ class ExportedModel:
         providers = list(providers or ["CPUExecutionProvider"])
         self.sessions = {phase: ort.InferenceSession(str(files[phase]), providers=providers)
                          for phase in ("prefill", "decode")}
+        self.decode_call = DecodeCall(self.sessions["decode"], self.signatures["decode"])
 
     def prefill(self, input_ids, attention_mask=None, max_cache_len: int | None = None
                 ) -> tuple[torch.Tensor, CompressedKVCache]:  # fmt: skip
@@ -74,7 +75,7 @@ class ExportedModel:
         tokens (either side padded), as `TransformedModel`; `max_cache_len`: slots per row."""
         ids = check_token_ids(input_ids, self.vocab_size)
         batch, seq = ids.shape
-        valid = padding_mask(attention_mask, batch, seq, "cpu")
+        valid = padding_mask(None if attention_mask is None else torch.as_tensor(attention_mask), batch, seq, "cpu")
         positions, mask = prompt_positions_and_mask(valid)
         sig = self.signatures["prefill"]
         feeds = dict(zip(sig.inputs, (ids.numpy(), positions.numpy(), mask.numpy())))
@@ -86,8 +87,6 @@ class ExportedModel:
 
     def decode(self, input_ids, cache: CompressedKVCache) -> torch.Tensor:
         """Logits (B, S, V) of `input_ids` continuing every row of `cache`, which they extend."""
-        import onnxruntime as ort
-
         ids = check_token_ids(input_ids, self.vocab_size)
         cache.check_written_by(self.plan, self.shape)
         if ids.shape[0] != cache.batch_size:
@@ -95,22 +94,44 @@ class ExportedModel:
         seq = ids.shape[1]
         indices = cache.prepare_call(seq)  # grows the buffers first where they would overflow
         values = {"input_ids": ids, "position_ids": cache.lengths[:, None] + torch.arange(seq), **indices}
-        sig = self.signatures["decode"]
-        session = self.sessions["decode"]
-        binding = session.io_binding()
-        for name in sig.index_inputs + ["input_ids", "position_ids"]:
-            binding.bind_cpu_input(name, values[name].numpy())
-        binding.bind_output(LOGITS)  # first bound, first of get_outputs()
-        outputs = set(sig.outputs)
-        for entry in sig.cache_inputs:
-            buffer = ort.OrtValue.ortvalue_from_numpy(cache.buffers[entry].numpy())  # the buffer's own memory
-            binding.bind_ortvalue_input(f"past_{entry}", buffer)
-            if present(entry) in outputs:
-                binding.bind_ortvalue_output(present(entry), buffer)  # written in place
-        session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+        logits = self.decode_call(values, cache.buffers)
         cache.advance(seq)
-        return torch.from_numpy(logits)
+        return logits
+
+
+class DecodeCall:
+    """Calls of an exported decode on cache buffers: tokens, positions and index inputs bound per
+    call; each cache entry bound as `past_X` and, where the program writes it, as `present_X` too,
+    on the buffer's own memory, so onnxruntime writes the new tokens into the buffer itself. A
+    buffer is bound once and again only when the cache replaces it (growth): wrapping some hundred
+    buffers for onnxruntime would cost milliseconds a step."""
+
+    def __init__(self, session, signature: Signature):
+        self.session, self.signature = session, signature
+        self.binding = session.io_binding()
+        self.binding.bind_output(LOGITS)  # the only output onnxruntime allocates: first of get_outputs()
+        self.written = {entry for entry in signature.cache_inputs if present(entry) in signature.outputs}
+        self.bound: dict[str, tuple[torch.Tensor, object]] = {}  # entry -> (buffer, its OrtValue)
+
+    def __call__(self, values: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits of one call on `values` (tokens, positions, index inputs) and `buffers`
+        (contiguous CPU tensors)."""
+        import onnxruntime as ort
+
+        arrays = {name: values[name].numpy() for name in ["input_ids", "position_ids", *self.signature.index_inputs]}
+        for name, array in arrays.items():  # `arrays` keeps them alive until the run
+            self.binding.bind_cpu_input(name, array)
+        for entry in self.signature.cache_inputs:
+            buffer = buffers[entry]
+            if entry in self.bound and self.bound[entry][0] is buffer:
+                continue
+            value = ort.OrtValue.ortvalue_from_numpy(buffer.numpy())  # the tensor's own memory
+            self.binding.bind_ortvalue_input(past(entry), value)
+            if entry in self.written:
+                self.binding.bind_ortvalue_output(present(entry), value)  # written in place
+            self.bound[entry] = (buffer, value)
+        self.session.run_with_iobinding(self.binding)
+        return torch.from_numpy(self.binding.get_outputs()[0].numpy())
 
 
 def load(path: str | Path, providers: Sequence[str] | None = None) -> ExportedModel:
