@@ -89,7 +89,7 @@ def test_prefill_and_decode_match_pytorch_on_a_padded_batch(exported):
         assert cache.row_lengths == held.row_lengths and cache.nbytes == held.nbytes
         for name, tensor in held.entries.items():
             for row, count in enumerate(held.region_lengths(_region(held, name))):
-                torch.testing.assert_close(cache.entries[name][row, :, :count], tensor[row, :, :count], atol=1e-5, rtol=0)
+                torch.testing.assert_close(cache.entries[name][row, :, :count], tensor[row, :, :count], atol=1e-4, rtol=0)
         if step == STEPS:
             break
         token = want.logits[:, -1].argmax(-1, keepdim=True)

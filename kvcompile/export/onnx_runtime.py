@@ -109,7 +109,7 @@ class DecodeCall:
     def __init__(self, session, signature: Signature):
         self.session, self.signature = session, signature
         self.binding = session.io_binding()
-        self.binding.bind_output(LOGITS)  # the only output onnxruntime allocates: first of get_outputs()
+        self.binding.bind_output(LOGITS)  # first bound: first of get_outputs()
         self.written = {entry for entry in signature.cache_inputs if present(entry) in signature.outputs}
         self.bound: dict[str, tuple[torch.Tensor, object]] = {}  # entry -> (buffer, its OrtValue)
 
@@ -121,6 +121,8 @@ class DecodeCall:
         arrays = {name: values[name].numpy() for name in ["input_ids", "position_ids", *self.signature.index_inputs]}
         for name, array in arrays.items():  # `arrays` keeps them alive until the run
             self.binding.bind_cpu_input(name, array)
+        # unallocated again: after a run the binding holds the last logits, of the last call's shape
+        self.binding.bind_output(LOGITS)
         for entry in self.signature.cache_inputs:
             buffer = buffers[entry]
             if entry in self.bound and self.bound[entry][0] is buffer:
