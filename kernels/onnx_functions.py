@@ -161,26 +161,28 @@ def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask):
     allowed = b.op("And", mask, b.op("Or", lower, not_causal))
     bias = b.op("Where", allowed, b.op("Constant", value_float=0.0), b.op("Constant", value_float=float("-inf")))
     probs = b.op("CastLike", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
-    # group the query heads by KV head instead of repeating V: (B, Hkv, r, S, T) @ (B, Hkv, 1, T, Dv)
-    grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), sizes, axis=0))
-    out = b.op("MatMul", grouped, b.op("Unsqueeze", v, b.ints(2)))
+    # the query heads of a KV head as rows of one product, reading V once: (B, Hkv, r·S, T) @ (B, Hkv, T, Dv)
+    grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(scores, 3, 4), axis=0))
+    out = b.op("MatMul", grouped, v)
     return b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
 
 
 def _by_kv_head(b: _Body, q, v):
-    """q (B, Hq, S, D) as fp32 (B, Hkv, r, S, D), query head i under KV head i // r."""
-    return b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 2), axis=0))
+    """q (B, Hq, S, D) as fp32 (B, Hkv, r·S, D): the S queries of the r heads of each KV head
+    (head i under KV head i // r) as the rows of one matrix, so that scoring them reads each key
+    once (one GEMM per KV head, not r GEMVs over a broadcast key)."""
+    return b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 3), axis=0))
 
 
 def _keys_transposed(b: _Body, k):
-    """k (B, G, T, w) as fp32 (B, G, 1, w, T), to score every query head of a KV head at once."""
-    return b.op("Transpose", b.op("Unsqueeze", b.op("Cast", k, to=_FLOAT), b.ints(2)), perm=[0, 1, 2, 4, 3])
+    """k (B, G, T, w) as fp32 (B, G, w, T) (onnxruntime folds the transpose into its MatMul)."""
+    return b.op("Transpose", b.op("Cast", k, to=_FLOAT), perm=[0, 1, 3, 2])
 
 
-def _scaled(b: _Body, scores5, q):
-    """(B, Hkv, r, S, T) scores times `scale`, as (B, Hq, S, T)."""
+def _scaled(b: _Body, scores, q):
+    """(B, Hkv, r·S, T) scores times `scale`, as (B, Hq, S, T)."""
     scale = b.attribute("scale")
-    flat = b.op("Reshape", scores5, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
+    flat = b.op("Reshape", scores, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
     return b.op("Mul", flat, scale)
 
 
@@ -242,7 +244,7 @@ def _emit_pruned_attention(q, k_groups, heads, channels, v, mask, scale, is_caus
 
 def _pruned_attention_function(node):
     """Scores per width group on the group's kept channels, stacked with one block of zeros and
-    gathered into KV-head order, (B, Hkv, r, S, T): a KV head in no group reads the zeros
+    gathered into KV-head order, (B, Hkv, r·S, T): a KV head in no group reads the zeros
     (uniform attention), as in the reference. The gather index is built on the Hkv head ids alone,
     so no per-score index tensor is materialized."""
     count = (len(node.inputs) - 3) // 3  # q, count × (k, heads, channels), v, mask or lengths
@@ -267,20 +269,20 @@ def _group_input_names(count: int) -> list[str]:
 
 def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, length, fill):
     """Scores per width group on the group's kept channels, stacked with one block of `fill` and
-    gathered into KV-head order, (B, Hkv, r, S, T): a KV head in no group reads the fill. The
+    gathered into KV-head order, (B, Hkv, r·S, T): a KV head in no group reads the fill. The
     gather index is built on the Hkv head ids alone, so no per-score index tensor is materialized."""
     blocks = []
     for k, group_heads, group_channels in zip(keys, heads, channels):
-        q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r, S, D)
-        index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2, 3)),
-                     b.op("Concat", b.shape(q_group, 0, 4), b.shape(group_channels, 1, 2), axis=0))
-        q_group = b.op("GatherElements", q_group, index, axis=4)  # (B, G, r, S, w)
-        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r, S, T)
-    fill_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 4), length, axis=0)
+        q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r·S, D)
+        index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2)),
+                     b.op("Concat", b.shape(q_group, 0, 3), b.shape(group_channels, 1, 2), axis=0))
+        q_group = b.op("GatherElements", q_group, index, axis=3)  # (B, G, r·S, w)
+        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r·S, T)
+    fill_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3), length, axis=0)
     blocks.append(b.op("ConstantOfShape", fill_shape, value=fill))
-    scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r, S, T)
+    scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r·S, T)
     if not heads:
-        return b.op("Expand", scores, b.op("Concat", b.shape(q5, 0, 1), num_kv_heads, b.shape(q5, 2, 4), length, axis=0))
+        return b.op("Expand", scores, b.op("Concat", b.shape(q5, 0, 1), num_kv_heads, b.shape(q5, 2, 3), length, axis=0))
     return b.op("Gather", scores, _slots_among(b, b.op("Concat", *heads, axis=0), num_kv_heads), axis=1)
 
 
@@ -332,28 +334,28 @@ def _windowed_attention_function(node):
     keys, heads, channels = (b.inputs[3 + i * count : 3 + (i + 1) * count] for i in range(3))
     num_kv_heads, window, middle, s = b.shape(v_window, 1, 2), b.shape(v_window, 2, 3), b.shape(v_middle, 2, 3), b.shape(q, 2, 3)
     q5 = _by_kv_head(b, q, v_window)
-    scores = b.op("MatMul", q5, _keys_transposed(b, k_window))  # (B, Hkv, r, S, Tw)
+    scores = b.op("MatMul", q5, _keys_transposed(b, k_window))  # (B, Hkv, r·S, Tw)
     mask = _length_mask_nodes(b, window_lengths, s, window)  # (B, 1, S, Tw)
     if count:
         middle_scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, num_kv_heads, middle, _minus_inf())
-        scores = b.op("Concat", middle_scores, scores, axis=-1)  # (B, Hkv, r, S, M + Tw)
+        scores = b.op("Concat", middle_scores, scores, axis=-1)  # (B, Hkv, r·S, M + Tw)
         middle_mask = b.op("Expand", _length_mask_nodes(b, middle_lengths, b.ints(1), middle),
                            b.op("Concat", b.shape(q, 0, 1), b.ints(1), s, middle, axis=0))  # every query sees the middle
         mask = b.op("Concat", middle_mask, mask, axis=-1)
     bias = b.op("Where", mask, b.op("Constant", value_float=0.0), b.op("Constant", value_float=float("-inf")))
     probs = b.op("Softmax", b.op("Add", _scaled(b, scores, q), bias), axis=-1)  # (B, Hq, S, M + Tw)
-    probs5 = b.op("Reshape", probs, b.op("Concat", b.shape(v_window, 0, 2), b.ints(-1), b.shape(probs, 2, 4), axis=0))
-    out = b.op("MatMul", b.op("Slice", probs5, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
-               b.op("Unsqueeze", b.op("Cast", v_window, to=_FLOAT), b.ints(2)))  # (B, Hkv, r, S, Dv)
+    probs = b.op("Reshape", probs, b.op("Concat", b.shape(v_window, 0, 2), b.ints(-1), b.shape(probs, 3, 4), axis=0))
+    out = b.op("MatMul", b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
+               b.op("Cast", v_window, to=_FLOAT))  # (B, Hkv, r·S, Dv)
     if count:
         listed = b.op("Concat", *heads, axis=0)
         value_heads, _ = b.op("TopK", listed, b.op("Shape", listed), largest=0, num_outputs=2)  # ascending: v_middle's
-        middle_probs = b.op("Gather", b.op("Slice", probs5, b.ints(0), middle, b.ints(-1)), value_heads, axis=1)
-        middle_out = b.op("MatMul", middle_probs, b.op("Unsqueeze", b.op("Cast", v_middle, to=_FLOAT), b.ints(2)))
-        zeros = b.op("ConstantOfShape", b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 4),
+        middle_probs = b.op("Gather", b.op("Slice", probs, b.ints(0), middle, b.ints(-1)), value_heads, axis=1)
+        middle_out = b.op("MatMul", middle_probs, b.op("Cast", v_middle, to=_FLOAT))  # (B, Hm, r·S, Dv)
+        zeros = b.op("ConstantOfShape", b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3),
                                              b.shape(v_middle, 3, 4), axis=0), value=_zero())
         middle_out = b.op("Gather", b.op("Concat", middle_out, zeros, axis=1), _slots_among(b, value_heads, num_kv_heads),
-                          axis=1)  # (B, Hkv, r, S, Dv), 0 for streaming heads
+                          axis=1)  # (B, Hkv, r·S, Dv), 0 for streaming heads
         out = b.op("Add", out, middle_out)
     out = b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
     return b.function("windowed_attention", b.op("CastLike", out, v_window), attributes=("scale", "is_causal"),
