@@ -15,11 +15,15 @@ holds. kvcompile/export/onnx.py drives the export and says why it is built this 
   static per layer, so each arity gets its own function, told apart by the ONNX `overload` field
   (`groups2`, ...): every node keeps the op's name, inputs in the op's flattened order
   (q, k_0.., heads_0.., channels_0.., v, mask).
+- **Per-row lengths are an overload too.** The decode reads cache buffers with capacity and each
+  row's count instead of a mask (ops.py, "Caches written in place"): its attention nodes take
+  `lengths` where the mask was (overload `lengths`, `groups2_lengths`, ...), and the function
+  builds the mask from them (`_length_mask_nodes`). It attends over the whole capacity, so the
+  cache keeps its free slots finite (cache.py allocates them zeroed). `windowed_attention` is
+  exported in this form only: the window and the middle each with their row counts.
 - **Nodes are emitted through the exporter's recorder** (`onnxscript.evaluator.default()`, which
   the exporter sets while it runs a translation): an onnxscript `@script` function cannot be
   variadic, and this keeps one code path for all ops.
-- **`attention_with_cache` has no function**: it becomes onnxruntime's
-  `com.microsoft.GroupQueryAttention`, which appends to the cache itself.
 
 This module imports onnx_ir and onnxscript only inside the functions that build nodes, and
 kvcompile.kernels does not import it: onnx is an optional extra.
@@ -40,10 +44,10 @@ DOMAIN_VERSION = 1
 # The function bodies use ops unchanged since opset 18; once exported they import the opset the
 # exporter emitted (20 with torch 2.13).
 BODY_OPSET = 18
-# onnxruntime's contrib ops (GroupQueryAttention)
-MS_DOMAIN = "com.microsoft"
 
 _FLOAT, _BOOL = 1, 9  # onnx.TensorProto.FLOAT, BOOL
+# The overload (suffix) of an attention node that takes per-row cache lengths instead of a mask.
+LENGTHS = "lengths"
 
 
 class TranslationError(RuntimeError):
@@ -54,10 +58,10 @@ class TranslationError(RuntimeError):
 class Translation:
     """One op's ONNX face. `emit`: the translation torch.onnx.export calls with the op's
     arguments, recording its node(s). `function`: the model-local FUNCTION of the `ai.kvcompile`
-    node `emit` records (given that node, for its arity); None where the node is a runtime's own op."""
+    node `emit` records (given that node, for its arity)."""
 
     emit: Callable
-    function: Callable | None
+    function: Callable
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,13 +119,14 @@ class _Body:
         self.inputs = [ir.Value(name=name) for name in inputs]
         self.nodes: list = []
 
-    def op(self, op_type: str, *inputs, **attributes):
+    def op(self, op_type: str, *inputs, num_outputs: int = 1, **attributes):
+        """The op's output, or its `num_outputs` outputs as a tuple when more than one."""
         ir = self.ir
         attrs = [value if isinstance(value, ir.Attr) else ir.convenience.convert_attribute(name, value)
                  for name, value in attributes.items()]
-        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=1)
+        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=num_outputs)
         self.nodes.append(node)
-        return node.outputs[0]
+        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
 
     def ints(self, *values: int):
         return self.op("Constant", value_ints=list(values))
@@ -156,26 +161,28 @@ def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask):
     allowed = b.op("And", mask, b.op("Or", lower, not_causal))
     bias = b.op("Where", allowed, b.op("Constant", value_float=0.0), b.op("Constant", value_float=float("-inf")))
     probs = b.op("CastLike", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
-    # group the query heads by KV head instead of repeating V: (B, Hkv, r, S, T) @ (B, Hkv, 1, T, Dv)
-    grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), sizes, axis=0))
-    out = b.op("MatMul", grouped, b.op("Unsqueeze", v, b.ints(2)))
+    # the query heads of a KV head as rows of one product, reading V once: (B, Hkv, r·S, T) @ (B, Hkv, T, Dv)
+    grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(scores, 3, 4), axis=0))
+    out = b.op("MatMul", grouped, v)
     return b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
 
 
 def _by_kv_head(b: _Body, q, v):
-    """q (B, Hq, S, D) as fp32 (B, Hkv, r, S, D), query head i under KV head i // r."""
-    return b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 2), axis=0))
+    """q (B, Hq, S, D) as fp32 (B, Hkv, r·S, D): the S queries of the r heads of each KV head
+    (head i under KV head i // r) as the rows of one matrix, so that scoring them reads each key
+    once (one GEMM per KV head, not r GEMVs over a broadcast key)."""
+    return b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 3), axis=0))
 
 
 def _keys_transposed(b: _Body, k):
-    """k (B, G, T, w) as fp32 (B, G, 1, w, T), to score every query head of a KV head at once."""
-    return b.op("Transpose", b.op("Unsqueeze", b.op("Cast", k, to=_FLOAT), b.ints(2)), perm=[0, 1, 2, 4, 3])
+    """k (B, G, T, w) as fp32 (B, G, w, T) (onnxruntime folds the transpose into its MatMul)."""
+    return b.op("Transpose", b.op("Cast", k, to=_FLOAT), perm=[0, 1, 3, 2])
 
 
-def _scaled(b: _Body, scores5, q):
-    """(B, Hkv, r, S, T) scores times `scale`, as (B, Hq, S, T)."""
+def _scaled(b: _Body, scores, q):
+    """(B, Hkv, r·S, T) scores times `scale`, as (B, Hq, S, T)."""
     scale = b.attribute("scale")
-    flat = b.op("Reshape", scores5, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
+    flat = b.op("Reshape", scores, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
     return b.op("Mul", flat, scale)
 
 
@@ -183,6 +190,12 @@ def _zero():
     import onnx_ir as ir
 
     return ir.tensor(np.zeros(1, np.float32))
+
+
+def _minus_inf():
+    import onnx_ir as ir
+
+    return ir.tensor(np.full(1, float("-inf"), np.float32))
 
 
 def _one():
@@ -198,65 +211,155 @@ def _one():
 # kvcompile::attention
 
 
-def _emit_attention(q, k, v, mask, scale, is_causal):
+def _emit_attention(q, k, v, mask, scale, is_causal, lengths=None):
+    if lengths is not None:
+        return _record_kvcompile("attention", [q, k, v, lengths], _attention_attrs(scale, is_causal), overload=LENGTHS)
     return _record_kvcompile("attention", [q, k, v, _bool_mask(mask)], _attention_attrs(scale, is_causal))
 
 
 def _attention_function(node):
-    b = _Body(["q", "k", "v", "mask"])
+    by_lengths = node.overload == LENGTHS
+    b = _Body(["q", "k", "v", "lengths" if by_lengths else "mask"])
     q, k, v, mask = b.inputs
+    if by_lengths:
+        mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(k, 2, 3))
     scores = b.op("MatMul", _by_kv_head(b, q, v), _keys_transposed(b, k))
     out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
-    return b.function("attention", out, attributes=("scale", "is_causal"))
+    return b.function("attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
 # kvcompile::pruned_attention
 
 
-def _groups_overload(count: int) -> str:
-    return f"groups{count}"
+def _groups_overload(count: int, by_lengths: bool = False) -> str:
+    return f"groups{count}" + (f"_{LENGTHS}" if by_lengths else "")
 
 
-def _emit_pruned_attention(q, k_groups, heads, channels, v, mask, scale, is_causal):
+def _emit_pruned_attention(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
     count = len(k_groups)
-    return _record_kvcompile("pruned_attention", [q, *k_groups, *heads, *channels, v, _bool_mask(mask)],
-                             _attention_attrs(scale, is_causal), overload=_groups_overload(count))
+    last = _bool_mask(mask) if lengths is None else lengths
+    return _record_kvcompile("pruned_attention", [q, *k_groups, *heads, *channels, v, last],
+                             _attention_attrs(scale, is_causal), overload=_groups_overload(count, lengths is not None))
 
 
 def _pruned_attention_function(node):
     """Scores per width group on the group's kept channels, stacked with one block of zeros and
-    gathered into KV-head order, (B, Hkv, r, S, T): a KV head in no group reads the zeros
+    gathered into KV-head order, (B, Hkv, r·S, T): a KV head in no group reads the zeros
     (uniform attention), as in the reference. The gather index is built on the Hkv head ids alone,
     so no per-score index tensor is materialized."""
-    count = (len(node.inputs) - 3) // 3  # q, count × (k, heads, channels), v, mask
-    names = ["q", *(f"k_{g}" for g in range(count)), *(f"heads_{g}" for g in range(count)),
-             *(f"channels_{g}" for g in range(count)), "v", "mask"]
-    b = _Body(names)
+    count = (len(node.inputs) - 3) // 3  # q, count × (k, heads, channels), v, mask or lengths
+    by_lengths = node.overload.endswith(LENGTHS)
+    b = _Body(["q", *_group_input_names(count), "v", "lengths" if by_lengths else "mask"])
     q, v, mask = b.inputs[0], b.inputs[-2], b.inputs[-1]
     keys, heads, channels = (b.inputs[1 + i * count : 1 + (i + 1) * count] for i in range(3))
+    if by_lengths:
+        mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(v, 2, 3))
     q5 = _by_kv_head(b, q, v)
+    # a KV head in no group scores 0 everywhere: uniform attention, as in the reference
+    scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero())
+    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
+    return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=node.overload)
+
+
+def _group_input_names(count: int) -> list[str]:
+    """Input names of `count` width groups, in the ops' flattened order: keys, heads, channels."""
+    return [*(f"k_{g}" for g in range(count)), *(f"heads_{g}" for g in range(count)),
+            *(f"channels_{g}" for g in range(count))]
+
+
+def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, length, fill):
+    """Scores per width group on the group's kept channels, stacked with one block of `fill` and
+    gathered into KV-head order, (B, Hkv, r·S, T): a KV head in no group reads the fill. The
+    gather index is built on the Hkv head ids alone, so no per-score index tensor is materialized."""
     blocks = []
     for k, group_heads, group_channels in zip(keys, heads, channels):
-        q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r, S, D)
-        index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2, 3)),
-                     b.op("Concat", b.shape(q_group, 0, 4), b.shape(group_channels, 1, 2), axis=0))
-        q_group = b.op("GatherElements", q_group, index, axis=4)  # (B, G, r, S, w)
-        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r, S, T)
-    zeros_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 4), b.shape(v, 2, 3), axis=0)
-    blocks.append(b.op("ConstantOfShape", zeros_shape, value=_zero()))
-    scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r, S, T)
+        q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r·S, D)
+        index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2)),
+                     b.op("Concat", b.shape(q_group, 0, 3), b.shape(group_channels, 1, 2), axis=0))
+        q_group = b.op("GatherElements", q_group, index, axis=3)  # (B, G, r·S, w)
+        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r·S, T)
+    fill_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3), length, axis=0)
+    blocks.append(b.op("ConstantOfShape", fill_shape, value=fill))
+    scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r·S, T)
+    if not heads:
+        return b.op("Expand", scores, b.op("Concat", b.shape(q5, 0, 1), num_kv_heads, b.shape(q5, 2, 3), length, axis=0))
+    return b.op("Gather", scores, _slots_among(b, b.op("Concat", *heads, axis=0), num_kv_heads), axis=1)
+
+
+def _slots_among(b: _Body, listed, num_heads):
+    """(Hkv,) int64: each KV head's place in `listed` (distinct head ids), len(listed) where absent."""
+    count = b.op("Shape", listed)
+    slots = b.op("Expand", count, num_heads)
+    places = b.op("Range", b.op("Constant", value_int=0), b.op("Squeeze", count), b.op("Constant", value_int=1))
+    return b.op("ScatterElements", slots, listed, places, axis=0)
+
+
+def _length_mask_nodes(b: _Body, lengths, s, t):
+    """ops._length_mask as nodes: (B, 1, S, T) bool, the S queries the last S of row b's lengths[b]
+    keys, query i seeing slots j <= lengths[b] - S + i. `s`, `t`: (1,) int64 sizes."""
+    zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
+    steps = b.op("Range", zero, b.op("Squeeze", s), one)  # (S,)
+    last_seen = b.op("Add", b.op("Sub", b.op("Unsqueeze", lengths, b.ints(1)), s), steps)  # (B, S)
+    slots = b.op("Range", zero, b.op("Squeeze", t), one)  # (T,)
+    seen = b.op("LessOrEqual", slots, b.op("Unsqueeze", last_seen, b.ints(2)))  # (B, S, T)
+    return b.op("Unsqueeze", seen, b.ints(1))
+
+
+# kvcompile::windowed_attention
+
+
+def _emit_windowed_attention(q, k_window, v_window, k_middle, heads, channels, v_middle, mask, scale, is_causal, sink,
+                             window_lengths=None, middle_lengths=None, window_start=None):
+    if window_lengths is None or window_start is not None:
+        raise TranslationError("kvcompile::windowed_attention is exported in its per-row lengths form only (the "
+                               "runtime's decode, window shifted by the cache): got a mask or a ring window_start")
+    count = len(k_middle)
+    return _record_kvcompile(
+        "windowed_attention", [q, k_window, v_window, *k_middle, *heads, *channels, v_middle, window_lengths,
+                               middle_lengths],
+        _attention_attrs(scale, is_causal), overload=_groups_overload(count, by_lengths=True),
+    )  # fmt: skip
+
+
+def _windowed_attention_function(node):
+    """One softmax over [middle, window] (ops.windowed_attention_reference with lengths, whose
+    split-KV partials combine to the same): window keys score on every channel, middle keys per
+    width group on the kept ones, streaming heads (in no group) score -inf on the middle; middle
+    probabilities then meet V for the heads the middle keeps V of (groups' heads, ascending)."""
+    count = (len(node.inputs) - 6) // 3  # q, k_window, v_window, count × (k, heads, channels), v_middle, 2 lengths
+    b = _Body(["q", "k_window", "v_window", *_group_input_names(count), "v_middle", "window_lengths",
+               "middle_lengths"])
+    q, k_window, v_window = b.inputs[:3]
+    v_middle, window_lengths, middle_lengths = b.inputs[-3:]
+    keys, heads, channels = (b.inputs[3 + i * count : 3 + (i + 1) * count] for i in range(3))
+    num_kv_heads, window, middle, s = b.shape(v_window, 1, 2), b.shape(v_window, 2, 3), b.shape(v_middle, 2, 3), b.shape(q, 2, 3)
+    q5 = _by_kv_head(b, q, v_window)
+    scores = b.op("MatMul", q5, _keys_transposed(b, k_window))  # (B, Hkv, r·S, Tw)
+    mask = _length_mask_nodes(b, window_lengths, s, window)  # (B, 1, S, Tw)
     if count:
-        # slot of each KV head in `scores`: its place among the groups' heads, else the zeros block
-        grouped = b.op("Concat", *heads, axis=0)
-        num_grouped = b.op("Shape", grouped)
-        slots = b.op("Expand", num_grouped, b.shape(v, 1, 2))
-        places = b.op("Range", b.op("Constant", value_int=0), b.op("Squeeze", num_grouped), b.op("Constant", value_int=1))
-        scores = b.op("Gather", scores, b.op("ScatterElements", slots, grouped, places, axis=0), axis=1)
-    else:
-        scores = b.op("Expand", scores, b.op("Concat", b.shape(q5, 0, 1), b.shape(v, 1, 2), b.shape(q5, 2, 4),
-                                             b.shape(v, 2, 3), axis=0))
-    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
-    return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=_groups_overload(count))
+        middle_scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, num_kv_heads, middle, _minus_inf())
+        scores = b.op("Concat", middle_scores, scores, axis=-1)  # (B, Hkv, r·S, M + Tw)
+        middle_mask = b.op("Expand", _length_mask_nodes(b, middle_lengths, b.ints(1), middle),
+                           b.op("Concat", b.shape(q, 0, 1), b.ints(1), s, middle, axis=0))  # every query sees the middle
+        mask = b.op("Concat", middle_mask, mask, axis=-1)
+    bias = b.op("Where", mask, b.op("Constant", value_float=0.0), b.op("Constant", value_float=float("-inf")))
+    probs = b.op("Softmax", b.op("Add", _scaled(b, scores, q), bias), axis=-1)  # (B, Hq, S, M + Tw)
+    probs = b.op("Reshape", probs, b.op("Concat", b.shape(v_window, 0, 2), b.ints(-1), b.shape(probs, 3, 4), axis=0))
+    out = b.op("MatMul", b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
+               b.op("Cast", v_window, to=_FLOAT))  # (B, Hkv, r·S, Dv)
+    if count:
+        listed = b.op("Concat", *heads, axis=0)
+        value_heads, _ = b.op("TopK", listed, b.op("Shape", listed), largest=0, num_outputs=2)  # ascending: v_middle's
+        middle_probs = b.op("Gather", b.op("Slice", probs, b.ints(0), middle, b.ints(-1)), value_heads, axis=1)
+        middle_out = b.op("MatMul", middle_probs, b.op("Cast", v_middle, to=_FLOAT))  # (B, Hm, r·S, Dv)
+        zeros = b.op("ConstantOfShape", b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3),
+                                             b.shape(v_middle, 3, 4), axis=0), value=_zero())
+        middle_out = b.op("Gather", b.op("Concat", middle_out, zeros, axis=1), _slots_among(b, value_heads, num_kv_heads),
+                          axis=1)  # (B, Hkv, r·S, Dv), 0 for streaming heads
+        out = b.op("Add", out, middle_out)
+    out = b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
+    return b.function("windowed_attention", b.op("CastLike", out, v_window), attributes=("scale", "is_causal"),
+                      overload=node.overload)
 
 
 # kvcompile::gather_kv_channels
@@ -306,54 +409,15 @@ def _project_heads_function(node):
     return b.function("project_heads", b.op("MatMul", b.op("Gather", x, heads, axis=1), weight))
 
 
-# kvcompile::attention_with_cache
-
-
-def _emit_attention_with_cache(q, past_k, past_v, new_k, new_v, scale: float):
-    """onnxruntime's GroupQueryAttention: tokens in (B, S, H·D) layout, the cache in
-    (B, Hkv, T, D); `seqlens_k` is each row's total length - 1 (no padding)."""
-    import onnx_ir as ir
-
-    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[3], new_k.shape[1]
-    if not all(isinstance(size, int) for size in (num_heads, head_dim, num_kv_heads)):
-        raise TranslationError(
-            f"GroupQueryAttention needs static head counts and head_dim, got q {q.shape}, k {new_k.shape}"
-        )
-
-    def constant(values, dtype=np.int64):
-        return _record("", "Constant", [], {"value": ir.tensor(np.asarray(values, dtype=dtype))})[0]
-
-    def tokens_major(x):  # (B, H, S, D) -> (B, S, H·D)
-        x = _record("", "Transpose", [x], {"perm": [0, 2, 1, 3]})[0]
-        return _record("", "Reshape", [x, constant([0, 0, -1])])[0]
-
-    def length(x):
-        return _record("", "Shape", [x], {"start": 2, "end": 3})[0]
-
-    total = _record("", "Add", [length(past_k), length(new_k)])[0]  # (1,) int64
-    batch = _record("", "Shape", [q], {"start": 0, "end": 1})[0]
-    seqlens_k = _record("", "Expand", [_record("", "Sub", [total, constant([1])])[0], batch])[0]
-    seqlens_k = _record("", "Cast", [seqlens_k], {"to": ir.DataType.INT32})[0]
-    total = _record("", "Cast", [_record("", "Reshape", [total, constant([], np.int64)])[0]], {"to": ir.DataType.INT32})[0]
-    out, present_k, present_v = _record(
-        MS_DOMAIN, "GroupQueryAttention",
-        [tokens_major(q), tokens_major(new_k), tokens_major(new_v), past_k, past_v, seqlens_k, total],
-        {"num_heads": num_heads, "kv_num_heads": num_kv_heads, "scale": float(scale)},
-        num_outputs=3,
-    )  # fmt: skip
-    out = _record("", "Reshape", [out, constant([0, 0, num_heads, head_dim])])[0]
-    return _record("", "Transpose", [out], {"perm": [0, 2, 1, 3]})[0], present_k, present_v
-
-
 # --------------------------------------------------------------------------------------------
 # the table
 
 
 TRANSLATIONS: dict[str, Translation] = {
     "attention": Translation(_emit_attention, _attention_function),
-    "attention_with_cache": Translation(_emit_attention_with_cache, None),
     "gather_kv_channels": Translation(_emit_gather_kv_channels, _gather_kv_channels_function),
     "pruned_attention": Translation(_emit_pruned_attention, _pruned_attention_function),
+    "windowed_attention": Translation(_emit_windowed_attention, _windowed_attention_function),
     "merge_heads": Translation(_emit_merge_heads, _merge_heads_function),
     "project_heads": Translation(_emit_project_heads, _project_heads_function),
 }
@@ -368,14 +432,12 @@ def translation_table() -> dict[torch._ops.OpOverload, Callable]:
 
 def add_functions(model) -> None:
     """Give an exported `onnx_ir.Model` the FUNCTION of each (op, overload) its `ai.kvcompile`
-    nodes call, and the imports of the domains its nodes use. Call it after torch.onnx.export
+    nodes call, and the import of the domain. Call it after torch.onnx.export
     returns: the exporter's opset conversion and optimizer inline every model-local function they
     see (run the optimizer afterwards with `inline=False`)."""
     import onnx_ir as ir
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == MS_DOMAIN:
-            model.opset_imports[MS_DOMAIN] = 1
         if node.domain != DOMAIN or (DOMAIN, node.op_type, node.overload) in model.functions:
             continue
         function = TRANSLATIONS[node.op_type].function(node)

@@ -90,26 +90,6 @@ def _(q, k, v, mask, scale, is_causal, lengths=None, window=0):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-@torch.library.custom_op("kvcompile::attention_with_cache", mutates_args=())
-def attention_with_cache(
-    q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the S new tokens' K/V to the cache's P and attend causally, the new tokens last
-    (query i sees keys 0..P+i); returns (output, present K, present V). The contract of
-    onnxruntime's GroupQueryAttention, which the ONNX export can emit for it."""
-    k, v = torch.cat([past_k, new_k], dim=2), torch.cat([past_v, new_v], dim=2)
-    past, seq = past_k.shape[2], q.shape[2]
-    allowed = torch.arange(past + seq, device=q.device) <= torch.arange(past, past + seq, device=q.device)[:, None]
-    return attention(q, k, v, allowed, scale, False), k, v
-
-
-@attention_with_cache.register_fake
-def _(q, past_k, past_v, new_k, new_v, scale):
-    k = torch.cat([past_k, new_k], dim=2)
-    v = torch.cat([past_v, new_v], dim=2)
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), k, v
-
-
 @torch.library.custom_op("kvcompile::gather_kv_channels", mutates_args=())
 def gather_kv_channels(x: torch.Tensor, heads: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D) -> (B, G, T, w): KV heads `heads` (G,), channels `channels[g]` of head g."""
@@ -373,7 +353,18 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> 
     """Write S new tokens into a cache in place: cache (B, H, C, w), new (B, H, S, w), slots (B, S)
     int64; cache[b, :, slots[b, i]] = new[b, :, i]. Other slots are left as they are. Declared
     mutating, so FX dead-code elimination keeps a call although it returns nothing."""
-    cache.scatter_(2, slots[:, None, :, None].expand(new.shape), new)
+    cache.scatter_(2, _token_index(slots, new), new)
+
+
+def cache_written(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`write_cache`'s result as a new tensor, `cache` unchanged: the write of a program that has no
+    mutation (the ONNX export, where the runtime hands the output the input's memory)."""
+    return cache.scatter(2, _token_index(slots, new), new)
+
+
+def _token_index(slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """slots (B, S) as a scatter index over new's (B, H, S, w)."""
+    return slots[:, None, :, None].expand(new.shape)
 
 
 @write_cache.register_fake

@@ -168,7 +168,8 @@ class CompressedKVCache:
         emptied: its tensors are copied into the buffers one at a time, and dropped).
 
         `valid` (B, S) bool marks each row's real tokens (None: all); they go to slots [0, n_b) in
-        order, padding nowhere. `capacity`: slots to allocate per row (default: room to grow)."""
+        order, padding nowhere. `capacity`: slots to allocate per row, exactly (default: room to
+        grow); the windowed layers' middles get what rows of that many tokens hold."""
         if self.buffers:
             raise CacheMismatch("write_prompt needs an empty cache; this one holds tokens")
         some = next(iter(present.values()))
@@ -185,7 +186,9 @@ class CompressedKVCache:
         self.lengths = torch.tensor(self.row_lengths, dtype=torch.int64, device=device)
         self._count_middle()
         longest = self.length
-        full = max(capacity or 0, _grown(longest, longest + 1))
+        # a given capacity is allocated as given (a reader that attends over whole buffers, the ONNX
+        # decode, pays for every slot); else room to grow
+        full = max(capacity, longest) if capacity else _grown(longest, longest + 1)
         for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == FULL]:
             self.buffers[name] = _with_capacity(tokens.pop(name)[:, :, :longest], full)
         for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == RING]:
@@ -207,7 +210,8 @@ class CompressedKVCache:
         source = torch.where(window_slots < plan.sink, window_slots, window_slots + middle[:, None]).clamp(max=last)
         self.buffers[key_window_entry(layer)] = _take_tokens(keys, source)
         self.buffers[value_window_entry(layer)] = _take_tokens(values, source)
-        middle_capacity = max(capacity, _grown(0, max(self.region_lengths(MIDDLE)) + plan.buffer))
+        # the middle of `capacity` tokens: rows of that many tokens will not outgrow it
+        middle_capacity = max(MIN_CAPACITY, max(self.region_lengths(MIDDLE)), plan.middle_length(capacity))
         source = (plan.sink + torch.arange(middle_capacity, device=device)).clamp(max=last).expand(len(middle), -1)
         for name, moved in self._middle_tokens(layer, _take_tokens(keys, source), _take_tokens(values, source)).items():
             self.buffers[name] = moved
@@ -313,9 +317,11 @@ def _grown(capacity: int, needed: int) -> int:
 
 
 def _with_capacity(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
-    """`tokens` (B, H, T, w) at the front of a new buffer of `capacity` slots."""
+    """`tokens` (B, H, T, w) at the front of a new buffer of `capacity` slots, the others zero: a
+    reader that masks slots past a row's count instead of cutting them (the ONNX decode attends
+    over the whole capacity) multiplies them by 0, which uninitialized NaNs would survive."""
     batch, heads, count, width = tokens.shape
-    buffer = tokens.new_empty(batch, heads, capacity, width)
+    buffer = tokens.new_zeros(batch, heads, capacity, width)
     buffer[:, :, :count] = tokens
     return buffer
 

@@ -31,7 +31,7 @@ from . import __version__
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model, load_model, model_max_length
 from .passes import PassError, SiteMatchError
 from .plan import ModelShape, Plan, PlanError
-from .stores import write_json
+from .stores import check_replaceable_directory, write_json
 
 # What a user can act on: reported as one line, `kvcompile: error: ...`, without a traceback
 # (`kvcompile --debug COMMAND` shows it). OSError: a path that is missing or not writable.
@@ -112,14 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=_run_importance)
 
     export = commands.add_parser("export", help="the default model under a plan as ONNX files onnxruntime runs")
-    export.add_argument("output", type=Path, help="folder for prefill.onnx, decode.onnx and manifest.json")
+    export.add_argument("output", type=Path, help="folder for prefill.onnx, decode.onnx, weights.bin, plan/ and "
+                        "manifest.json (an earlier export there is replaced)")
     _model_options(export)
     export.add_argument("--plan", required=True, metavar="PLAN", help="a plan directory or a built-in plan name")
-    export.add_argument("--drop-windows", action="store_true",
-                        help="export a windowed plan without its sink/recent windows (the ONNX export takes none yet)")
-    export.add_argument("--external-data", action="store_true", help="weights in external data files")
-    export.add_argument("--gqa", action="store_true",
-                        help="attention as onnxruntime's GroupQueryAttention (plans that only fold head merges)")
     export.set_defaults(run=_run_export)
 
     bench = commands.add_parser("bench", help="decode attention on a LeanK cache vs dense SDPA (CUDA)")
@@ -153,9 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(latency)
     latency.add_argument("--plans", nargs="+", metavar="PLAN",
                          default=["smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70"],
-                         help="plan directories or built-in names; windows are dropped (the export takes none)")
+                         help="plan directories or built-in names")
     latency.add_argument("--contexts", nargs="+", type=_positive_int, default=[2048, 8192])
-    latency.add_argument("--reps", type=_positive_int, default=10, help="timed steps per variant and context")
+    latency.add_argument("--reps", type=_positive_int, default=20,
+                         help="timed steps per variant and context, after one untimed (median, min-max)")
     latency.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     latency.set_defaults(run=_run_onnx_latency)
 
@@ -262,20 +259,20 @@ def _run_importance(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .export.onnx import OnnxExportError, export_onnx
+    from .export.onnx_runtime import MANIFEST
 
     plan = _load_plan(args.plan)
-    if plan.windowed:  # refused before the model loads, with the way out
-        if not args.drop_windows:
-            raise SettingsError(f"--plan {args.plan}: keeps full-channel windows (sink {plan.sink}, recent {plan.recent}), "
-                                "which the ONNX export does not take yet: pass --drop-windows to export it without them")
-        plan = plan.with_windows(0, 0)
+    try:
+        check_replaceable_directory(args.output, MANIFEST)  # before the model loads
+    except FileExistsError as err:
+        raise SettingsError(f"OUTPUT {err}") from err
     model, _ = _load(args)
     try:
-        export_onnx(model, plan, args.output, external_data=args.external_data or None, gqa=args.gqa)
+        folder = export_onnx(model, plan, args.output)
     except OnnxExportError as err:
         print(f"kvcompile export: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output / 'prefill.onnx'}, {args.output / 'decode.onnx'}")
+    print(f"wrote {', '.join(sorted(path.name for path in folder.iterdir()))} to {folder}")
     return 0
 
 
@@ -325,10 +322,7 @@ def _run_onnx_latency(args: argparse.Namespace) -> int:
     from .benchmarks import onnx_latency
 
     model, _ = _load(args)
-    plans = {}
-    for spec in args.plans:
-        plan = _load_plan(spec)
-        plans[Path(spec).name + ("-nowin" if plan.windowed else "")] = plan.with_windows(0, 0)
+    plans = {Path(spec).name: _load_plan(spec) for spec in args.plans}
     report = onnx_latency.run(model, plans, tuple(args.contexts), reps=args.reps)
     return _print_report(onnx_latency.format_table(report), report, args.json)
 

@@ -22,10 +22,10 @@ import torch.fx
 from .passes import (
     PassManager,
     attend_with_prefill_mask,
+    cache_writes_as_outputs,
     canonicalize_attention,
     extract_cache_encoder,
     find_attention_sites,
-    fuse_cache_update,
     lower_cache_sites,
     merge_kv_heads,
     plan_attention_in_hf_graph,
@@ -51,8 +51,8 @@ class PhaseStages:
 
 EXPLICIT = PhaseStages(PREFILL, DECODE)
 IN_PLACE = PhaseStages(PREFILL + (attend_with_prefill_mask,), DECODE + (write_cache_in_place,))
-# ONNX export, gqa=True: each site's cache update and attention as one op onnxruntime implements.
-FUSED_CACHE_UPDATE = (fuse_cache_update,)
+# ONNX export: the runtime's decode, its cache writes returned (onnxruntime binds them to the inputs' memory).
+CACHE_WRITES_AS_OUTPUTS = (cache_writes_as_outputs,)
 # The torch.compile backend, on the torch-level graphs dynamo captures from a transformers forward:
 # sites on a StaticCompressedCache, then attention on transformers' own cache.
 HF_GRAPH = (lower_cache_sites, plan_attention_in_hf_graph)

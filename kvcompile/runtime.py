@@ -143,12 +143,9 @@ class TransformedModel(torch.nn.Module):
     def _prefill(self, input_ids, attention_mask, max_cache_len, cache):
         batch, seq = input_ids.shape
         valid = self._padding_mask(attention_mask, batch, seq)
-        positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # transformers' positions under padding
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=self._device).tril()
-        # a padding query attends to itself alone: its row stays finite and nothing reads it
-        mask = (causal & valid[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=self._device)
+        positions, mask = prompt_positions_and_mask(valid)
         logits, present = call_program(self.prefill_program, input_ids, positions, self.empty_cache(batch),
-                                       {PREFILL_MASK: mask[:, None]})
+                                       {PREFILL_MASK: mask})
         cache = cache if cache is not None else CompressedKVCache(self.plan, self.shape)
         cache.check_written_by(self.plan, self.shape)
         cache.write_prompt(present, None if bool(valid.all()) else valid, max_cache_len)
@@ -174,14 +171,7 @@ class TransformedModel(torch.nn.Module):
         return logits, cache
 
     def _padding_mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor:
-        if attention_mask is None:
-            return torch.ones(batch, seq, dtype=torch.bool, device=self._device)
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(batch, seq)}")
-        valid = attention_mask.to(self._device).bool()
-        if not bool(valid.any(1).all()):
-            raise ValueError("attention_mask has a row without tokens (all zeros)")
-        return valid
+        return padding_mask(attention_mask, batch, seq, self._device)
 
     @torch.no_grad()
     def encode_dense_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -264,11 +254,8 @@ class TransformedModel(torch.nn.Module):
         tokens = input_ids.to(self._device)
         batch, seq = tokens.shape
         out = self(tokens, attention_mask=attention_mask, use_cache=True, max_cache_len=seq + max_new_tokens)
-        last = torch.full((batch,), seq - 1, device=self._device)
-        if attention_mask is not None:  # each row's last real token (right padding ends rows early)
-            real = attention_mask.to(self._device).bool()
-            last = torch.where(real, torch.arange(seq, device=self._device), -1).amax(1)
-        logits = out.logits[torch.arange(batch, device=self._device), last]
+        valid = None if attention_mask is None else attention_mask.to(self._device).bool()
+        logits = out.logits[torch.arange(batch, device=self._device), last_real_index(valid, batch, seq, self._device)]
         done = torch.zeros(batch, dtype=torch.bool, device=self._device)
         for step in range(max_new_tokens):
             logits = logits.float()
@@ -285,6 +272,38 @@ class TransformedModel(torch.nn.Module):
             out = self(next_token[:, None], past_key_values=out.past_key_values, use_cache=True)
             logits = out.logits[:, -1, :]
         return tokens
+
+
+def padding_mask(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
+    """A prompt's real tokens (B, S) bool from a transformers `attention_mask` (None: all real);
+    ValueError unless it has the prompt's shape and every row a real token."""
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(batch, seq)}")
+    valid = attention_mask.to(device).bool()
+    if not bool(valid.any(1).all()):
+        raise ValueError("attention_mask has a row without tokens (all zeros)")
+    return valid
+
+
+def prompt_positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill's `position_ids` (B, S) and `prefill_mask` (B, 1, S, S) for a prompt whose real
+    tokens are `valid` (B, S) bool: positions counted over real tokens as transformers does, each
+    real token attending to the real tokens up to it."""
+    seq, device = valid.shape[1], valid.device
+    positions = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)  # transformers' positions under padding
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    # a padding query attends to itself alone: its row stays finite and nothing reads it
+    mask = (causal & valid[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=device)
+    return positions, mask[:, None]
+
+
+def last_real_index(valid: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """Each row's last real prompt token (B,) (right padding ends rows early); `valid` None: no padding."""
+    if valid is None:
+        return torch.full((batch,), seq - 1, device=device)
+    return torch.where(valid, torch.arange(seq, device=device), -1).amax(1)
 
 
 def eos_token_ids(eos_token_id: int | list[int] | None, generation_config=None) -> list[int]:

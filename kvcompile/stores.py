@@ -13,6 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,40 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def directory_replaced_atomically(path: Path, marker: str) -> Iterator[Path]:
+    """Yield an empty sibling directory to write into; when the block ends without error it takes
+    the place of `path` (renames: readers see the old directory or the new one, never a mix), and
+    on error it is removed and `path` left as it was. An existing `path` must be empty or hold
+    `marker` (an earlier write of the same kind): anything else is refused, never replaced."""
+    path = Path(path)
+    check_replaceable_directory(path, marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_replaceable_directory(path: Path, marker: str) -> None:
+    """Raise FileExistsError unless `path` is absent, an empty directory or one holding `marker`."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    if any(path.iterdir()) and not (path / marker).is_file():
+        raise FileExistsError(f"{path}: a non-empty directory without {marker}; refusing to replace it")
 
 
 def write_json(path: Path, document: Any) -> None:

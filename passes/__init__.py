@@ -1,8 +1,8 @@
 """Graph passes over captured explicit-cache programs. Each module holds one pass; `graph` holds
 what they share, `manager` runs them. kvcompile/pipeline.py says which run in which order."""
 
-from .attention_with_cache import fuse_cache_update
 from .cache_sites import lower_cache_sites
+from .cache_writes_as_outputs import cache_writes_as_outputs
 from .cache_encoder import NotEncodable, extract_cache_encoder
 from .canonicalize import canonicalize_attention
 from .graph import PassError
@@ -24,10 +24,10 @@ __all__ = [
     "RoPE",
     "SiteMatchError",
     "attend_with_prefill_mask",
+    "cache_writes_as_outputs",
     "canonicalize_attention",
     "extract_cache_encoder",
     "find_attention_sites",
-    "fuse_cache_update",
     "lower_cache_sites",
     "merge_kv_heads",
     "plan_attention_in_hf_graph",

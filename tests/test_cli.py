@@ -39,7 +39,7 @@ def test_a_command_is_required(capsys):
         (["eval", "--plan", "/no/such/plan"], "/no/such/plan: no such plan directory, nor a built-in plan"),
         (["calibrate", "out", "--k-method", "learned"], "--k-method: invalid choice"),
         (["calibrate", "out", "--rope", "pre"], "--rope: invalid choice"),
-        (["export", "out", "--plan", "smollm2-135m-instruct/leank-k50"], "pass --drop-windows to export it without"),
+        (["export", "/", "--plan", "smollm2-135m-instruct/leank-k50"], "OUTPUT /: a non-empty directory without manifest.json"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(no_model, capsys, argv, message):

@@ -1,124 +1,118 @@
 """ONNX export of a transformed model: `export_onnx(model, plan, folder)` writes `prefill.onnx`,
-`decode.onnx` and `manifest.json`, which `kvcompile.export.onnx_runtime.generate` decodes greedily
-with stock onnxruntime, no kvcompile and no plugin. The ops' translations and function bodies are
-in kvcompile/kernels/onnx_functions.py, with the ops.
+`decode.onnx`, their weights once in `weights.bin`, the plan and `manifest.json`, which
+`kvcompile.export.onnx_runtime` decodes with stock onnxruntime, no plugin. The ops' translations
+and function bodies are in kvcompile/kernels/onnx_functions.py, with the ops.
 
 Design, and why:
 
-- **The programs are re-exported, not the model.** `compile_programs` makes, from the model's
-  capture, two ATen FX programs with an explicit cache (`past_X` in, `present_X` out, see
-  program.py). Re-exporting them with `torch.onnx.export(dynamo=True)` keeps that calling
-  convention verbatim, so the ONNX loop is: feed every `present_X` back as `past_X`. Batch, sequence and past
-  length stay dynamic (`dynamic_shapes`). The prefill reads no past, so its ONNX file takes only
-  `input_ids` and `position_ids`: the empty pasts are made inside the graph.
+- **The runtime's programs are exported.** The PyTorch runtime's prefill (prompt mask as an input:
+  padded batches) and decode (the cache as buffers with capacity, written at each row's slots,
+  attention up to each row's count; pipeline.IN_PLACE) are re-exported with
+  `torch.onnx.export(dynamo=True)`. ONNX has no mutation, so the decode returns each buffer it
+  writes (`present_X`, a ScatterElements of the new tokens into `past_X`,
+  passes/cache_writes_as_outputs.py); the loop binds `present_X` to `past_X`'s memory, so the
+  scatter writes in place and a step copies no byte of the cache.
+- **The cache is the runtime's own.** The loop keeps a `CompressedKVCache` (cache.py) on the
+  buffers onnxruntime reads and writes: the prompt is laid out, the per-row counts kept and the
+  window tokens moved to the pruned middle by the same code as in PyTorch, from the plan saved in
+  the folder. So windowed plans export, and the ONNX loop holds exactly the cache `transform` holds.
 - **Every `kvcompile::` op stays one node** of domain `ai.kvcompile` with a model-local FUNCTION
   (onnx_functions.py). The functions are added to the model only after `torch.onnx.export`
   returns, and its optimizer runs afterwards with `inline=False`: the exporter's opset conversion
-  and optimizer inline every model-local function they see.
-- **`gqa=True` hands attention to onnxruntime.** Where a plan leaves plain GQA attention, the
-  FUSED_CACHE_UPDATE stage turns each site's cache concats and attention into one
-  `kvcompile::attention_with_cache`, translated to `com.microsoft.GroupQueryAttention` (which
-  appends to the cache itself); every other plan is refused for it, by field.
-- **Windowed plans are refused.** Their runtime moves tokens from the full-channel window to the
-  pruned middle between calls (`cache.flush_windows`), which an ONNX loop would have to replicate;
-  until it does, exporting one would give a cache the loop cannot maintain. Any `kvcompile::` op
-  without a translation is refused by name too: a silent fallback would be a wrong model.
+  and optimizer inline every model-local function they see. An op without a translation is
+  refused by name: a silent fallback would be a wrong model.
+- **Weights once.** Both programs share the model's parameters; their initializers go to one
+  `weights.bin` that both files reference, each tensor stored once (by content).
+- **Atomic.** Everything is written into a temporary sibling folder that then takes the folder's
+  place, so an interrupted export leaves the old export whole (stores.directory_replaced_atomically).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
 
+from kvcompile.cache import CompressedKVCache
 from kvcompile.capture import capture
 from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
-from kvcompile.pipeline import FUSED_CACHE_UPDATE, compile_programs, run_stage
-from kvcompile.plan import Plan
-from kvcompile.program import TOKEN_INPUTS, Signature, call_program, clone_program, signature_of
-from kvcompile.runtime import eos_token_ids, transform
-from kvcompile.stores import write_json
+from kvcompile.layout import FULL, MIDDLE, WINDOW, entry_region
+from kvcompile.pipeline import CACHE_WRITES_AS_OUTPUTS, run_stage
+from kvcompile.plan import Plan, decoder_config
+from kvcompile.program import (
+    CACHE_LENGTHS,
+    CACHE_SLOTS,
+    MIDDLE_LENGTHS,
+    PREFILL_MASK,
+    TOKEN_INPUTS,
+    WINDOW_LENGTHS,
+    WINDOW_SLOTS,
+    Signature,
+    clone_program,
+    past,
+    signature_of,
+)
+from kvcompile.runtime import eos_token_ids, prompt_positions_and_mask, transform
+from kvcompile.stores import check_replaceable_directory, directory_replaced_atomically, write_json
 
-from .onnx_runtime import DECODE, MANIFEST, MANIFEST_FORMAT, PREFILL
+from .onnx_runtime import DECODE, MANIFEST, MANIFEST_FORMAT, PLAN, PREFILL, WEIGHTS
 
-# Above this many bytes of parameters the weights go to external data files (protobuf caps at 2 GB).
-EXTERNAL_DATA_THRESHOLD = 1.5e9
+# Initializers from this size on go to the shared weights file; smaller ones (shape constants) stay inline.
+INLINE_LIMIT = 1024
+# Offsets of the tensors in the weights file: page-aligned, so onnxruntime can map them.
+WEIGHTS_ALIGNMENT = 4096
 
 
 class OnnxExportError(RuntimeError):
     """The transformed model cannot be exported to ONNX (names the plan field or the op)."""
 
 
-def export_onnx(
-    model: torch.nn.Module,
-    plan: Plan,
-    path: str | Path,
-    *,
-    program: torch.fx.GraphModule | None = None,
-    external_data: bool | None = None,
-    gqa: bool = False,
-) -> Path:
+def export_onnx(model: torch.nn.Module, plan: Plan, path: str | Path, *,
+                program: torch.fx.GraphModule | None = None) -> Path:
     """Export `model` compiled for `plan` (`program`: its `kvcompile.capture`, to save tracing
-    again) to the folder `path`: the prefill and decode programs in the explicit-cache convention.
-
-    Writes `prefill.onnx`, `decode.onnx` and `manifest.json` (input and output names in order,
-    cache entries, model shape, plan fingerprint, dtype, EOS ids). `external_data`: store the
-    weights next to each file; by default only when the parameters exceed 1.5 GB. `gqa`: each
-    layer's cache update and attention as one onnxruntime `com.microsoft.GroupQueryAttention` node,
-    for plans that leave plain GQA attention (head merges folded into the weights, no K-channel
-    pruning). Returns the folder.
-    """
+    again) to the folder `path`, replacing an earlier export there (a non-empty folder that holds
+    no manifest is refused). Writes `prefill.onnx`, `decode.onnx`, `weights.bin` (the weights of
+    both), `plan/` and `manifest.json` (files, input and output names in order, model shape,
+    vocabulary size, plan fingerprint, dtype, EOS ids). Returns the folder."""
     import onnx
 
-    if gqa:
-        _check_plain_attention(plan)
-    if plan.windowed:
-        raise OnnxExportError(
-            f"plans with windows (plan.sink={plan.sink}, plan.recent={plan.recent}) are not supported by the ONNX "
-            "export yet: their runtime moves tokens between cache regions between calls (cache.flush_windows), "
-            "which the ONNX decode loop does not replicate; use plan.with_windows(0, 0) or the PyTorch runtime"
-        )
-    captured = program if program is not None else capture(model)
-    tm = transform(model, plan, program=captured)  # checks model and plan; the empty cache, dtype, EOS ids
-    compiled = compile_programs(captured, plan)  # the explicit-cache programs (the runtime's may write in place)
-    programs = {"prefill": compiled.prefill, "decode": compiled.decode}
-    if gqa:
-        programs = {phase: run_stage(FUSED_CACHE_UPDATE, clone_program(gm), plan) for phase, gm in programs.items()}
-    for phase, gm in programs.items():
-        _check_ops(gm, phase)
-    if external_data is None:
-        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_THRESHOLD
-
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    # the manifest, written last, marks a finished export: an interrupted one over an older export
-    # must not leave the old manifest describing the new files
-    (folder / MANIFEST).unlink(missing_ok=True)
-    prefill_module = _Prefill(programs["prefill"], tm.empty_cache)
-    decode_sig = signature_of(programs["decode"])
-    prefill_args, decode_args = _sample_calls(compiled.prefill, tm, decode_sig)
-    prefill = export_program(prefill_module, prefill_module.signature, prefill_args, prefill_dynamic_shapes())
-    decode = export_program(programs["decode"], decode_sig, decode_args, decode_dynamic_shapes(len(decode_sig.cache_inputs)))
-    for exported, file in ((prefill, PREFILL), (decode, DECODE)):
-        exported.save(folder / file, external_data=external_data)
-        onnx.checker.check_model(str(folder / file), full_check=True)
-
+    check_replaceable_directory(folder, MANIFEST)  # before minutes of tracing, not after
+    captured = program if program is not None else capture(model)
+    tm = transform(model, plan, program=captured)  # checks model and plan; the runtime's programs and cache
+    decode_program = run_stage(CACHE_WRITES_AS_OUTPUTS, clone_program(tm.decode_program), plan)
+    for phase, gm in (("prefill", tm.prefill_program), ("decode", decode_program)):
+        _check_ops(gm, phase)
+    prefill_module = _Prefill(tm.prefill_program, tm.empty_cache)
+    decode_sig = signature_of(decode_program)
+    prefill_args = _sample_prompt(tm.device)
+    decode_args = decode_sample_args(tm(prefill_args[0]).past_key_values, decode_sig)
+    programs = {
+        PREFILL: export_program(prefill_module, prefill_module.signature, prefill_args, prefill_dynamic_shapes()),
+        DECODE: export_program(decode_program, decode_sig, decode_args, decode_dynamic_shapes(decode_sig, plan)),
+    }
     manifest = {
         "format": MANIFEST_FORMAT,
         "prefill": {"file": PREFILL, **dataclasses.asdict(prefill_module.signature)},
         "decode": {"file": DECODE, **dataclasses.asdict(decode_sig)},
-        "cache_entries": decode_sig.cache_inputs,
+        "weights": {"file": WEIGHTS},
+        "plan": {"file": PLAN, "fingerprint": plan.fingerprint()},
         "shape": dataclasses.asdict(tm.shape),
-        "plan_fingerprint": plan.fingerprint(),
+        "vocab_size": decoder_config(model.config).vocab_size,
         "dtype": str(tm.dtype).removeprefix("torch."),
         "eos_token_id": eos_token_ids(None, tm.generation_config),
         "domain": {"name": DOMAIN, "version": DOMAIN_VERSION},
-        "attention": "com.microsoft.GroupQueryAttention" if gqa else f"{DOMAIN} functions",
-        "opset": prefill.model.opset_imports[""],
-        "external_data": external_data,
+        "opset": programs[PREFILL].model.opset_imports[""],
+        "cache": "decode writes each present_X into past_X: bind both to one buffer (see onnx_runtime.py)",
     }
-    write_json(folder / MANIFEST, manifest)
+    with directory_replaced_atomically(folder, MANIFEST) as staging:
+        store_with_shared_weights({file: exported.model for file, exported in programs.items()}, staging)
+        for file in programs:
+            onnx.checker.check_model(str(staging / file), full_check=True)
+        plan.save(staging / PLAN)
+        write_json(staging / MANIFEST, manifest)
     return folder
 
 
@@ -148,35 +142,54 @@ def export_program(module: torch.nn.Module, signature: Signature, args: tuple, d
     return program
 
 
+def store_with_shared_weights(models: dict[str, object], folder: Path) -> None:
+    """Save each `onnx_ir.Model` as `folder/{file}`, every initializer of INLINE_LIMIT bytes or more
+    moved to `folder/weights.bin`, stored once however many models (or names) hold the same tensor."""
+    import onnx_ir as ir
+
+    stored: dict[tuple, tuple[int, int]] = {}  # (dtype, shape, sha256) -> (offset, length)
+    with open(folder / WEIGHTS, "wb") as weights:
+        for model in models.values():
+            for value in model.graph.initializers.values():
+                tensor = value.const_value
+                data = tensor.tobytes()
+                if len(data) < INLINE_LIMIT:
+                    continue
+                key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data).hexdigest())
+                if key not in stored:
+                    offset = -weights.tell() % WEIGHTS_ALIGNMENT + weights.tell()
+                    weights.seek(offset)
+                    weights.write(data)
+                    stored[key] = (offset, len(data))
+                offset, length = stored[key]
+                value.const_value = ir.ExternalTensor(WEIGHTS, offset, length, tensor.dtype, shape=tensor.shape,
+                                                      name=value.name, base_dir=folder)
+    for file, model in models.items():
+        ir.save(model, folder / file)
+
+
 def prefill_dynamic_shapes():
-    """Dynamic batch and sequence of the prefill's token inputs."""
+    """Dynamic batch and sequence of the prefill's inputs: tokens, positions, prompt mask (B, 1, S, S)."""
     from torch.export import Dim
 
     batch, seq = Dim("batch"), Dim("seq")
-    return ({0: batch, 1: seq}, {0: batch, 1: seq})
+    return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 2: seq, 3: seq})
 
 
-def decode_dynamic_shapes(num_cache_inputs: int):
-    """Dynamic batch and sequence of a decode's token inputs, batch and past length of each of its
-    `num_cache_inputs` cache inputs (B, H, T, D)."""
+def decode_dynamic_shapes(signature: Signature, plan: Plan) -> tuple:
+    """Dynamic sizes of each decode input, in order: batch and new tokens of the tokens and slots,
+    batch of the lengths, batch and capacity of each cache buffer (one capacity per region: the
+    cache grows each region's buffers on its own)."""
     from torch.export import Dim
 
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
-    return ({0: batch, 1: seq}, {0: batch, 1: seq}, *({0: batch, 2: past} for _ in range(num_cache_inputs)))
-
-
-def _check_plain_attention(plan: Plan) -> None:
-    reasons = []
-    if plan.k_channels:
-        reasons.append(f"field k_channels prunes layers {sorted(plan.k_channels)}")
-    at_run_time = sorted(layer for layer, merge in plan.merges.items() if merge.rope == "post")
-    if at_run_time:
-        reasons.append(f"field merges: layers {at_run_time} merge with rope='post' (projections at run time)")
-    if reasons:
-        raise OnnxExportError(
-            "gqa=True needs plain GQA attention in every layer (head merges folded into the weights: rope='commute' "
-            "or 'none', no K-channel pruning): " + "; ".join(reasons)
-        )
+    batch, seq = Dim("batch"), Dim("seq")
+    capacity = {region: Dim(f"{region}_capacity") for region in (FULL, WINDOW, MIDDLE)}
+    per_index = {CACHE_SLOTS: {0: batch, 1: seq}, WINDOW_SLOTS: {0: batch, 1: seq}, CACHE_LENGTHS: {0: batch},
+                 WINDOW_LENGTHS: {0: batch}, MIDDLE_LENGTHS: {0: batch}}
+    shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}]
+    shapes += [{0: batch, 2: capacity[entry_region(plan, entry)]} for entry in signature.cache_inputs]
+    shapes += [per_index[name] for name in signature.index_inputs]
+    return tuple(shapes)
 
 
 def _check_ops(gm: torch.fx.GraphModule, phase: str) -> None:
@@ -191,34 +204,43 @@ def _check_ops(gm: torch.fx.GraphModule, phase: str) -> None:
 
 
 class _Prefill(torch.nn.Module):
-    """The prefill program with its empty pasts made inside, so the ONNX prefill takes only the prompt."""
+    """The prefill program with its empty pasts made inside, so the ONNX prefill takes only the
+    prompt: tokens, positions and the prompt mask."""
 
     def __init__(self, program: torch.fx.GraphModule, empty_cache):
         super().__init__()
         self.program = program
-        self.entries = signature_of(program).cache_inputs
         self.empty_cache = empty_cache  # TransformedModel.empty_cache, not a submodule: the parameters stay the program's
-        self.signature = Signature(inputs=list(TOKEN_INPUTS), outputs=list(signature_of(program).outputs))
+        self.signature = Signature(inputs=[*TOKEN_INPUTS, PREFILL_MASK], outputs=list(signature_of(program).outputs))
         self.eval()  # no dropout to speak of, but the exporter warns about training mode
 
-    def forward(self, input_ids, position_ids):
-        empty = self.empty_cache(input_ids.shape[0])
-        return self.program(input_ids, position_ids, *(empty[entry] for entry in self.entries))
+    def forward(self, input_ids, position_ids, prefill_mask):
+        values = {"input_ids": input_ids, "position_ids": position_ids, PREFILL_MASK: prefill_mask}
+        values.update({past(entry): tensor for entry, tensor in self.empty_cache(input_ids.shape[0]).items()})
+        return self.program(*(values[name] for name in signature_of(self.program).inputs))
 
 
-@torch.no_grad()
-def _sample_calls(prefill: torch.fx.GraphModule, tm, decode_sig: Signature) -> tuple[tuple, tuple]:
-    """Example arguments of the prefill (a prompt) and of the decode (new tokens, and the cache the
-    prefill writes for the prompt, so the decode's example pasts have exactly the loop's shapes).
-    Sizes distinct and > 1: export specializes sizes 0 and 1."""
-    batch, seq, new = 2, 4, 3
-    device = tm.device
-    prefill_args = (torch.zeros(batch, seq, dtype=torch.long, device=device),
-                    torch.arange(seq, device=device).expand(batch, -1))
-    _, written = call_program(prefill, *prefill_args, tm.empty_cache(batch))
-    decode_args = (
-        torch.zeros(batch, new, dtype=torch.long, device=device),
-        torch.arange(seq, seq + new, device=device).expand(batch, -1),
-        *(written[entry] for entry in decode_sig.cache_inputs),
-    )
-    return prefill_args, decode_args
+def _sample_prompt(device) -> tuple:
+    """Example arguments of the prefill: a prompt of 2 rows of 4 tokens, none padding."""
+    batch, seq = 2, 4
+    positions, mask = prompt_positions_and_mask(torch.ones(batch, seq, dtype=torch.bool, device=device))
+    return torch.zeros(batch, seq, dtype=torch.long, device=device), positions, mask
+
+
+def decode_sample_args(cache: CompressedKVCache, signature: Signature, new: int = 3) -> tuple:
+    """Example arguments of a decode of `new` tokens continuing `cache`, in `signature`'s order:
+    its index inputs, and buffers shaped like its own but with a distinct capacity per region, so
+    that export keeps the regions' capacities apart. Sizes > 1: export specializes sizes 0 and 1."""
+    device = cache.lengths.device
+    indices = cache.prepare_call(new)
+    window = cache.window_capacity(new)
+    capacity = {WINDOW: window, FULL: window + 11, MIDDLE: window + 23}
+    values = {
+        "input_ids": torch.zeros(cache.batch_size, new, dtype=torch.long, device=device),
+        "position_ids": cache.lengths[:, None] + torch.arange(new, device=device),
+        **indices,
+    }
+    for entry, buffer in cache.buffers.items():
+        size = capacity[entry_region(cache.plan, entry)]
+        values[past(entry)] = buffer.new_zeros(buffer.shape[0], buffer.shape[1], size, buffer.shape[3])
+    return tuple(values[name] for name in signature.inputs)
