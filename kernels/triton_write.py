@@ -10,7 +10,6 @@ unrolls over, so a program's loads are independent of each other and overlap.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -196,7 +196,6 @@ def _replace_output(gm, name: str, nodes: list[torch.fx.Node], names: list[str])
     output = gm.graph.output_node()
     values = list(output.args[0])
     position = sig.outputs.index(name)
-    old = values[position]
     values[position : position + 1] = nodes
     sig.outputs[position : position + 1] = names
     output.args = (tuple(values),)

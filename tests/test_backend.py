@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvcompile
-from kvcompile import Plan, PlanError
+from kvcompile import Plan
 from kvcompile.plan import LayerMerge
 from tests.masked_reference import decode, masked_reference_decode
 from tests.tiny_models import ARCHITECTURES, make_tiny_model, slow_unless

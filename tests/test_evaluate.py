@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import kvcompile
 from kvcompile import Plan
 from kvcompile.evaluation.evaluate import (QUICK, EvalSettings, Method, evaluate, figure, format_table, kv_bytes_per_token,
                                           length_label, plot, wilson_interval)

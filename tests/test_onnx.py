@@ -266,12 +266,7 @@ def test_smollm2_learned_plans_run_in_onnxruntime_like_transform(tmp_path, plan_
     # the prefill's token, then one per decode step
     want = tm.generate(prompt, max_new_tokens=SMOLLM2_STEPS + 1, eos_token_id=[])
     assert torch.equal(generate(onnx_model, prompt, max_new_tokens=SMOLLM2_STEPS + 1, eos_token_id=[]), want)
-    out = tm(prompt)
-    logits, cache = onnx_model.prefill(prompt)
-    worst = float((logits - out.logits).abs().max())
-    for token in want[:, prompt.shape[1]:-1].split(1, dim=1):
-        logits, out = onnx_model.decode(token, cache), tm(token, past_key_values=out.past_key_values)
-        worst = max(worst, float((logits - out.logits).abs().max()))
+    worst, cache, out = _worst_logit_difference(onnx_model, tm, prompt, want[:, prompt.shape[1]:-1])
     # 30 layers of fp32 in another summation order (logits of magnitude ~20)
     assert worst <= 2e-4
     assert cache.middle_lengths.tolist() == [256]  # tokens moved to the middle during the steps (128 at the prompt)
@@ -294,6 +289,18 @@ def test_smollm2_learned_plans_run_in_onnxruntime_like_transform(tmp_path, plan_
     assert total <= 1.1 * (weights + graphs)
 
 
+def _worst_logit_difference(onnx_model, tm, prompt, tokens):
+    """The largest logit difference between onnxruntime and `tm` over the prompt and then each of
+    `tokens` (B, n) fed one step at a time; with the last ONNX cache and the last `tm` output."""
+    out = tm(prompt)
+    logits, cache = onnx_model.prefill(prompt)
+    worst = float((logits - out.logits).abs().max())
+    for token in tokens.split(1, dim=1):
+        logits, out = onnx_model.decode(token, cache), tm(token, past_key_values=out.past_key_values)
+        worst = max(worst, float((logits - out.logits).abs().max()))
+    return worst, cache, out
+
+
 @pytest.mark.real_model
 def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_pytorch(tmp_path):
     """SmolLM2 with its 3 KV heads merged into one (post-RoPE SVD) in three layers and 50% of the K
@@ -310,11 +317,6 @@ def test_smollm2_with_merged_heads_and_a_static_plan_runs_in_onnxruntime_like_py
     tm, onnx_model = kvcompile.transform(model, plan, program=captured), load(folder)
     want = tm.generate(prompt, max_new_tokens=STEPS, do_sample=False)
     assert torch.equal(generate(onnx_model, prompt, max_new_tokens=STEPS), want)
-    out = tm(prompt)
-    logits, cache = onnx_model.prefill(prompt)
-    worst = float((logits - out.logits).abs().max())
-    for token in want[:, prompt.shape[1]:-1].split(1, dim=1):
-        logits, out = onnx_model.decode(token, cache), tm(token, past_key_values=out.past_key_values)
-        worst = max(worst, float((logits - out.logits).abs().max()))
+    worst, cache, out = _worst_logit_difference(onnx_model, tm, prompt, want[:, prompt.shape[1]:-1])
     assert worst <= 2e-4  # 1.01e-4 measured with the explicit-cache export
     assert cache.k_nbytes == plan.kv_nbytes(tm.shape, tm.dtype, 1, cache.length)[0]

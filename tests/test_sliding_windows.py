@@ -13,8 +13,6 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import kvcompile
 from kvcompile import Plan, PlanError
 from kvcompile.benchmarks.throughput import keep_everything_plan
-from kvcompile.passes.graph import PassError
-from kvcompile.pipeline import FUSED_CACHE_UPDATE, canonical_program, run_stage
 from tests.masked_reference import masked_attention, masked_reference_decode
 from tests.tiny_models import make_tiny_model, slow_unless
 
@@ -165,11 +163,7 @@ def test_calibration_prunes_sliding_layers_within_their_windows():
     assert plan.model.sliding_windows == (WINDOW, WINDOW) and sorted(plan.k_channels) == [0, 1]
     tm = kvcompile.transform(model, plan, program=program)
     prompt = _prompt(2, 9, seed=8)
-    got, _ = _transformed_decode(tm, prompt, 6)
-    fed = torch.stack([g.argmax(-1) for g in got[:-1]], dim=1)
-    want, _ = masked_reference_decode(model, prompt, plan.k_channels, next_tokens=fed, steps=6)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+    _assert_decodes_as_the_masked_reference(tm, model, plan.k_channels, prompt, steps=6, rtol=0)
 
 
 @pytest.mark.slow
@@ -184,11 +178,7 @@ def test_merged_heads_keep_their_window_too(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     tm = kvcompile.transform(model, plan, program=program)
     prompt = _prompt(2, 9, seed=3)
-    got, _ = _transformed_decode(tm, prompt, 8)
-    fed = torch.stack([g.argmax(-1) for g in got[:-1]], dim=1)
-    want, _ = masked_reference_decode(merged, prompt, plan.k_channels, next_tokens=fed, steps=8)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    _assert_decodes_as_the_masked_reference(tm, merged, plan.k_channels, prompt, steps=8, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", slow_unless(["mistral", "gemma3"], default=("mistral",)))
@@ -216,10 +206,16 @@ def test_compiled_on_the_static_cache_matches_transform(arch):
     assert {entry.shape[2] for layer in sliding for entry in cache.layers[layer].entries.values()} == {WINDOW}
 
 
-def test_windowed_plans_and_fused_cache_updates_leave_sliding_layers_alone():
-    model, program = _mistral()
-    no_plan = Plan.from_k_channels({})
-    with pytest.raises(PassError, match="layer 0: it attends a sliding window of 4 tokens, which the fused cache"):
-        run_stage(FUSED_CACHE_UPDATE, canonical_program(program, no_plan), no_plan)
+def test_windowed_plans_leave_sliding_layers_alone():
+    model, _ = _mistral()
     with pytest.raises(PlanError, match=r"layer 0, fields sink/recent: layer 0 attends a sliding window of 4 tokens"):
         kvcompile.transform(model, Plan.from_k_channels(K_CHANNELS, sink=2, recent=4))
+
+
+def _assert_decodes_as_the_masked_reference(tm, reference_model, k_channels, prompt, steps, rtol):
+    """`tm`'s greedy decode against `reference_model` with the unkept channels zeroed, fed the same tokens."""
+    got, _ = _transformed_decode(tm, prompt, steps)
+    fed = torch.stack([g.argmax(-1) for g in got[:-1]], dim=1)
+    want, _ = masked_reference_decode(reference_model, prompt, k_channels, next_tokens=fed, steps=steps)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=rtol)

@@ -21,7 +21,7 @@ what the passes later rewrite, for any architecture that captures.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +37,7 @@ from kvcompile.program import call_program, empty_entries, signature_of
 from kvcompile.rope import RopeLayout
 
 from . import bases, leank
-from .recipe import MERGE_METHODS, Recipe, RecipeError
+from .recipe import Recipe, RecipeError
 
 METHOD = "static-qk"
 _NO_PLAN = Plan.from_k_channels({})  # the dense model's programs

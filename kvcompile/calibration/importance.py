@@ -23,7 +23,7 @@ def _factors(plan: Plan) -> torch.Tensor:
 def summary(plan: Plan) -> str:
     """One line per layer: each KV head's kept count (S marks a streaming head) and mean factor."""
     factors = _factors(plan)
-    lines = [f"layer  kept channels per KV head (S: streaming)  mean factor per head"]
+    lines = ["layer  kept channels per KV head (S: streaming)  mean factor per head"]
     for layer in range(factors.shape[0]):
         kept = plan.kept_counts(layer) if layer in plan.k_channels else (factors.shape[2],) * factors.shape[1]
         cells = " ".join(f"{count:>3}" if count else "  S" for count in kept)
