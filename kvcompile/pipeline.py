@@ -9,8 +9,10 @@ benchmark and the golden tests all go through it. Stages run through `PassManage
 and recompiles the graph after every pass.
 
 Two sets of phase stages: `EXPLICIT` programs take the cache as inputs and return it extended
-(`present_` outputs: ONNX, tests); `IN_PLACE` programs, the runtime's, read their prefill mask from
-an input (padded batches) and write decode tokens into the cache's buffers (program.py).
+(`present_` outputs: the golden and pass tests' programs); `IN_PLACE` programs, the runtime's and
+the ONNX export's, read their prefill mask from an input (padded batches) and write decode tokens
+into the cache's buffers (program.py; the export then returns each written buffer,
+`CACHE_WRITES_AS_OUTPUTS`).
 """
 
 from __future__ import annotations
