@@ -102,7 +102,7 @@ def test_prefill_and_decode_match_pytorch_on_a_padded_batch(exported):
 def _region(cache, name):
     from kvcompile.layout import entry_region
 
-    return entry_region(cache.plan, name)
+    return entry_region(cache.plan, cache.shape, name)
 
 
 def test_generate_gives_transforms_tokens_and_padded_rows_equal_rows_alone(exported):

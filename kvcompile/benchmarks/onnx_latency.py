@@ -51,7 +51,7 @@ class _Variant:
         example = self.cache(random_dense_cache(shape, 2, 4, torch.float32, torch.device("cpu")), capacity=None)
         path = folder / f"decode-{plan.fingerprint()}.onnx"
         args = decode_sample_args(example, self.signature)
-        export_program(self.decode, self.signature, args, decode_dynamic_shapes(self.signature, plan)).save(path)
+        export_program(self.decode, self.signature, args, decode_dynamic_shapes(self.signature, plan, shape)).save(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.call = DecodeCall(self.session, self.signature)
 

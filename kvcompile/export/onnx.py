@@ -40,7 +40,7 @@ from kvcompile.capture import capture
 from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
 from kvcompile.layout import FULL, MIDDLE, WINDOW, entry_region
 from kvcompile.pipeline import CACHE_WRITES_AS_OUTPUTS, run_stage
-from kvcompile.plan import Plan, decoder_config
+from kvcompile.plan import ModelShape, Plan, decoder_config
 from kvcompile.program import (
     CACHE_LENGTHS,
     CACHE_SLOTS,
@@ -82,6 +82,10 @@ def export_onnx(model: torch.nn.Module, plan: Plan, path: str | Path, *,
     check_replaceable_directory(folder, MANIFEST)  # before minutes of tracing, not after
     captured = program if program is not None else capture(model)
     tm = transform(model, plan, program=captured)  # checks model and plan; the runtime's programs and cache
+    sliding = [layer for layer in range(tm.shape.num_layers) if tm.shape.window(layer) is not None]
+    if sliding:  # their caches are rings whose capacity the exported decode would have to follow
+        raise OnnxExportError(f"layers {sliding} attend sliding windows, whose ring caches the ONNX export does not "
+                              "keep yet: export a model without sliding-window layers")
     decode_program = run_stage(CACHE_WRITES_AS_OUTPUTS, clone_program(tm.decode_program), plan)
     for phase, gm in (("prefill", tm.prefill_program), ("decode", decode_program)):
         _check_ops(gm, phase)
@@ -91,7 +95,7 @@ def export_onnx(model: torch.nn.Module, plan: Plan, path: str | Path, *,
     decode_args = decode_sample_args(tm(prefill_args[0]).past_key_values, decode_sig)
     programs = {
         PREFILL: export_program(prefill_module, prefill_module.signature, prefill_args, prefill_dynamic_shapes()),
-        DECODE: export_program(decode_program, decode_sig, decode_args, decode_dynamic_shapes(decode_sig, plan)),
+        DECODE: export_program(decode_program, decode_sig, decode_args, decode_dynamic_shapes(decode_sig, plan, tm.shape)),
     }
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -176,7 +180,7 @@ def prefill_dynamic_shapes():
     return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 2: seq, 3: seq})
 
 
-def decode_dynamic_shapes(signature: Signature, plan: Plan) -> tuple:
+def decode_dynamic_shapes(signature: Signature, plan: Plan, shape: ModelShape) -> tuple:
     """Dynamic sizes of each decode input, in order: batch and new tokens of the tokens and slots,
     batch of the lengths, batch and capacity of each cache buffer (one capacity per region: the
     cache grows each region's buffers on its own)."""
@@ -187,7 +191,7 @@ def decode_dynamic_shapes(signature: Signature, plan: Plan) -> tuple:
     per_index = {CACHE_SLOTS: {0: batch, 1: seq}, WINDOW_SLOTS: {0: batch, 1: seq}, CACHE_LENGTHS: {0: batch},
                  WINDOW_LENGTHS: {0: batch}, MIDDLE_LENGTHS: {0: batch}}
     shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}]
-    shapes += [{0: batch, 2: capacity[entry_region(plan, entry)]} for entry in signature.cache_inputs]
+    shapes += [{0: batch, 2: capacity[entry_region(plan, shape, entry)]} for entry in signature.cache_inputs]
     shapes += [per_index[name] for name in signature.index_inputs]
     return tuple(shapes)
 
@@ -241,6 +245,6 @@ def decode_sample_args(cache: CompressedKVCache, signature: Signature, new: int 
         **indices,
     }
     for entry, buffer in cache.buffers.items():
-        size = capacity[entry_region(cache.plan, entry)]
+        size = capacity[entry_region(cache.plan, cache.shape, entry)]
         values[past(entry)] = buffer.new_zeros(buffer.shape[0], buffer.shape[1], size, buffer.shape[3])
     return tuple(values[name] for name in signature.inputs)
