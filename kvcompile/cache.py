@@ -192,8 +192,8 @@ class CompressedKVCache:
         for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == FULL]:
             self.buffers[name] = _with_capacity(tokens.pop(name)[:, :, :longest], full)
         for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == RING]:
-            capacity = self.ring_capacity(entry_layer(name), 1)
-            self.buffers[name] = _take_tokens(tokens.pop(name), _ring_sources(self.lengths, capacity))
+            ring = self.ring_capacity(entry_layer(name), 1)
+            self.buffers[name] = _take_tokens(tokens.pop(name), _ring_sources(self.lengths, ring))
         for layer in self._windowed_layers(tokens):
             self._split_window(layer, tokens, full)
 
