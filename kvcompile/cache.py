@@ -56,6 +56,15 @@ class CacheMismatch(ValueError):
 class CompressedKVCache:
     """Named cache buffers with per-row token counts, written in place by the model that made it."""
 
+    # what transformers' generate asks of a cache: the transformed model replays its own decode
+    # graphs (graphs.py), so generate must not compile the step around them
+    is_compileable = False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """transformers' question (5.24 on): which layers hold recurrent state instead of tokens."""
+        return [False] * self.shape.num_layers
+
     def __init__(self, plan: Plan, shape: ModelShape):
         self.plan, self.shape = plan, shape
         self.plan_fingerprint = plan.fingerprint()
@@ -144,6 +153,17 @@ class CompressedKVCache:
         clone.lengths = None if self.lengths is None else self.lengths.clone()
         clone.middle_lengths = None if self.middle_lengths is None else self.middle_lengths.clone()
         return clone
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Rows in the order of `beam_idx` (transformers' beam search), in place: the buffers keep
+        their addresses, which the decode graphs replay over."""
+        beam_idx = beam_idx.to(self.lengths.device)
+        for buffer in self.buffers.values():
+            buffer.copy_(buffer.index_select(0, beam_idx))
+        self.row_lengths = [self.row_lengths[row] for row in beam_idx.tolist()]
+        self.lengths = self.lengths.index_select(0, beam_idx)
+        if self.middle_lengths is not None:
+            self.middle_lengths = self.middle_lengths.index_select(0, beam_idx)
 
     def check_written_by(self, plan: Plan, shape: ModelShape) -> None:
         """Raise CacheMismatch unless this cache was written under `plan` for a model of `shape`."""

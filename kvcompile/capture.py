@@ -18,6 +18,7 @@ import torch
 import torch.fx
 from torch.export import Dim
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .layout import key_entry, value_entry
 from .plan import ModelShape
@@ -38,6 +39,11 @@ SOURCE_KEY = "kvcompile.source"  # weak reference to the model a program was cap
 USER_MODEL_PREFIX = "model."
 
 
+# transformers' name for the cache in a causal LM's forward() arguments and outputs (and generate's
+# model kwargs): `past_key_values`, then `cache` from 5.24 on, where the old name is deprecated
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class CaptureError(RuntimeError):
     """The model could not be traced into an explicit-cache program."""
 
@@ -51,7 +57,7 @@ class _ExplicitCacheLM(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, past_keys, past_values):
         cache = dynamic_cache_holding(past_keys, past_values)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{CACHE_NAME: cache})
         return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 

@@ -3,9 +3,11 @@
 The transformed model holds two programs compiled from one capture (pipeline.IN_PLACE): `prefill`
 (no past: dense attention under the prompt's padding mask, returns the compressed cache's tokens)
 and `decode` (writes its tokens into the cache's buffers and attends over them up to each row's
-count). It is called like a Hugging Face causal LM (`attention_mask` included, left or right
-padding) and generates like one. The cache (cache.py) keeps each row's real tokens only, moves
-window tokens to the pruned middle between calls, and grows by doubling.
+count). It is a transformers `PreTrainedModel`: called like the causal LM it was made from
+(`attention_mask` included, left or right padding), it generates through transformers' own
+`generate` (greedy, sampling, beams, logits processors, stopping criteria, streamers) and
+`pipeline("text-generation")`, on its compressed cache (cache.py), which keeps each row's real
+tokens only, moves window tokens to the pruned middle between calls, and grows by doubling.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import copy
 
 import torch
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
 from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
 
 from .cache import CompressedKVCache
-from .capture import program_for
+from .capture import CACHE_NAME, program_for
 from .graphs import GraphedDecode
 from .pipeline import IN_PLACE, compile_programs
 from .plan import ModelShape, Plan
@@ -59,12 +62,18 @@ def checked_model_shape(model: torch.nn.Module, plan: Plan) -> ModelShape:
     return shape
 
 
-class TransformedModel(torch.nn.Module):
+class TransformedModel(PreTrainedModel, GenerationMixin):
+    """A transformers causal LM whose KV cache follows a plan (see `transform`): called like the
+    model it was made from, and generating through transformers' own `generate` and pipelines."""
+
+    # the programs were captured from the user's model under its attention implementation; this
+    # model runs no attention of transformers' own, so it accepts whatever the config names
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
+
     def __init__(self, model: torch.nn.Module, plan: Plan, shape: ModelShape, program: torch.fx.GraphModule | None = None,
                  cuda_graphs: bool | None = None, compile_decode: bool = True):
-        super().__init__()
-        self.config = model.config
-        self.generation_config = getattr(model, "generation_config", None)
+        super().__init__(copy.deepcopy(model.config))  # transformers' model setup writes to its config
+        self.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
         self.plan = plan
         self.shape = shape
         self.captured = program_for(model, program, shape)  # for other pipelines (the ONNX export's)
@@ -106,6 +115,7 @@ class TransformedModel(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         max_cache_len: int | None = None,
         cache: CompressedKVCache | None = None,
+        return_dict: bool | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
         """Logits of `input_ids` (B, S) and, with `use_cache`, the cache extended by them. The cache
@@ -115,7 +125,9 @@ class TransformedModel(torch.nn.Module):
         real tokens, 0 for padding (either side), positions counted over real tokens as transformers
         does; each row keeps its real tokens. With a cache the call continues every row by all of
         `input_ids`: a given `attention_mask` (B, P + S) must mark them all real. `max_cache_len`:
-        slots to allocate per row at the prefill (default: grown by doubling when needed).
+        slots to allocate per row at the prefill (default: grown by doubling when needed). A
+        right-padded prompt's padding positions carry their row's last real logits, so every row's
+        last logits predict its next token. `return_dict=False` gives the output as a tuple.
         """
         if unused:
             raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
@@ -135,12 +147,33 @@ class TransformedModel(torch.nn.Module):
             )
         input_ids = input_ids.to(self._device)
         if past_key_values is None or past_key_values.length == 0:
-            logits, cache = self._prefill(input_ids, attention_mask, max_cache_len, past_key_values)
+            logits, cache = self._prefill_call(input_ids, attention_mask, max_cache_len, past_key_values)
         else:
-            logits, cache = self._decode(input_ids, attention_mask, past_key_values)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+            logits, cache = self._decode_call(input_ids, attention_mask, past_key_values)
+        out = CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache if use_cache else None})
+        return out if return_dict is not False else out.to_tuple()
 
-    def _prefill(self, input_ids, attention_mask, max_cache_len, cache):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length) -> None:
+        """transformers' `generate` runs on a CompressedKVCache: the caller's, or a new one whose
+        prefill allocates the whole generation's slots at once."""
+        cache = model_kwargs.get(CACHE_NAME)
+        if cache is not None:
+            if not isinstance(cache, CompressedKVCache):
+                raise TypeError(f"{CACHE_NAME} must be a CompressedKVCache this model returned, got {type(cache).__name__}")
+            if len(set(cache.row_lengths)) > 1:
+                raise NotImplementedError("generate() cannot continue a cache whose rows hold different numbers of "
+                                          "tokens (a padded batch's): call the model with the new tokens instead")
+            cache._is_user_defined = True  # transformers' mark: the cache outlives generate
+            return
+        if generation_config.cache_implementation is not None:
+            raise ValueError(f"cache_implementation={generation_config.cache_implementation!r}: a transformed model "
+                             "keeps its plan's compressed cache (leave cache_implementation unset)")
+        if generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = CompressedKVCache(self.plan, self.shape)
+            model_kwargs["max_cache_len"] = max_cache_length
+
+    def _prefill_call(self, input_ids, attention_mask, max_cache_len, cache):
         batch, seq = input_ids.shape
         valid = self._padding_mask(attention_mask, batch, seq)
         positions, mask = prompt_positions_and_mask(valid)
@@ -149,9 +182,11 @@ class TransformedModel(torch.nn.Module):
         cache = cache if cache is not None else CompressedKVCache(self.plan, self.shape)
         cache.check_written_by(self.plan, self.shape)
         cache.write_prompt(present, None if bool(valid.all()) else valid, max_cache_len)
+        if not bool(valid[:, -1].all()):
+            logits = carry_last_real_logits(logits, valid)
         return logits, cache
 
-    def _decode(self, input_ids, attention_mask, cache: CompressedKVCache):
+    def _decode_call(self, input_ids, attention_mask, cache: CompressedKVCache):
         cache.check_written_by(self.plan, self.shape)
         batch, seq = input_ids.shape
         if cache.batch_size != batch:
@@ -225,54 +260,6 @@ class TransformedModel(torch.nn.Module):
         merged.generation_config = copy.deepcopy(source.generation_config)
         merged.save_pretrained(path)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        generator: torch.Generator | None = None,
-        **unused,
-    ) -> torch.Tensor:
-        """Greedy or sampled continuation; returns prompt and new tokens, (B, S + new).
-
-        `attention_mask` marks a padded batch's real tokens (`generate(**tokenizer(prompts,
-        padding=True, return_tensors="pt"))`); each row continues from its own last real token,
-        so left and right padding give the same tokens. Rows that emit an EOS token keep emitting
-        it (as padding) until every row is done.
-        """
-        if unused:
-            raise TypeError(f"unsupported arguments: {', '.join(sorted(unused))}")
-        if do_sample:  # before the prefill: a bad setting fails at once, not after the prompt's work
-            _check_sampling(temperature, top_k, top_p)
-        eos = torch.tensor(eos_token_ids(eos_token_id, self.generation_config), device=self._device)
-        tokens = input_ids.to(self._device)
-        batch, seq = tokens.shape
-        out = self(tokens, attention_mask=attention_mask, use_cache=True, max_cache_len=seq + max_new_tokens)
-        valid = None if attention_mask is None else attention_mask.to(self._device).bool()
-        logits = out.logits[torch.arange(batch, device=self._device), last_real_index(valid, batch, seq, self._device)]
-        done = torch.zeros(batch, dtype=torch.bool, device=self._device)
-        for step in range(max_new_tokens):
-            logits = logits.float()
-            if do_sample:
-                next_token = _sample(logits, temperature, top_k, top_p, generator)
-            else:
-                next_token = logits.argmax(-1)
-            if eos.numel():
-                next_token = torch.where(done, eos[0].to(next_token.dtype), next_token)
-                done |= torch.isin(next_token, eos)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            out = self(next_token[:, None], past_key_values=out.past_key_values, use_cache=True)
-            logits = out.logits[:, -1, :]
-        return tokens
-
 
 def padding_mask(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
     """A prompt's real tokens (B, S) bool from a transformers `attention_mask` (None: all real);
@@ -299,6 +286,16 @@ def prompt_positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.
     return positions, mask[:, None]
 
 
+def carry_last_real_logits(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Prompt logits (B, S, V) where each padding position after a real token holds that row's last
+    real token's logits: right-padded rows then end on their next-token prediction, as generate
+    reads it at position -1 (the padding positions' own logits predict from padding)."""
+    index = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    last_real = torch.where(valid, index, -1).cummax(1).values
+    index = torch.where(last_real >= 0, last_real, index)  # left padding keeps its own rows
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+
+
 def last_real_index(valid: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
     """Each row's last real prompt token (B,) (right padding ends rows early); `valid` None: no padding."""
     if valid is None:
@@ -311,29 +308,3 @@ def eos_token_ids(eos_token_id: int | list[int] | None, generation_config=None) 
     if eos_token_id is None and generation_config is not None:
         eos_token_id = generation_config.eos_token_id
     return [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-
-
-def _check_sampling(temperature, top_k, top_p) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0: no top-k filtering), got {top_k}")
-    if top_p is not None and not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-
-
-def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
-    logits = logits / temperature
-    if top_k:  # 0 or None: no top-k filtering, as in transformers
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop_sorted[..., 0] = False  # top_p = 0 would drop it too: the most likely token stays
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

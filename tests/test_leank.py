@@ -35,6 +35,12 @@ def _learn(model, tokenizer, recipe=RECIPE, **kwargs):
     return kvcompile.calibrate(model, recipe, [calibration_text()[:20000]], tokenizer=tokenizer, progress=False, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def learned(model, tokenizer):
+    """RECIPE's plan, trained once for the tests that read it (training is deterministic)."""
+    return _learn(model, tokenizer)
+
+
 @pytest.mark.parametrize("sparsity, align", [(0.5, 4), (0.7, 4), (0.7, 16), (0.0, 8)])
 def test_hard_mask_keeps_the_target_share_in_aligned_counts(sparsity, align):
     factors = torch.rand(3, 2, 16, generator=torch.Generator().manual_seed(1))
@@ -80,8 +86,8 @@ def test_scaled_program_with_unit_factors_is_the_dense_program(model, tokenizer)
         assert (leank._run(trainer.scaled, answer, 40, cache) - dense).abs().max() > 1e-3
 
 
-def test_training_lowers_the_loss_and_meets_the_sparsity_exactly(model, tokenizer):
-    plan = _learn(model, tokenizer)
+def test_training_lowers_the_loss_and_meets_the_sparsity_exactly(learned):
+    plan = learned
     counts = [n for layer in range(2) for n in plan.kept_counts(layer)]
     assert all(n % 4 == 0 for n in counts)
     assert sum(counts) == 2 * 2 * 16 // 2
@@ -102,8 +108,8 @@ def test_stage_one_loss_falls(model, tokenizer):
     assert 0 <= trainer.factors.min() < 1 and trainer.factors.max() <= 1
 
 
-def test_a_stopped_run_resumes_to_the_same_plan(model, tokenizer, tmp_path, monkeypatch):
-    uninterrupted = _learn(model, tokenizer)
+def test_a_stopped_run_resumes_to_the_same_plan(model, tokenizer, learned, tmp_path, monkeypatch):
+    uninterrupted = learned
     real_step = leank._Trainer._train_step
     calls = {"n": 0}
 
@@ -149,8 +155,8 @@ def test_leank_needs_text_and_a_tokenizer(model):
         kvcompile.calibrate(model, RECIPE, torch.randint(0, 256, (1, 64)), progress=False)
 
 
-def test_the_plan_carries_its_factors_windows_and_provenance(model, tokenizer, tmp_path):
-    plan = _learn(model, tokenizer)
+def test_the_plan_carries_its_factors_windows_and_provenance(learned, tmp_path):
+    plan = learned
     assert (plan.sink, plan.recent) == (RECIPE.sink, RECIPE.recent)
     assert plan.importance.shape == (2, 2, 16) and 0 <= plan.importance.min() and plan.importance.max() <= 1
     mask = leank.hard_mask(plan.importance, RECIPE.k_sparsity, RECIPE.align)
@@ -160,9 +166,9 @@ def test_the_plan_carries_its_factors_windows_and_provenance(model, tokenizer, t
     assert torch.equal(loaded.importance, plan.importance) and loaded.meta == plan.meta
 
 
-def test_importance_summary_and_heatmap(model, tokenizer, tmp_path):
+def test_importance_summary_and_heatmap(learned, tmp_path):
     pytest.importorskip("matplotlib")
-    plan = _learn(model, tokenizer)
+    plan = learned
     lines = importance.summary(plan).splitlines()
     assert len(lines) == 1 + 2
     streaming = sum(count == 0 for layer in range(2) for count in plan.kept_counts(layer))

@@ -119,3 +119,34 @@ def test_leank_plan_through_the_backend_and_generate_on_smollm2(smollm2):
     assert cache.row_lengths == held
     shape = kvcompile.ModelShape.from_config(model.config)
     assert cache.nbytes == sum(plan.cache_nbytes(shape, torch.float32, 1, n) for n in held)
+
+
+def test_pipeline_and_streamed_generate_give_the_dense_models_text_on_smollm2(smollm2, capsys):
+    """transformers' own generation on the transformed SmolLM2: a keep-everything plan's pipeline
+    and streamed greedy text are the dense model's; leank-k50's beam search is the masked reference's
+    (the dense model scoring its middle keys with the plan's channels, same windows)."""
+    import transformers
+
+    from tests.masked_reference import Windows, masked_attention
+
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    shape = kvcompile.ModelShape.from_config(model.config)
+    keep = kvcompile.Plan.from_k_channels({layer: [list(range(64))] * 3 for layer in range(shape.num_layers)})
+    tm = kvcompile.transform(model, keep)
+    prompts = [evaluation_text()[:400], "The capital of France is"]
+    settings = dict(max_new_tokens=STEPS, do_sample=False)
+    want, got = (transformers.pipeline("text-generation", model=m, tokenizer=tokenizer)(prompts, **settings)
+                 for m in (model, tm))
+    assert got == want
+    inputs = tokenizer(prompts[1:], return_tensors="pt")
+    tokens = tm.generate(**inputs, streamer=transformers.TextStreamer(tokenizer, skip_prompt=True), **settings)
+    assert torch.equal(tokens, model.generate(**inputs, **settings))
+    assert capsys.readouterr().out.strip() == tokenizer.decode(tokens[0, inputs.input_ids.shape[1]:]).strip()
+
+    plan = kvcompile.Plan.load_builtin("smollm2-135m-instruct/leank-k50")
+    prompt = tokenizer(evaluation_text()[:3000], return_tensors="pt").input_ids[:, :500]
+    beams = dict(num_beams=3, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    with masked_attention(model, plan.k_channels, Windows(plan.sink, plan.recent, plan.buffer)):
+        want = model.generate(prompt, **beams)
+    assert torch.equal(kvcompile.transform(model, plan).generate(prompt, **beams), want)

@@ -62,7 +62,7 @@ def _max_difference(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("arch", slow_unless(["llama", "qwen2", "phi3", "qwen3"], default=("llama", "phi3")))
+@pytest.mark.parametrize("arch", slow_unless(["llama", "qwen2", "phi3", "qwen3"], default=("llama",)))
 def test_decode_matches_the_windowed_reference(arch):
     model, tm = _transform(arch)
     prompt = _prompt(2, 12)
