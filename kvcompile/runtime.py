@@ -181,8 +181,9 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
                                        {PREFILL_MASK: mask})
         cache = cache if cache is not None else CompressedKVCache(self.plan, self.shape)
         cache.check_written_by(self.plan, self.shape)
-        cache.write_prompt(present, None if bool(valid.all()) else valid, max_cache_len)
-        if not bool(valid[:, -1].all()):
+        padded = not bool(valid.all())
+        cache.write_prompt(present, valid if padded else None, max_cache_len)
+        if padded and not bool(valid[:, -1].all()):
             logits = carry_last_real_logits(logits, valid)
         return logits, cache
 
