@@ -96,7 +96,8 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
         # .to(), .half(), .cuda() ... would convert the user's model's own parameters, which the
         # programs share, and leave the programs' constants and this model's dtype behind
         raise RuntimeError("a transformed model shares its model's parameters and cannot be converted: convert the "
-                           "model (model.to(...)) and call kvcompile.transform on it again")
+                           "model (model.to(...)) and call kvcompile.transform on it again; a pipeline moves its model to "
+                           "cuda:0 on a CUDA machine unless given device=tm.device")
 
     @property
     def device(self) -> torch.device:

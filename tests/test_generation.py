@@ -151,8 +151,9 @@ def test_pipeline_and_a_tokenizers_batch_give_the_dense_models_text(capsys):
     tm = kvcompile.transform(model, _keep_everything(model))
     prompts = ["kv caches", "a compiler for the kv cache of llms"]
     settings = dict(max_new_tokens=8, do_sample=False)
-    want, got = (transformers.pipeline("text-generation", model=m, tokenizer=tokenizer)(prompts, **settings)
-                 for m in (model, tm))
+    # device given: on a CUDA machine a pipeline would otherwise move its model to cuda:0
+    want, got = (transformers.pipeline("text-generation", model=m, tokenizer=tokenizer, device=m.device)(
+                     prompts, **settings) for m in (model, tm))
     assert got == want and all(row[0]["generated_text"].startswith(p) for row, p in zip(got, prompts))
 
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
