@@ -312,6 +312,21 @@ def test_pruned_decode_with_ragged_lengths(group_size, plan):
     _assert_fp32_close(_pruned_triton(x, lengths=lengths, **FORCED_SPLIT), _pruned_reference(x, lengths))
 
 
+@pytest.mark.parametrize("plan", PLANS)
+def test_one_wave_launch_steps_narrow_regions_in_longer_blocks(plan, monkeypatch):
+    # every launch counts as one wave: width groups keeping few channels and uniform heads step
+    # through 32-token blocks where the window steps through 16; one piece per region (two splits
+    # for window and middle, one for pruned) so a piece holds several blocks, the last partial
+    monkeypatch.setattr(triton_decode, "PROGRAMS_PER_SM", 1 << 20)
+    assert [triton_decode._narrow_block(w, D, D, 16, growth=2) for w in (0, 5, 8, D)] == [32, 32, 16, 16]
+    x, window_lengths, middle_lengths = _ragged_windowed_inputs(plan, 3)
+    out = _windowed_triton(x, window_lengths=window_lengths, middle_lengths=middle_lengths, block_tokens=16, splits=2)
+    _assert_fp32_close(out, _windowed_reference(x, window_lengths, middle_lengths))
+    x, lengths = _ragged_pruned_inputs(plan, 3)
+    out = _pruned_triton(x, lengths=lengths, block_tokens=16, splits=1)
+    _assert_fp32_close(out, _pruned_reference(x, lengths))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_inputs_with_ragged_lengths(dtype):
     tol = TOLERANCE_16[dtype]
