@@ -224,3 +224,34 @@ def _assert_decodes_as_the_masked_reference(tm, reference_model, k_channels, pro
     want, _ = masked_reference_decode(reference_model, prompt, k_channels, next_tokens=fed, steps=steps)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=rtol)
+
+
+def test_leank_trains_sliding_layers_as_they_attend():
+    """LeanK's training programs (dense and scaled with unit factors) give the sliding model's own
+    hidden states after a prompt longer than the window, and the plan it learns decodes as the
+    masked reference."""
+    from kvcompile.calibration import leank
+    from kvcompile.calibration.recipe import LeanKTraining, Recipe
+    from kvcompile.evaluation.text import calibration_text
+    from kvcompile.pipeline import canonical_program
+    from tests.tiny_models import byte_level_tokenizer
+
+    model = make_tiny_model("mistral", sliding_window=WINDOW, vocab_size=256)
+    tokenizer, text = byte_level_tokenizer(), calibration_text()[:20000]
+    training = LeanKTraining(stage1_steps=4, stage2_steps=2, lr=0.1, lengths=(384,), tasks=("passkey",))
+    shape = kvcompile.ModelShape.from_config(model.config)
+    program = kvcompile.capture(model)
+    trainer = leank._Trainer(canonical_program(program, Plan.from_k_channels({})), shape, 0.5, 4, 0, 0, training,
+                             tokenizer, text)
+    prompt, answer = _prompt(1, 12, seed=1), _prompt(1, 5, seed=2)
+    with torch.no_grad():
+        want = model(torch.cat([prompt, answer], 1), output_hidden_states=True).hidden_states[-1][:, -5:]
+        cache = leank._prefill(trainer.dense, shape, prompt)
+        torch.testing.assert_close(leank._run(trainer.dense, answer, 12, cache), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leank._run(trainer.scaled, answer, 12, cache), want, atol=1e-5, rtol=1e-5)
+
+    recipe = Recipe(k_sparsity=0.5, align=4, k_method="leank", leank=training)
+    plan = kvcompile.calibrate(model, recipe, [text], tokenizer=tokenizer, program=program, progress=False)
+    assert plan.meta["method"] == "leank" and sorted(plan.k_channels) == [0, 1]
+    tm = kvcompile.transform(model, plan, program=program)
+    _assert_decodes_as_the_masked_reference(tm, model, plan.k_channels, _prompt(2, 9, seed=8), steps=6, rtol=0)
