@@ -44,8 +44,9 @@ def masked_softmax_attention(scores, v, mask, is_causal):
     """softmax(scores + mask) @ v, scores (B, Hq, S, T) already scaled, v (B, Hkv, T, D)."""
     scores = scores + _sequence_bias(mask, is_causal, scores.shape, scores.device)
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    repeats = scores.shape[1] // v.shape[1]
-    return probs @ v.repeat_interleave(repeats, dim=1)
+    b, hq, s, t = probs.shape
+    hkv = v.shape[1]
+    return _weighted_values(probs.reshape(b, hkv, hq // hkv, s, t), v).view(b, hq, s, -1)
 
 
 @torch.library.custom_op("kvcompile::attention", mutates_args=(), tags=_ANY_STRIDES)
@@ -72,15 +73,7 @@ def attention_reference(q, k, v, mask, scale, is_causal, lengths=None, window=0)
     elif lengths is not None:
         k, v = _cut_to_lengths("kvcompile::attention", lengths, [k, v], q.shape[2])
         mask = _length_mask(lengths, q.shape[2], k.shape[2])
-    repeats = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(
-        q,
-        k.repeat_interleave(repeats, dim=1),
-        v.repeat_interleave(repeats, dim=1),
-        attn_mask=mask,
-        is_causal=is_causal,
-        scale=scale,
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
     return out.contiguous()  # SDPA may return a transposed layout; the op's contract (its fake) is contiguous
 
 
@@ -143,7 +136,7 @@ def pruned_attention_reference(q, k_groups, heads, channels, v, mask, scale, is_
         g, w = group_channels.shape
         q_group = q_by_kv_head.index_select(1, group_heads)
         q_group = q_group.gather(-1, group_channels[None, :, None, None, :].expand(b, g, r, s, w))
-        group_scores = q_group.float() @ keys.float().unsqueeze(2).transpose(-1, -2)
+        group_scores = _scores(q_group.float(), keys.float())
         scores.index_copy_(1, group_heads, group_scores)
     scores = (scores * scale).view(b, hq, s, t)
     return masked_softmax_attention(scores, v, mask, is_causal)
@@ -223,16 +216,18 @@ def windowed_attention_reference(q, k_window, v_window, k_middle, heads, channel
     middle_bias = bias[..., sink : sink + middle]
 
     q_by_kv_head = q.view(b, hkv, r, s, d).float()
-    window_scores = q_by_kv_head @ k_window.float().unsqueeze(2).transpose(-1, -2) * scale + window_bias
+    window_scores = _scores(q_by_kv_head, k_window.float()) * scale + window_bias
     partials = [_partial_attention(window_scores, v_window)]
-    middle_heads = torch.cat(heads).sort().values if heads else None  # the heads v_middle holds
-    for keys, group_heads, group_channels in zip(k_middle, heads, channels):
-        g, w = group_channels.shape
-        q_group = q_by_kv_head.index_select(1, group_heads)
-        q_group = q_group.gather(-1, group_channels[None, :, None, None, :].expand(b, g, r, s, w))
-        scores = q_group @ keys.float().unsqueeze(2).transpose(-1, -2) * scale + middle_bias.index_select(1, group_heads)
-        values = v_middle.index_select(1, torch.searchsorted(middle_heads, group_heads))
-        partials.append(_on_all_heads(_partial_attention(scores, values), group_heads, hkv))
+    if heads:  # the middle: every group's scores in the rows of the heads v_middle holds, one partial
+        middle_heads = torch.cat(heads).sort().values
+        middle_scores = q_by_kv_head.new_empty(b, middle_heads.shape[0], r, s, middle)
+        for keys, group_heads, group_channels in zip(k_middle, heads, channels):
+            g, w = group_channels.shape
+            q_group = q_by_kv_head.index_select(1, group_heads)
+            q_group = q_group.gather(-1, group_channels[None, :, None, None, :].expand(b, g, r, s, w))
+            middle_scores.index_copy_(1, torch.searchsorted(middle_heads, group_heads), _scores(q_group, keys.float()))
+        middle_scores = middle_scores * scale + middle_bias.index_select(1, middle_heads)
+        partials.append(_on_all_heads(_partial_attention(middle_scores, v_middle), middle_heads, hkv))
     return _combine_partials(partials).view(b, hq, s, -1).to(v_window.dtype)
 
 
@@ -318,7 +313,7 @@ def _partial_attention(scores, v):
     else:
         row_max = scores.amax(-1, keepdim=True)
     probs = torch.exp(scores - _finite_or_zero(row_max))
-    return probs @ v.float().unsqueeze(2), row_max, probs.sum(-1, keepdim=True)
+    return _weighted_values(probs, v.float()), row_max, probs.sum(-1, keepdim=True)
 
 
 def _on_all_heads(partial, heads, num_heads):
@@ -450,3 +445,20 @@ def write_tokens_reference(caches, sources, heads, channels, slots) -> None:
 @write_tokens.register_fake
 def _(caches, sources, heads, channels, slots):
     return None
+
+
+# GQA without repeating K or V: the r query heads of a KV head are stacked as rows of one matrix
+# product with that head's keys or values. A broadcast matmul over r instead (q (.., r, S, d) @
+# k (.., 1, T, d)^T) would copy the keys r times, which on CPU costs more than the product.
+
+
+def _scores(q, keys):
+    """q (B, G, r, S, w) @ keys (B, G, T, w)^T -> (B, G, r, S, T)."""
+    b, g, r, s, w = q.shape
+    return (q.reshape(b, g, r * s, w) @ keys.transpose(-1, -2)).view(b, g, r, s, -1)
+
+
+def _weighted_values(probs, v):
+    """probs (B, G, r, S, T) @ v (B, G, T, Dv) -> (B, G, r, S, Dv)."""
+    b, g, r, s, t = probs.shape
+    return (probs.reshape(b, g, r * s, t) @ v).view(b, g, r, s, -1)
