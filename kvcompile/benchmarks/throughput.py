@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kvcompile.capture import capture, dynamic_cache_holding
+from kvcompile.capture import CACHE_NAME, capture, dynamic_cache_holding
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.runtime import transform
 from kvcompile.static_cache import cache_for
@@ -99,8 +99,8 @@ def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int
     def decode(count: int) -> None:
         nonlocal cache, token
         for _ in range(count):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **{CACHE_NAME: cache})
+            cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
 
     def timed_block() -> float:
         _synchronize(device)
@@ -210,15 +210,15 @@ def _static_compiled(model, layers, capacity: int):
     # one real update allocates each layer's static tensors; then the random context goes in place
     first = torch.zeros(batch, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        model(first, past_key_values=cache, cache_position=torch.zeros(1, dtype=torch.long, device=device))
+        model(first, cache_position=torch.zeros(1, dtype=torch.long, device=device), **{CACHE_NAME: cache})
     for layer, (keys, values) in zip(cache.layers, layers):
         layer.keys[:, :, :context] = keys
         layer.values[:, :, :context] = values
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     position = torch.tensor([context], device=device)
 
-    def step(token, past_key_values, use_cache=True):
-        out = compiled(token, past_key_values=past_key_values, cache_position=position, use_cache=use_cache)
+    def step(token, use_cache=True, **cache):
+        out = compiled(token, cache_position=position, use_cache=use_cache, **cache)
         position.add_(1)
         return out
 
@@ -238,10 +238,9 @@ def _compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capac
     # transformers before 5.2x computes positions from the cache's count unless given cache_position
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
 
-    def step(token, past_key_values, use_cache=True):
+    def step(token, use_cache=True, **cache):
         extra = {"cache_position": position} if takes_cache_position else {}
-        out = compiled(token, past_key_values=past_key_values, position_ids=position[None].expand(batch, 1),
-                       use_cache=use_cache, **extra)
+        out = compiled(token, position_ids=position[None].expand(batch, 1), use_cache=use_cache, **cache, **extra)
         position.add_(1)
         return out
 
