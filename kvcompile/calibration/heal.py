@@ -161,7 +161,7 @@ class _MergeMaps(torch.nn.Module):
 
     def healed(self) -> LayerMerge:
         with torch.no_grad():
-            maps = {name: tensor.detach().cpu().contiguous() for name, tensor in self.maps().items()}
+            maps = {name: tensor.cpu().contiguous() for name, tensor in self.maps().items()}
         return replace(self.merge, **maps)
 
 
@@ -209,20 +209,24 @@ class _PlannedAttention(torch.nn.Module):
     def __init__(self, student: _Student, layer: int, maps: _MergeMaps | None):
         super().__init__()
         self.student, self.layer, self.maps = student, layer, maps
+        shape = student.shape
+        kv_heads = [j // (shape.num_heads // shape.num_kv_heads) for j in range(shape.num_heads)]  # per query head
+        if maps is None:
+            self.owner, self.pieces = kv_heads, None
+        else:  # the merged head a query head scores against, and the columns of `up` that are its own
+            place = {h: (g, p) for g, group in enumerate(maps.merge.groups) for p, h in enumerate(group)}
+            self.owner = [place[h][0] for h in kv_heads]
+            self.pieces = [slice(place[h][1] * shape.head_dim, (place[h][1] + 1) * shape.head_dim) for h in kv_heads]
 
     def forward(self, q, k, v, mask, scale: float, is_causal: bool):
-        d, num_kv_heads = k.shape[-1], k.shape[1]
-        kv_head = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // num_kv_heads)  # each query head's
-        owner = kv_head
+        owner = torch.tensor(self.owner, device=q.device)
         if self.maps is not None:
-            merge, maps = self.maps.merge, self.maps.maps()
-            group_of = {h: (g, p) for g, group in enumerate(merge.groups) for p, h in enumerate(group)}
-            owner = torch.tensor([group_of[h][0] for h in kv_head.tolist()], device=q.device)
-            pieces = [slice(group_of[h][1] * d, (group_of[h][1] + 1) * d) for h in kv_head.tolist()]
-            query_maps = torch.stack([maps["key_up"][g][:, piece].T for g, piece in zip(owner.tolist(), pieces)])
-            output_maps = torch.stack([maps["value_up"][g][:, piece] for g, piece in zip(owner.tolist(), pieces)])
-            k = _merged_heads(k, merge.groups, maps["key_down"].to(k.dtype))
-            v = _merged_heads(v, merge.groups, maps["value_down"].to(v.dtype))
+            maps = self.maps.maps()
+            heads = list(zip(self.owner, self.pieces))
+            query_maps = torch.stack([maps["key_up"][g][:, piece].T for g, piece in heads])  # (Hq, d, s·d)
+            output_maps = torch.stack([maps["value_up"][g][:, piece] for g, piece in heads])  # (Hq, s·d, d)
+            k = _merged_heads(k, self.maps.merge.groups, maps["key_down"].to(k.dtype))
+            v = _merged_heads(v, self.maps.merge.groups, maps["value_down"].to(v.dtype))
             q = torch.einsum("bhsd,hde->bhse", q, query_maps.to(q.dtype))
         keys, values = k.index_select(1, owner), v.index_select(1, owner)  # one KV head per query head
         scores = q @ keys.transpose(-1, -2)
