@@ -7,6 +7,7 @@ and the calibration entry point; evaluation, benchmarks and export are subpackag
 from .backend import register as _register_backend
 from .cache import CompressedKVCache
 from .calibration.calibrate import calibrate
+from .calibration.heal import heal
 from .calibration.recipe import LeanKTraining, Recipe, RecipeError
 from .capture import CaptureError, capture
 from .plan import ModelShape, Plan, PlanError
@@ -41,5 +42,6 @@ __all__ = [
     "cache_for",
     "capture",
     "export_onnx",
+    "heal",
     "transform",
 ]

@@ -22,6 +22,7 @@ import torch
 from .benchmarks.throughput import METHODS as THROUGHPUT_METHODS
 from .calibration import importance
 from .calibration.calibrate import calibrate
+from .calibration.heal import heal
 from .calibration.recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
 from .cache import CacheMismatch
 from .capture import CaptureError, capture
@@ -100,8 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     leank_options.add_argument("--train-lengths", type=_positive_int, nargs="+", default=list(defaults.lengths),
                                help="prompt lengths, cycled over the steps")
     leank_options.add_argument("--train-tasks", nargs="+", choices=evaluate.tasks.TASKS, default=list(defaults.tasks))
-    leank_options.add_argument("--checkpoint", type=Path, help="where training state goes and resumes from "
-                               "(default OUTPUT/checkpoint)")
+    leank_options.add_argument("--checkpoint", type=Path, help="where training state goes and resumes from, "
+                               "healing's in its heal/ (default OUTPUT/checkpoint)")
+    healing = calib.add_argument_group("healing (merges): the merge maps distilled from the dense model")
+    healing.add_argument("--heal-steps", type=_positive_int, help="train the merged heads' maps for this many steps "
+                         "(default: no healing; needs --kv-group-size; train on a GPU)")
+    healing.add_argument("--heal-lr", type=_positive_float, default=1e-3)
+    healing.add_argument("--heal-seed", type=_positive_or_zero_int, default=0, help="the order of the text's chunks")
     calib.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     calib.add_argument("--no-progress", dest="progress", action="store_false")
     calib.set_defaults(run=_run_calibrate)
@@ -241,8 +247,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = _load(args)
     model = model.to(args.device)
+    checkpoint = args.checkpoint or args.output / "checkpoint"
     plan = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
-                     checkpoint_dir=args.checkpoint or args.output / "checkpoint")
+                     checkpoint_dir=checkpoint)
+    if args.heal_steps is not None:
+        plan = heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
+                    seed=args.heal_seed, checkpoint_dir=checkpoint / "heal", progress=args.progress)
     plan.save(args.output)
     print(f"wrote plan {plan.fingerprint()} to {args.output} ({time.perf_counter() - start:.0f} s on {args.device})",
           file=sys.stderr)
@@ -369,6 +379,8 @@ def _check_settings(args: argparse.Namespace) -> None:
     model = getattr(args, "model", None)
     if isinstance(model, Path) and not model.exists():
         raise SettingsError(f"--model {model}: no such directory or file")
+    if getattr(args, "heal_steps", None) is not None and args.kv_group_size is None:
+        raise SettingsError("--heal-steps: healing trains the maps of merged heads; add --kv-group-size")
     lengths = getattr(args, "lengths", None) or ()
     limit = model_max_length(model) if lengths else None
     too_long = [n for n in lengths if limit is not None and n > limit]

@@ -264,12 +264,12 @@ def test_an_edited_checkpoint_is_refused(tmp_path):
 def test_a_checkpoint_interrupted_between_its_files_is_refused(tmp_path, monkeypatch):
     """New tensors beside the previous state.json: resumed, they would pair a stage's factors with
     another's position; the recorded digest refuses them."""
-    from kvcompile.calibration import leank
+    from kvcompile.calibration import training
     from kvcompile.calibration.recipe import RecipeError
 
     model = _tiny_leank_model(0)
     saves = {"n": 0}
-    real_write_json = leank.write_json
+    real_write_json = training.write_json
 
     def stop_at_the_third_json(path, document):
         saves["n"] += 1
@@ -277,7 +277,7 @@ def test_a_checkpoint_interrupted_between_its_files_is_refused(tmp_path, monkeyp
             raise KeyboardInterrupt
         real_write_json(path, document)
 
-    monkeypatch.setattr(leank, "write_json", stop_at_the_third_json)
+    monkeypatch.setattr(training, "write_json", stop_at_the_third_json)
     with pytest.raises(KeyboardInterrupt):
         _short_leank(model, tmp_path)
     monkeypatch.undo()

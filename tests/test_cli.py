@@ -39,6 +39,8 @@ def test_a_command_is_required(capsys):
         (["eval", "--plan", "/no/such/plan"], "/no/such/plan: no such plan directory, nor a built-in plan"),
         (["calibrate", "out", "--k-method", "learned"], "--k-method: invalid choice"),
         (["calibrate", "out", "--rope", "pre"], "--rope: invalid choice"),
+        (["calibrate", "out", "--heal-steps", "3"], "--heal-steps: healing trains the maps of merged heads"),
+        (["calibrate", "out", "--kv-group-size", "2", "--heal-steps", "0"], "--heal-steps: must be a positive integer"),
         (["export", "/", "--plan", "smollm2-135m-instruct/leank-k50"], "OUTPUT /: a non-empty directory without manifest.json"),
     ],
 )
@@ -60,6 +62,16 @@ def test_eval_rows_table_json_and_plot(monkeypatch, tiny_model, byte_tokenizer, 
     assert report["settings"]["lengths"] == [1024] and report["settings"]["tasks"] == ["passkey"]
     assert "static-k50%" in capsys.readouterr().out
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_a_merge_and_heal_it(monkeypatch, tiny_model, byte_tokenizer, tmp_path):  # noqa: F811
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (tiny_model, byte_tokenizer))
+    plan_dir = tmp_path / "healed"
+    assert cli.main(["calibrate", str(plan_dir), "--kv-group-size", "2", "--calib-tokens", "512", "--heal-steps", "2",
+                     "--heal-lr", "0.01", "--heal-seed", "3", "--device", "cpu", "--no-progress"]) == 0
+    plan = Plan.load(plan_dir)
+    assert {k: plan.meta["heal"][k] for k in ("steps", "lr", "seed")} == {"steps": 2, "lr": 0.01, "seed": 3}
+    assert (plan_dir / "checkpoint" / "heal" / "state.json").is_file()
 
 
 def test_leank_calibrate_then_eval_with_and_without_windows_then_importance(

@@ -98,6 +98,32 @@ def commuting_merge(cov: Tensor, t: int, s: int, d: int, layout: RopeLayout) -> 
     return _orthonormal_merge(basis)
 
 
+def commuting_part(matrix: Tensor, d: int, layout: RopeLayout) -> Tensor:
+    """The orthogonal projection of a (a·d × b·d) map between a heads and b heads onto the maps of
+    `commuting_merge`'s form, which commute with RoPE: for each frequency, the 2×2 blocks of every
+    (head, head) pair become their nearest complex multiplication [[x, −y], [y, x]]; channels past
+    `rotary_dims` mix with the same channel of other heads only; everything else is 0.
+
+    Linear and differentiable: healing trains commuting maps as `commuting_part(free parameter)`.
+    """
+    rows, cols = matrix.shape[0] // d, matrix.shape[1] // d
+    if matrix.dim() != 2 or matrix.shape != (rows * d, cols * d):
+        raise ValueError(f"matrix must be (a·d × b·d) with d = {d}, got {tuple(matrix.shape)}")
+    first, second = rotary_pairs(layout, d)
+    block_aa = _block(_channel_ids(first, rows, d), _channel_ids(first, cols, d))
+    block_bb = _block(_channel_ids(second, rows, d), _channel_ids(second, cols, d))
+    block_ba = _block(_channel_ids(second, rows, d), _channel_ids(first, cols, d))
+    block_ab = _block(_channel_ids(first, rows, d), _channel_ids(second, cols, d))
+    real = (matrix[block_aa] + matrix[block_bb]) / 2
+    imag = (matrix[block_ba] - matrix[block_ab]) / 2
+    unrotated = torch.arange(layout.rotary_dims, d)
+    block_u = _block(_channel_ids(unrotated, rows, d), _channel_ids(unrotated, cols, d))
+    projected = torch.zeros_like(matrix)
+    projected = projected.index_put(block_aa, real).index_put(block_bb, real)
+    projected = projected.index_put(block_ba, imag).index_put(block_ab, -imag)
+    return projected.index_put(block_u, matrix[block_u])
+
+
 def mean_pool_merge(t: int, d: int) -> Merge:
     """The paper's baseline (s = 1): c = mean of the t heads, every head reconstructed as c.
 

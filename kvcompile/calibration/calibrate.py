@@ -90,13 +90,13 @@ def calibrate(
     """
     shape = ModelShape.from_config(model.config)
     recipe.check(shape)
-    _check_weights_finite(model)
+    check_weights_finite(model)
     captured = program_for(model, program, shape)
     canonical = canonical_program(captured, _NO_PLAN)
     if recipe.k_method == "leank" and recipe.k_sparsity is not None:
         return _learned_plan(canonical, shape, recipe, texts, tokenizer, checkpoint_dir, progress)
-    chunks = _calibration_chunks(texts, tokenizer, recipe)
-    _check_token_ids(chunks, model.config.vocab_size)
+    chunks = calibration_chunks(texts, tokenizer, recipe.calib_tokens, recipe.chunk_tokens)
+    check_token_ids(chunks, model.config.vocab_size)
     meta = {"calibration_tokens": sum(chunk.numel() for chunk in chunks)}
     merges, k_channels = {}, {}
     if recipe.kv_group_size is not None:
@@ -281,15 +281,16 @@ def _kept_channels(scores: dict[int, torch.Tensor], sparsity: float, align: int)
 # -- calibration text --------------------------------------------------------------------------
 
 
-def _calibration_chunks(texts, tokenizer, recipe: Recipe) -> list[torch.Tensor]:
-    """(1, chunk_tokens) token chunks, `calib_tokens` in all (fewer if the text runs out)."""
+def calibration_chunks(texts, tokenizer, tokens: int, chunk_tokens: int) -> list[torch.Tensor]:
+    """(1, chunk_tokens) token chunks of strings `texts`, `tokens` in all (fewer if the text runs
+    out); token-id tensors are taken as the chunks they are."""
     if isinstance(texts, torch.Tensor) or (texts and isinstance(texts[0], torch.Tensor)):
         return _as_chunks(texts)
     if tokenizer is None:
         raise RecipeError("texts are strings: pass tokenizer= to turn them into tokens")
     ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False).input_ids]
-    ids = torch.tensor(ids[: recipe.calib_tokens], dtype=torch.long)
-    chunks = [ids[i : i + recipe.chunk_tokens][None] for i in range(0, len(ids), recipe.chunk_tokens)]
+    ids = torch.tensor(ids[:tokens], dtype=torch.long)
+    chunks = [ids[i : i + chunk_tokens][None] for i in range(0, len(ids), chunk_tokens)]
     return _as_chunks([chunk for chunk in chunks if chunk.shape[1] > 1])
 
 
@@ -300,7 +301,7 @@ def _as_chunks(token_ids: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.T
     return chunks
 
 
-def _check_weights_finite(model: torch.nn.Module) -> None:
+def check_weights_finite(model: torch.nn.Module) -> None:
     """Scores of NaN weights are NaN, and NaN ranks anywhere: a plan from them would look like any other."""
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param).all()):
@@ -308,7 +309,7 @@ def _check_weights_finite(model: torch.nn.Module) -> None:
                               "meaningless plan")
 
 
-def _check_token_ids(chunks: list[torch.Tensor], vocab_size: int) -> None:
+def check_token_ids(chunks: list[torch.Tensor], vocab_size: int) -> None:
     for index, chunk in enumerate(chunks):
         if chunk.dtype.is_floating_point or chunk.dtype.is_complex or chunk.dtype == torch.bool:
             raise RecipeError(f"calibration chunk {index}: token ids must be integers, got {chunk.dtype}")

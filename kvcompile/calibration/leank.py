@@ -20,8 +20,6 @@ the plan. Both stages checkpoint (safetensors + JSON, no pickle) so a stopped ru
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -31,15 +29,14 @@ import torch.fx
 from tqdm import tqdm
 
 from kvcompile.kernels.ops import masked_softmax_attention
-from kvcompile.passes import find_attention_sites
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.program import call_program, clone_program, empty_entries, signature_of
-from kvcompile.stores import read_json, read_tensors, tensors_bytes, weights_fingerprint, write_atomically, write_json
+from kvcompile.stores import weights_fingerprint
 
 from .recipe import LeanKTraining, RecipeError
+from .training import Checkpoint, is_count, settings_fingerprint, warmup_decay, with_attention_modules
 
 METHOD = "leank"
-_STATE_JSON, _STATE_TENSORS = "state.json", "state.safetensors"
 _DENSE = Plan.from_k_channels({})  # training runs the dense canonical program
 
 
@@ -77,7 +74,7 @@ def learn_k_channels(
 ) -> tuple[dict[int, list[list[int]]], torch.Tensor, dict]:
     """Kept channels per layer and head, the learned factors (L, H, D) and the run's provenance."""
     trainer = _Trainer(canonical, shape, sparsity, align, sink, recent, training, tokenizer, haystack_text)
-    checkpoint = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), trainer.fingerprint())
+    checkpoint = None if checkpoint_dir is None else Checkpoint(Path(checkpoint_dir), trainer.fingerprint())
     trainer.run(checkpoint, progress)
     mask = hard_mask(trainer.factors, sparsity, align)
     channels = {layer: [mask[layer, head].nonzero().flatten().tolist() for head in range(shape.num_kv_heads)]
@@ -99,7 +96,7 @@ class _Trainer:
         self.stage = 1  # what the scaled program applies: soft factors (1) or the straight-through hard mask (2)
         self.weights = weights_fingerprint(canonical)
         self.dense = _final_hidden_program(canonical)
-        self.scaled = _with_scaled_attention(self.dense, self)
+        self.scaled = with_attention_modules(self.dense, lambda site: _ScaledKeyAttention(self, site.layer))
         self.samples = _training_samples(training, tokenizer, haystack_text)
         self.tokenizer = tokenizer
         self.losses: dict[int, list[float]] = {1: [], 2: []}  # per stage, the total loss of each step run here
@@ -109,9 +106,9 @@ class _Trainer:
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed: the model (its weights, not only its shape)
         and the recipe."""
-        settings = {"shape": vars(self.shape), "weights": self.weights, "sparsity": self.sparsity, "align": self.align,
-                    "sink": self.sink, "recent": self.recent, "training": asdict(self.training)}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
+        return settings_fingerprint({"shape": vars(self.shape), "weights": self.weights, "sparsity": self.sparsity,
+                                     "align": self.align, "sink": self.sink, "recent": self.recent,
+                                     "training": asdict(self.training)})
 
     def key_scales(self) -> torch.Tensor:
         if self.stage == 1:
@@ -119,9 +116,9 @@ class _Trainer:
         # straight through: the forward sees the hard mask, the gradient reaches the factors
         return self.factors + (hard_mask(self.factors, self.sparsity, self.align) - self.factors).detach()
 
-    def run(self, checkpoint: "_Checkpoint | None", progress: bool) -> None:
+    def run(self, checkpoint: Checkpoint | None, progress: bool) -> None:
         stages = ((1, self.training.stage1_steps), (2, self.training.stage2_steps))
-        resumed = checkpoint.restore(self) if checkpoint else None
+        resumed = self._restore(checkpoint) if checkpoint else None
         for stage, steps in stages:
             if resumed and stage < resumed:
                 continue
@@ -138,12 +135,30 @@ class _Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{self._sparsity():.2f}")
                 if checkpoint and (self.step % self.training.checkpoint_every == 0 or self.step == steps):
-                    checkpoint.save(self)
+                    checkpoint.save({"factors": self.factors}, self.optimizer, {
+                        "stage": self.stage, "step": self.step,
+                        "final_loss": {str(k): v for k, v in self.final_loss.items()}})
             bar.close()
+
+    def _restore(self, checkpoint: Checkpoint) -> int | None:
+        """Load a saved state into this trainer; the stage it resumes, or None when there is none."""
+        self.optimizer = torch.optim.AdamW([self.factors], lr=self.training.lr, weight_decay=0.0)
+        fields = checkpoint.restore({"factors": self.factors}, self.optimizer)
+        if fields is None:
+            self.optimizer = None
+            return None
+        steps = {1: self.training.stage1_steps, 2: self.training.stage2_steps}
+        stage, step, final_loss = fields.get("stage"), fields.get("step"), fields.get("final_loss")
+        if stage not in steps or not is_count(step, steps[stage]) or not isinstance(final_loss, dict):
+            raise RecipeError(f"{checkpoint.state_path}: not a state this run wrote (stage {stage!r}, step {step!r} of "
+                              f"{steps.get(stage, '?')}); use a fresh directory")
+        self.final_loss = {int(k): v for k, v in final_loss.items()}
+        self.stage, self.step = stage, step
+        return stage
 
     def _train_step(self, steps: int) -> tuple[float, float]:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.training.lr * _warmup_decay(self.step, steps, self.training.warmup)
+            group["lr"] = self.training.lr * warmup_decay(self.step, steps, self.training.warmup)
         sample = self.samples[self.step % len(self.samples)]
         answer = self.tokenizer(sample.ideal_answer, add_special_tokens=False, return_tensors="pt").input_ids
         device = self.factors.device
@@ -166,13 +181,6 @@ class _Trainer:
         if self.stage == 1:
             return float((self.factors < 0.5).float().mean())
         return float(1 - hard_mask(self.factors, self.sparsity, self.align).mean())
-
-
-def _warmup_decay(step: int, steps: int, warmup: float) -> float:
-    rise = max(1, math.ceil(warmup * steps))
-    if step < rise:
-        return (step + 1) / rise
-    return max(0.0, (steps - step) / max(1, steps - rise))
 
 
 def _training_samples(training: LeanKTraining, tokenizer, haystack_text: str) -> list:
@@ -225,19 +233,6 @@ def _middle_keys(queries: int, keys: int, sink: int, recent: int, device) -> tor
     return (j >= sink) & (j < seen - recent)
 
 
-def _with_scaled_attention(program: torch.fx.GraphModule, trainer: _Trainer) -> torch.fx.GraphModule:
-    gm = clone_program(program)
-    for site in find_attention_sites(gm):
-        name = f"scaled_attention_{site.layer}"
-        gm.add_submodule(name, _ScaledKeyAttention(trainer, site.layer))
-        with gm.graph.inserting_after(site.attention):
-            scaled = gm.graph.call_module(name, site.attention.args, site.attention.kwargs)
-        site.attention.replace_all_uses_with(scaled)
-        gm.graph.erase_node(site.attention)
-    gm.recompile()
-    return gm
-
-
 def _prefill(program: torch.fx.GraphModule, shape: ModelShape, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
     """The cache entries (by name) after a dense prefill of `prompt`."""
     dtype = next(program.parameters()).dtype
@@ -253,62 +248,3 @@ def _run(program, ids: torch.Tensor, past_length: int, cache: dict[str, torch.Te
 def _call(program, ids, past_length: int, cache: dict[str, torch.Tensor]):
     positions = torch.arange(past_length, past_length + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     return call_program(program, ids, positions, cache)
-
-
-# -- checkpoints ----------------------------------------------------------------------------------
-
-
-class _Checkpoint:
-    """The factors, the optimizer's moments and the position in the run, after every few steps."""
-
-    def __init__(self, directory: Path, fingerprint: str):
-        self.directory, self.fingerprint = directory, fingerprint
-
-    def save(self, trainer: _Trainer) -> None:
-        """The tensors, then the JSON recording their digest, each replaced in one rename (stores.py):
-        interrupted between the two, the pair is refused at restore, never resumed mismatched."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        state = trainer.optimizer.state.get(trainer.factors, {})
-        tensors = {"factors": trainer.factors.detach().cpu().contiguous()}
-        tensors.update({name: state[name].cpu().contiguous() for name in ("exp_avg", "exp_avg_sq") if name in state})
-        data, digest = tensors_bytes(tensors)
-        write_atomically(self.directory / _STATE_TENSORS, data)
-        write_json(self.directory / _STATE_JSON, {
-            "fingerprint": self.fingerprint, "tensors_sha256": digest, "stage": trainer.stage, "step": trainer.step,
-            "optimizer_steps": int(state["step"]) if "step" in state else 0,
-            "final_loss": {str(k): v for k, v in trainer.final_loss.items()},
-        })  # fmt: skip
-
-    def restore(self, trainer: _Trainer) -> int | None:
-        """Load a saved state into `trainer`; the stage it resumes, or None when there is none."""
-        path = self.directory / _STATE_JSON
-        if not path.exists():
-            return None
-        document = read_json(path, RecipeError)
-        if not isinstance(document, dict) or document.get("fingerprint") != self.fingerprint:
-            raise RecipeError(f"checkpoint {self.directory} is from another model or recipe; use a fresh directory")
-        steps = {1: trainer.training.stage1_steps, 2: trainer.training.stage2_steps}
-        stage, step, moments = document.get("stage"), document.get("step"), document.get("optimizer_steps")
-        if stage not in steps or not _is_count(step, steps[stage]) or not _is_count(moments, None) \
-                or not isinstance(document.get("final_loss"), dict) or not isinstance(document.get("tensors_sha256"), str):
-            raise RecipeError(f"{path}: not a state this run wrote (stage {stage!r}, step {step!r} of "
-                              f"{steps.get(stage, '?')}, optimizer steps {moments!r}); use a fresh directory")
-        tensors = read_tensors(self.directory / _STATE_TENSORS, document["tensors_sha256"], RecipeError)
-        if tensors.get("factors") is None or tensors["factors"].shape != trainer.factors.shape:
-            raise RecipeError(f"{self.directory / _STATE_TENSORS}: no factors of shape {tuple(trainer.factors.shape)}")
-        tensors = {name: tensor.to(trainer.factors.device) for name, tensor in tensors.items()}
-        with torch.no_grad():
-            trainer.factors.copy_(tensors["factors"])
-        trainer.final_loss = {int(k): v for k, v in document["final_loss"].items()}
-        trainer.stage, trainer.step = document["stage"], document["step"]
-        trainer.optimizer = torch.optim.AdamW([trainer.factors], lr=trainer.training.lr, weight_decay=0.0)
-        if "exp_avg" in tensors:
-            trainer.optimizer.state[trainer.factors] = {
-                "step": torch.tensor(float(document["optimizer_steps"])),
-                "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"],
-            }
-        return trainer.stage
-
-
-def _is_count(value, most: int | None) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value and (most is None or value <= most)

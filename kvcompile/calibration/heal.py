@@ -1,0 +1,355 @@
+"""Healing: a merge plan's maps trained by distillation from the dense model.
+
+`heal(model, plan, texts)` returns the plan with new merge tensors: the key and value `down`/`up`
+maps of every merged layer (plan.py's LayerMerge), trained so that the compressed model's
+next-token distributions move toward the dense model's (KL(dense || plan's model), the
+fine-tuning that Yu et al. 2024, Palu, TransMLA and MHA2MLA run after their SVD start). These maps
+are everything a merge changes: the merge pass folds them into the merged K/V projections (and
+biases), the query rows and the output columns (rope "commute"/"none"), or runs them as the
+post-RoPE group projections (rope "post"). The user's model stays frozen and untouched; K-channel
+masks and windows stay as they are. A commute merge stays one that commutes with RoPE: its key maps
+are trained as `bases.commuting_part` of free parameters, so the healed plan still folds into an
+ordinary GQA checkpoint (`TransformedModel.save_pretrained`).
+
+The student is the dense canonical program whose attention sites compute what the plan's programs
+compute, in plain differentiable torch (`_PlannedAttention`): keys and values merged per group,
+queries projected, outputs mapped back, and, in a plan that prunes K channels, the decode rules.
+Each calibration chunk runs as the transformed model runs a prompt and its continuation: its first
+half is the prompt (dense attention over the merged heads: the prefill), its second half one decode
+call (middle keys scored with the kept channels, streaming heads blind to them, plan.py). Without K
+channels the whole chunk is the prompt. tests/test_heal.py checks the healed plan's `transform`
+logits against this student.
+
+Deterministic from `seed` (the order of the chunks; the maps start from the plan's) on one device,
+and resumable: with `checkpoint_dir`, the maps and AdamW's moments are saved every
+`checkpoint_every` steps (training.py) and a run with the same model, plan and settings resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.fx
+from tqdm import tqdm
+
+from kvcompile.capture import program_for
+from kvcompile.kernels.ops import masked_softmax_attention
+from kvcompile.passes.sites import AttentionSite
+from kvcompile.pipeline import canonical_program
+from kvcompile.plan import LayerMerge, ModelShape, Plan
+from kvcompile.program import call_program, empty_entries, signature_of
+from kvcompile.rope import RopeLayout
+from kvcompile.runtime import checked_model_shape
+from kvcompile.stores import weights_fingerprint
+
+from .bases import commuting_part
+from .calibrate import calibration_chunks, check_token_ids, check_weights_finite
+from .recipe import RecipeError
+from .training import Checkpoint, is_count, settings_fingerprint, warmup_decay, with_attention_modules
+
+_MAPS = ("key_down", "key_up", "value_down", "value_up")
+_DENSE = Plan.from_k_channels({})  # the teacher, and the student's program before its attention is replaced
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a healing run depends on besides the model and the plan (recorded in the plan's meta)."""
+
+    steps: int
+    lr: float
+    seed: int
+    warmup: float
+    chunk_tokens: int
+    calib_tokens: int
+
+
+def heal(
+    model: torch.nn.Module,
+    plan: Plan,
+    texts: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    tokenizer=None,
+    steps: int = 200,
+    lr: float = 1e-3,
+    seed: int = 0,
+    warmup: float = 0.1,
+    chunk_tokens: int = 512,
+    calib_tokens: int = 65536,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    program: torch.fx.GraphModule | None = None,
+) -> Plan:
+    """`plan` with its merge maps trained for `steps` AdamW steps (learning rate `lr`, linear warm-up
+    over `warmup` of the steps, then linear decay) to bring the transformed model's next-token
+    distributions close to `model`'s on `texts` (strings with `tokenizer`, cut into chunks of
+    `chunk_tokens`, `calib_tokens` in all; or token-id tensors, each a chunk).
+
+    `model` is not modified. The result's meta records the healing (`meta["heal"]`: settings,
+    calibration tokens, first and last step's KL). `checkpoint_dir`: save the run there every
+    `checkpoint_every` steps, and resume from what it holds. `program`, from
+    `kvcompile.capture(model)`, saves tracing the model again.
+    """
+    settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens)
+    _check_settings(settings, checkpoint_every)
+    shape = checked_model_shape(model, plan)
+    if not plan.merges:
+        raise RecipeError("this plan merges no KV heads: healing trains the maps of merged heads (their key/value "
+                          "down/up tensors), and a plan that only prunes K channels carries none; heal a plan with "
+                          "merges (Recipe(kv_group_size=...))")
+    if isinstance(texts, (str, bytes)) or len(texts) == 0:
+        raise RecipeError("texts is empty: healing distills on calibration text; pass a list of strings (with "
+                          "tokenizer=) or of token-id tensors")
+    check_weights_finite(model)
+    chunks = calibration_chunks(texts, tokenizer, calib_tokens, chunk_tokens)
+    check_token_ids(chunks, model.config.vocab_size)
+    captured = program_for(model, program, shape)
+    canonical_program(captured, plan)  # the plan's own merge pass: a merge it cannot fold fails here, by layer
+    trainer = _Trainer(canonical_program(captured, _DENSE), plan, shape, chunks, settings)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        fingerprint = settings_fingerprint({"weights": weights_fingerprint(model), "plan": plan.fingerprint(),
+                                            "settings": asdict(settings)})
+        checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint)
+    trainer.run(checkpoint, checkpoint_every, progress)
+    record = {**asdict(settings), "calibration_tokens": sum(chunk.numel() for chunk in chunks),
+              "initial_loss": trainer.initial_loss, "final_loss": trainer.final_loss, "healed_from": plan.fingerprint()}
+    healed = plan.with_merges(trainer.student.healed_merges())
+    return replace(healed, meta={**plan.meta, "heal": record})
+
+
+def _check_settings(settings: _Settings, checkpoint_every: int) -> None:
+    for name in ("steps", "chunk_tokens", "calib_tokens"):
+        value = getattr(settings, name)
+        if not is_count(value) or value < 1:
+            raise RecipeError(f"heal: {name} must be a positive int, got {value!r}")
+    if settings.chunk_tokens < 2:
+        raise RecipeError(f"heal: chunk_tokens must be >= 2 (a token and the one it predicts), got {settings.chunk_tokens}")
+    if not is_count(checkpoint_every) or checkpoint_every < 1:
+        raise RecipeError(f"heal: checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
+        raise RecipeError(f"heal: lr must be a positive number, got {settings.lr!r}")
+    if not (isinstance(settings.warmup, (int, float)) and 0 <= settings.warmup <= 1):
+        raise RecipeError(f"heal: warmup must be a share of the steps in [0, 1], got {settings.warmup!r}")
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
+        raise RecipeError(f"heal: seed must be an int, got {settings.seed!r}")
+
+
+# -- the student ----------------------------------------------------------------------------------
+
+
+class _MergeMaps(torch.nn.Module):
+    """One merged layer's trainable maps, started from the plan's. In rope "commute" mode the key
+    maps used are `commuting_part` of the parameters, so every step keeps them commuting with RoPE."""
+
+    def __init__(self, merge: LayerMerge, layout: RopeLayout | None, head_dim: int):
+        super().__init__()
+        self.merge, self.layout, self.head_dim = merge, layout, head_dim
+        for name in _MAPS:
+            self.register_parameter(name, torch.nn.Parameter(getattr(merge, name).detach().float().clone()))
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        maps = {name: getattr(self, name) for name in _MAPS}
+        if self.layout is not None:
+            for name in ("key_down", "key_up"):
+                maps[name] = torch.stack([commuting_part(group, self.head_dim, self.layout) for group in maps[name]])
+        return maps
+
+    def healed(self) -> LayerMerge:
+        with torch.no_grad():
+            maps = {name: tensor.cpu().contiguous() for name, tensor in self.maps().items()}
+        return replace(self.merge, **maps)
+
+
+class _Student:
+    """The dense canonical program computing the plan's attention: differentiable in the merge maps."""
+
+    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape):
+        self.plan, self.shape = plan, shape
+        self.device = next(dense.parameters()).device
+        self.merge_maps: dict[int, _MergeMaps] = {}
+        self.prompt_length = 0  # tokens of the current chunk the prefill runs; the rest is one decode call
+        self.program = with_attention_modules(dense, self._attention_for)
+
+    def parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {f"merges.{layer}.{name}": getattr(maps, name) for layer, maps in self.merge_maps.items() for name in _MAPS}
+
+    def healed_merges(self) -> dict[int, LayerMerge]:
+        return {layer: maps.healed() for layer, maps in self.merge_maps.items()}
+
+    def logits(self, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        self.prompt_length = prompt_length
+        return _logits(self.program, self.shape, ids)
+
+    def _attention_for(self, site: AttentionSite) -> torch.nn.Module | None:
+        merge = self.plan.merges.get(site.layer)
+        if merge is None and site.layer not in self.plan.k_channels:
+            return None
+        maps = None
+        if merge is not None:
+            commutes = merge.rope == "commute" and site.rope is not None
+            layout = RopeLayout(site.rope.layout, site.rope.rotary_dims) if commutes else None
+            maps = self.merge_maps[site.layer] = _MergeMaps(merge, layout, self.shape.head_dim).to(self.device)
+        return _PlannedAttention(self, site.layer, maps)
+
+
+class _PlannedAttention(torch.nn.Module):
+    """`kvcompile::attention` of one layer as the plan's programs compute it, from the dense model's
+    post-RoPE q (B, Hq, S, d) and k, v (B, Hkv, T, d); output (B, Hq, S, d) in the model's head order.
+
+    Merged (bases.py): the group's keys and values become c = k_group @ down (s·d channels), query
+    head j of KV head h (the p-th of its group) scores q_j @ up_k,pᵀ against them, and its output
+    returns to d channels through up_v,p: the merge pass's folds, unfolded (they commute with RoPE).
+    Pruned: see the module docstring."""
+
+    def __init__(self, student: _Student, layer: int, maps: _MergeMaps | None):
+        super().__init__()
+        self.student, self.layer, self.maps = student, layer, maps
+        shape = student.shape
+        kv_heads = [j // (shape.num_heads // shape.num_kv_heads) for j in range(shape.num_heads)]  # per query head
+        if maps is None:
+            self.owner, self.pieces = kv_heads, None
+        else:  # the merged head a query head scores against, and the columns of `up` that are its own
+            place = {h: (g, p) for g, group in enumerate(maps.merge.groups) for p, h in enumerate(group)}
+            self.owner = [place[h][0] for h in kv_heads]
+            self.pieces = [slice(place[h][1] * shape.head_dim, (place[h][1] + 1) * shape.head_dim) for h in kv_heads]
+
+    def forward(self, q, k, v, mask, scale: float, is_causal: bool):
+        owner = torch.tensor(self.owner, device=q.device)
+        if self.maps is not None:
+            maps = self.maps.maps()
+            heads = list(zip(self.owner, self.pieces))
+            query_maps = torch.stack([maps["key_up"][g][:, piece].T for g, piece in heads])  # (Hq, d, s·d)
+            output_maps = torch.stack([maps["value_up"][g][:, piece] for g, piece in heads])  # (Hq, s·d, d)
+            k = _merged_heads(k, self.maps.merge.groups, maps["key_down"].to(k.dtype))
+            v = _merged_heads(v, self.maps.merge.groups, maps["value_down"].to(v.dtype))
+            q = torch.einsum("bhsd,hde->bhse", q, query_maps.to(q.dtype))
+        keys, values = k.index_select(1, owner), v.index_select(1, owner)  # one KV head per query head
+        scores = q @ keys.transpose(-1, -2)
+        if self.layer in self.student.plan.k_channels:
+            scores = self._decode_scores(scores, q, keys, owner)
+        out = masked_softmax_attention(scores * scale, values, mask, is_causal)
+        if self.maps is not None:
+            out = torch.einsum("bhse,hed->bhsd", out, output_maps.to(out.dtype))
+        return out
+
+    def _decode_scores(self, scores, q, keys, owner):
+        """Scores of the decode call's queries (the chunk past the prompt): middle keys (all keys
+        without windows) scored on the kept channels; in a windowed plan a streaming head does not
+        see them."""
+        plan, prompt_length = self.student.plan, self.student.prompt_length
+        queries, length = scores.shape[-2:]
+        kept = torch.zeros(len(plan.k_channels[self.layer]), keys.shape[-1], dtype=torch.bool, device=q.device)
+        for head, ids in enumerate(plan.k_channels[self.layer]):
+            kept[head, list(ids)] = True
+        kept = kept[owner]  # (Hq, width)
+        pruned = (q * kept[:, None, :].to(q.dtype)) @ keys.transpose(-1, -2)
+        decode = torch.arange(length - queries, length, device=q.device) >= prompt_length
+        columns = torch.arange(length, device=q.device)
+        middle = (columns >= plan.sink) & (columns < plan.sink + plan.middle_length(prompt_length)) \
+            if plan.windowed else torch.ones_like(columns, dtype=torch.bool)
+        in_middle = decode[:, None] & middle[None, :]  # (S, T)
+        scores = torch.where(in_middle, pruned, scores)
+        if plan.windowed:
+            streaming = ~kept.any(dim=-1)
+            scores = scores.masked_fill(streaming[:, None, None] & in_middle, float("-inf"))
+        return scores
+
+
+def _merged_heads(x: torch.Tensor, groups, down: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, d) -> (B, G, T, s·d): each group's heads concatenated per token, times down[g]
+    (the math of `kvcompile::merge_heads`, differentiable)."""
+    index = torch.tensor([h for group in groups for h in group], device=x.device)
+    b, _, length, d = x.shape
+    grouped = x.index_select(1, index).view(b, len(groups), -1, length, d)
+    return grouped.permute(0, 1, 3, 2, 4).reshape(b, len(groups), length, -1) @ down
+
+
+def _logits(program: torch.fx.GraphModule, shape: ModelShape, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a chunk `ids` (1, L) prefilled from an empty cache."""
+    param = next(program.parameters())
+    empty = empty_entries(signature_of(program).cache_inputs, _DENSE, shape, ids.shape[0], param.dtype, ids.device)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return call_program(program, ids, positions, empty)[0]
+
+
+def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over positions (nats)."""
+    teacher = teacher_logits.float().log_softmax(dim=-1)
+    student = student_logits.float().log_softmax(dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+
+
+def prompt_length(plan: Plan, chunk_length: int) -> int:
+    """Tokens of a chunk the student prefills: half of it when the plan prunes K channels (the other
+    half is the decode call, where pruning acts), all of it otherwise."""
+    return chunk_length // 2 if plan.k_channels else chunk_length
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+class _Trainer:
+    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, chunks: list[torch.Tensor],
+                 settings: _Settings):
+        self.dense, self.plan, self.shape, self.settings = dense, plan, shape, settings
+        self.student = _Student(dense, plan, shape)
+        self.trained = self.student.parameters()
+        self.device = self.student.device
+        self.chunks = chunks
+        self.order = _chunk_order(len(chunks), settings.steps, settings.seed)
+        self.optimizer = torch.optim.AdamW(list(self.trained.values()), lr=settings.lr, weight_decay=0.0)
+        self.step, self.initial_loss, self.final_loss = 0, None, None
+
+    def run(self, checkpoint: Checkpoint | None, checkpoint_every: int, progress: bool) -> None:
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        steps = self.settings.steps
+        bar = tqdm(total=steps, initial=self.step, desc="healing", unit="step", disable=not progress)
+        while self.step < steps:
+            loss = self._train_step()
+            self.initial_loss = loss if self.initial_loss is None else self.initial_loss
+            self.final_loss = loss
+            self.step += 1
+            bar.update()
+            bar.set_postfix(kl=f"{loss:.4f}")
+            if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == steps):
+                checkpoint.save(self.trained, self.optimizer, {
+                    "step": self.step, "initial_loss": self.initial_loss, "final_loss": self.final_loss})
+        bar.close()
+
+    def _train_step(self) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * warmup_decay(self.step, self.settings.steps, self.settings.warmup)
+        ids = self.chunks[self.order[self.step]].to(self.device)
+        with torch.no_grad():
+            teacher = _logits(self.dense, self.shape, ids)
+        student = self.student.logits(ids, prompt_length(self.plan, ids.shape[1]))
+        loss = distillation_loss(teacher, student)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(self.trained.values()))  # the model's own weights get no gradient
+        self.optimizer.step()
+        return round(loss.detach().item(), 6)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        fields = checkpoint.restore(self.trained, self.optimizer)
+        if fields is None:
+            return
+        step = fields.get("step")
+        losses = [fields.get("initial_loss"), fields.get("final_loss")]
+        if not is_count(step, self.settings.steps) or not all(isinstance(x, (int, float)) for x in losses):
+            raise RecipeError(f"{checkpoint.state_path}: not a state this run wrote (step {step!r} of "
+                              f"{self.settings.steps}); use a fresh directory")
+        self.step, (self.initial_loss, self.final_loss) = step, losses
+
+
+def _chunk_order(chunks: int, steps: int, seed: int) -> list[int]:
+    """The chunk each step trains on: a fresh permutation of all chunks per pass over them, drawn
+    from `seed`, so a resumed run sees what the uninterrupted one does."""
+    generator = torch.Generator().manual_seed(seed)
+    passes = math.ceil(steps / chunks)
+    return torch.cat([torch.randperm(chunks, generator=generator) for _ in range(passes)])[:steps].tolist()
