@@ -76,12 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     evaluation = commands.add_parser("eval", help="measure plans against the dense model on the same inputs")
-    _evaluation_options(evaluation, default_sparsities=[], default_output=None)
+    _evaluation_options(evaluation, demo=False)
     evaluation.set_defaults(run=_run_eval, run_mode="eval")
 
     demo = commands.add_parser("demo", help="the main job: the shipped learned K-channel plans at 50%% and 70%% vs the "
                                             "static ranking and dense")
-    _evaluation_options(demo, default_sparsities=[0.5, 0.7], default_output="kvcompile-demo")
+    _evaluation_options(demo, demo=True)
     demo.add_argument("--full", action="store_true",
                       help="the hour-long demo instead: static and random baselines at each --sparsity without windows, "
                            "no learned plans, retrieval and perplexity at 1K, 2K and 4K")
@@ -184,9 +184,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="weights and cache dtype (default float32)")
 
 
-def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: list[float], default_output: str | None) -> None:
+def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
+    """The options of `eval`, and of `demo` with the demo's defaults (its rows, and output files)."""
     _model_options(parser)
-    demo = default_output is not None
+    default_sparsities = [0.5, 0.7] if demo else []
     parser.add_argument("--plan", action="append", metavar="PLAN",
                         help="add the row of a saved plan: a directory or a built-in name (repeatable)" +
                         (f"; default {' and '.join(DEMO_PLANS)} (--plan replaces them), none with --full" if demo else ""))
@@ -218,7 +219,7 @@ def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: lis
                ("table", "write the table here as text"),
                ("plot", "PNG of accuracy (or agreement) and perplexity against KV memory"))
     for option, what in outputs:
-        default = Path(f"{default_output}.{_OUTPUT_SUFFIXES[option]}") if demo else None
+        default = Path(f"kvcompile-demo.{_OUTPUT_SUFFIXES[option]}") if demo else None
         parser.add_argument(f"--{option}", type=Path, metavar="PATH", default=default,
                             help=what + (f" (default {default})" if default else "") + "; rewritten after each row")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -254,14 +255,14 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _complete_evaluation_settings(args: argparse.Namespace) -> None:
     """Fill in the eval and demo defaults that depend on other options (`demo --full`, `--quick`)."""
-    demo = args.run_mode == "demo" and not args.full
+    default_demo = args.run_mode == "demo" and not args.full
     if args.plan is None:
-        if demo and args.model is not None:
+        if default_demo and args.model is not None:
             raise SettingsError(f"--model {args.model}: the demo's plans ({', '.join(DEMO_PLANS)}) are "
                                 f"{DEFAULT_MODEL_NAME}'s; pass --plan for this model, or --full")
-        args.plan = list(DEMO_PLANS) if demo else []
+        args.plan = list(DEMO_PLANS) if default_demo else []
     if args.baselines is None:
-        args.baselines = ["static"] if demo else list(BASELINES)
+        args.baselines = ["static"] if default_demo else list(BASELINES)
     if args.calib_tokens is None:
         args.calib_tokens = 2048 if getattr(args, "quick", False) else 8192
 

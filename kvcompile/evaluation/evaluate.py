@@ -97,7 +97,7 @@ def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = E
             _retrieval(runner, row, inputs, tokenizer, settings, progress)
             _perplexity_and_agreement(runner, row, inputs, settings, progress)
             if on_method is not None and length_index * len(methods) + method_index + 1 < steps:
-                measured = [i for i, row in enumerate(rows) if row.perplexity]
+                measured = [i for i, measured_row in enumerate(rows) if measured_row.perplexity]
                 on_method({**_report(model, model_name, methods, settings, [runners[i] for i in measured],
                                      [rows[i] for i in measured], device), "partial": True})
     return _report(model, model_name, methods, settings, runners, rows, device)
