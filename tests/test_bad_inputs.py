@@ -335,7 +335,7 @@ def _cli_error(argv, capsys) -> str:
     [
         (["eval", "--lengths", "512", "9000"], "--lengths 9000: longer than the model's context (8192 tokens)"),
         (["eval", "--quick", "--json", "/nonexistent_dir/r.json"], "--json /nonexistent_dir/r.json: folder /nonexistent_dir does not exist"),
-        (["demo", "--quick", "--plot", "/nonexistent_dir/p.png"], "--plot /nonexistent_dir/p.png: folder /nonexistent_dir does not exist"),
+        (["demo", "--plot", "/nonexistent_dir/p.png"], "--plot /nonexistent_dir/p.png: folder /nonexistent_dir does not exist"),
         (["calibrate", "out", "--lr", "nan"], "--lr: must be a finite number, got nan"),
         (["calibrate", "out", "--lr", "0"], "--lr: must be > 0, got 0"),
         (["calibrate", "out", "--l1", "-1"], "--l1: must be >= 0, got -1"),
