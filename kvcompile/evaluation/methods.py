@@ -56,6 +56,7 @@ def evaluation_methods(
     methods = [Method("dense")]
     for sparsity, static_plan in zip(sparsities, static):
         random_plan = random_k_plan(shape, sparsity, align, seed=0).with_windows(sink, recent)
+        # the static plan's too: how many channels are kept in all depends on the sparsity and alignment only
         achieved = _achieved_sparsity(random_plan, shape)
         if abs(achieved - sparsity) > 1e-9:
             print(f"sparsity {sparsity:g} at align {align} keeps {1 - achieved:.1%} of the K channels", file=sys.stderr)
