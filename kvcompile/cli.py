@@ -4,8 +4,10 @@
 `kvcompile eval` measures plans against the dense embedded SmolLM2-135M-Instruct on the same
 inputs (evaluation/): RULER-style retrieval, perplexity through compressed decode steps, greedy
 agreement, K/V bytes per token. With `--sparsity`, it adds the K-channel baselines at that
-sparsity: random channels and the static |q|·|k| ranking. `kvcompile demo` is the main job: both
-baselines at 50% and 70%. Tables go to stdout, progress bars to stderr.
+sparsity: random channels and the static |q|·|k| ranking. `kvcompile demo` is the main job: the
+shipped learned plans at 50% and 70% against the static ranking with the same windows, perplexity
+and agreement at 2K (minutes on 2 CPU cores); `kvcompile demo --full` is the hour-long one (both
+baselines, retrieval, 1K-4K). Tables go to stdout, progress bars to stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,7 +36,7 @@ from . import __version__
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model, load_model, model_max_length
 from .passes import PassError, SiteMatchError
 from .plan import ModelShape, Plan, PlanError
-from .stores import check_replaceable_directory, write_json
+from .stores import check_replaceable_directory, write_atomically, write_json
 
 # What a user can act on: reported as one line, `kvcompile: error: ...`, without a traceback
 # (`kvcompile --debug COMMAND` shows it). OSError: a path that is missing or not writable.
@@ -43,10 +47,17 @@ class SettingsError(ValueError):
     """A command's settings that cannot work, found before any work."""
 
 
+# `kvcompile demo`'s learned plans; their windows are the static baselines' by default
+DEMO_PLANS = ("smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70")
+_OUTPUT_SUFFIXES = {"json": "json", "table": "txt", "plot": "png"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.run is _run_eval:
+            _complete_evaluation_settings(args)
         _check_settings(args)
         return args.run(args)
     except ModelNotAvailable as err:
@@ -66,12 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     evaluation = commands.add_parser("eval", help="measure plans against the dense model on the same inputs")
-    _evaluation_options(evaluation, default_sparsities=[], default_output=None)
-    evaluation.set_defaults(run=_run_eval)
+    _evaluation_options(evaluation, demo=False)
+    evaluation.set_defaults(run=_run_eval, run_mode="eval")
 
-    demo = commands.add_parser("demo", help="the main job: static and random K-channel plans at 50%% and 70%% vs dense")
-    _evaluation_options(demo, default_sparsities=[0.5, 0.7], default_output="kvcompile-demo")
-    demo.set_defaults(run=_run_eval)
+    demo = commands.add_parser("demo", help="the main job: the shipped learned K-channel plans at 50%% and 70%% vs the "
+                                            "static ranking and dense")
+    _evaluation_options(demo, demo=True)
+    demo.add_argument("--full", action="store_true",
+                      help="the hour-long demo instead: static and random baselines at each --sparsity without windows, "
+                           "no learned plans, retrieval and perplexity at 1K, 2K and 4K")
+    demo.set_defaults(run=_run_eval, run_mode="demo")
 
     calib = commands.add_parser("calibrate", help="build a plan from calibration text and save it")
     calib.add_argument("output", type=Path, help="directory to write the plan to")
@@ -175,64 +190,142 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="weights and cache dtype (default float32)")
 
 
-def _evaluation_options(parser: argparse.ArgumentParser, default_sparsities: list[float], default_output: str | None) -> None:
+def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
+    """The options of `eval`, and of `demo` with the demo's defaults (its rows, and output files)."""
     _model_options(parser)
-    parser.add_argument("--plan", action="append", default=[], metavar="PLAN",
-                        help="add the row of a saved plan: a directory or a built-in name (repeatable)")
+    default_sparsities = [0.5, 0.7] if demo else []
+    parser.add_argument("--plan", action="append", metavar="PLAN",
+                        help="add the row of a saved plan: a directory or a built-in name (repeatable)" +
+                        (f"; default {' and '.join(DEMO_PLANS)} (--plan replaces them), none with --full" if demo else ""))
     parser.add_argument("--windows", type=_positive_or_zero_int, nargs=2, metavar=("SINK", "RECENT"),
                         help="also run every K-channel plan with these full-channel windows (and plans that have "
                              "windows also without)")
     parser.add_argument("--sparsity", type=_fraction, nargs="*", default=default_sparsities,
                         help="K sparsities for the random and static baselines" +
                         (f" (default {' '.join(map(str, default_sparsities))})" if default_sparsities else ""))
-    parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
-                        help="K-channel baselines run at each --sparsity (default both)")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES,
+                        help="K-channel baselines run at each --sparsity (default " +
+                        ("static, both with --full)" if demo else "both)"))
+    parser.add_argument("--baseline-windows", type=_positive_or_zero_int, nargs=2, metavar=("SINK", "RECENT"),
+                        help="the baselines keep all K channels of the first SINK and last RECENT tokens (default: "
+                             "the windows the plans share, 64 256 for the shipped ones; 0 0 without plans)")
     parser.add_argument("--align", type=_positive_int, default=16, help="baselines keep a multiple of this per head (default 16)")
-    parser.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens for the static baseline (default 8192, 2048 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="the short setting (one length, two tasks, few samples)")
-    parser.add_argument("--lengths", type=_positive_int, nargs="+", help="context lengths (default 1024 2048 4096)")
-    parser.add_argument("--tasks", nargs="+", choices=evaluate.tasks.TASKS, help="retrieval tasks (default all)")
+    parser.add_argument("--calib-tokens", type=_positive_int, help="calibration tokens for the static baseline (default 8192" +
+                        ("" if demo else ", 2048 with --quick") + ")")
+    if not demo:
+        parser.add_argument("--quick", action="store_true", help="the short setting (one length, two tasks, few samples)")
+    parser.add_argument("--lengths", type=_positive_int, nargs="+",
+                        help="context lengths (default " + ("2048; 1024 2048 4096 with --full)" if demo else "1024 2048 4096)"))
+    parser.add_argument("--tasks", nargs="*", choices=evaluate.tasks.TASKS,
+                        help="retrieval tasks (default " + ("none; all with --full)" if demo else "all)"))
     parser.add_argument("--samples", type=_positive_int, help="retrieval prompts per task and length (default 4)")
     parser.add_argument("--ppl-windows", type=_positive_int, help="perplexity windows per length (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
-    json_default, plot_default = (None, None) if default_output is None else (Path(f"{default_output}.json"), Path(f"{default_output}.png"))
-    parser.add_argument("--json", type=Path, metavar="PATH", default=json_default,
-                        help="write every number and the configuration here" + (f" (default {json_default})" if json_default else ""))
-    parser.add_argument("--plot", type=Path, metavar="PATH", default=plot_default,
-                        help="PNG of accuracy and perplexity against KV memory" + (f" (default {plot_default})" if plot_default else ""))
+    outputs = (("json", "write every number and the configuration here"),
+               ("table", "write the table here as text"),
+               ("plot", "PNG of accuracy (or agreement) and perplexity against KV memory"))
+    for option, what in outputs:
+        default = Path(f"kvcompile-demo.{_OUTPUT_SUFFIXES[option]}") if demo else None
+        parser.add_argument(f"--{option}", type=Path, metavar="PATH", default=default,
+                            help=what + (f" (default {default})" if default else "") + "; rewritten after each row")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    settings = evaluate.QUICK if args.quick else evaluate.EvalSettings()
-    settings = evaluate.with_overrides(settings, lengths=args.lengths and tuple(args.lengths),
-                                       tasks=args.tasks and tuple(args.tasks), samples=args.samples,
-                                       ppl_windows=args.ppl_windows)
+    settings = _evaluation_settings(args)
     plans = [(Path(spec).name, _load_plan(spec)) for spec in args.plan]  # fail on a bad plan before loading the model
+    baseline_windows = tuple(args.baseline_windows or _shared_windows(plans))
     start = time.perf_counter()
-    model, tokenizer = _load(args)
-    model = model.to(args.device)
-    program = capture(model)  # traced once, compiled for every row
-    methods = evaluation_methods(
-        model, tokenizer, sparsities=args.sparsity, baselines=args.baselines, align=args.align,
-        calib_tokens=args.calib_tokens or (2048 if args.quick else 8192), plans=plans,
-        windows=args.windows and tuple(args.windows), program=program, progress=args.progress,
-    )
-    # the JSON is rewritten after every length: an interrupted run keeps the lengths it finished
-    partial = None if args.json is None else lambda report: write_json(args.json, report)
-    name = DEFAULT_MODEL_NAME if args.model is None else str(args.model)
-    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=name,
-                               progress=args.progress, program=program, on_length=partial)
-    report["seconds"] = round(time.perf_counter() - start, 1)
+    with _cpu_threads(args.device):
+        model, tokenizer = _load(args)
+        model = model.to(args.device)
+        program = capture(model)  # traced once, compiled for every row
+        methods = evaluation_methods(
+            model, tokenizer, sparsities=args.sparsity, baselines=args.baselines, align=args.align,
+            calib_tokens=args.calib_tokens, baseline_windows=baseline_windows, plans=plans,
+            windows=args.windows and tuple(args.windows), program=program, progress=args.progress,
+        )
+        name = DEFAULT_MODEL_NAME if args.model is None else str(args.model)
+        # the outputs are rewritten after every row: an interrupted run keeps the rows it finished
+        report = evaluate.evaluate(
+            model, tokenizer, methods, settings, model_name=name, progress=args.progress, program=program,
+            on_method=lambda partial: _write_outputs(args, {**partial, "seconds": _seconds_since(start)}),
+        )
+    report["seconds"] = _seconds_since(start)
     print(evaluate.format_table(report))
     print(f"{report['model']} on {report['versions']['device']}, {report['seconds']} s")
+    for path in _write_outputs(args, report):
+        print(f"wrote {path}")
+    return 0
+
+
+def _complete_evaluation_settings(args: argparse.Namespace) -> None:
+    """Fill in the eval and demo defaults that depend on other options (`demo --full`, `--quick`)."""
+    default_demo = args.run_mode == "demo" and not args.full
+    if args.plan is None:
+        if default_demo and args.model is not None:
+            raise SettingsError(f"--model {args.model}: the demo's plans ({', '.join(DEMO_PLANS)}) are "
+                                f"{DEFAULT_MODEL_NAME}'s; pass --plan for this model, or --full")
+        args.plan = list(DEMO_PLANS) if default_demo else []
+    if args.baselines is None:
+        args.baselines = ["static"] if default_demo else list(BASELINES)
+    if args.calib_tokens is None:
+        args.calib_tokens = 2048 if getattr(args, "quick", False) else 8192
+
+
+def _evaluation_settings(args: argparse.Namespace) -> evaluate.EvalSettings:
+    if args.run_mode == "demo":
+        settings = evaluate.EvalSettings() if args.full else evaluate.DEMO
+    else:
+        settings = evaluate.QUICK if args.quick else evaluate.EvalSettings()
+    return evaluate.with_overrides(settings, lengths=args.lengths and tuple(args.lengths),
+                                   tasks=None if args.tasks is None else tuple(args.tasks), samples=args.samples,
+                                   ppl_windows=args.ppl_windows)
+
+
+def _shared_windows(plans: list[tuple[str, Plan]]) -> tuple[int, int]:
+    """The (sink, recent) windows every plan has ((0, 0) without plans): the baselines' default."""
+    windows = {(plan.sink, plan.recent) for _, plan in plans}
+    if len(windows) > 1:
+        listed = ", ".join(f"{name} {plan.sink} {plan.recent}" for name, plan in plans)
+        raise SettingsError(f"the plans have different windows ({listed}): pass --baseline-windows SINK RECENT")
+    return windows.pop() if windows else (0, 0)
+
+
+def _write_outputs(args: argparse.Namespace, report: dict) -> list[Path]:
+    """The report as --json, --table and --plot, each file replaced whole (a reader never sees a
+    part); the paths written."""
+    written = []
     if args.json is not None:
         write_json(args.json, report)
-        print(f"wrote {args.json}")
+        written.append(args.json)
+    if args.table is not None:
+        write_atomically(args.table, (evaluate.format_table(report) + "\n").encode())
+        written.append(args.table)
     if args.plot is not None:
         evaluate.plot(report, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+        written.append(args.plot)
+    return written
+
+
+@contextmanager
+def _cpu_threads(device: str) -> Iterator[None]:
+    """On CPU, torch runs one thread fewer than there are cores while the block runs (measured:
+    see the README's main job), unless OMP_NUM_THREADS says how many; the old count afterwards."""
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _seconds_since(start: float) -> float:
+    return round(time.perf_counter() - start, 1)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -386,7 +479,7 @@ def _check_settings(args: argparse.Namespace) -> None:
     too_long = [n for n in lengths if limit is not None and n > limit]
     if too_long:
         raise SettingsError(f"--lengths {' '.join(map(str, too_long))}: longer than the model's context ({limit} tokens)")
-    for option in ("json", "plot", "png"):
+    for option in ("json", "table", "plot", "png"):
         path = getattr(args, option, None)
         if path is not None:
             _check_writable(path, f"--{option}", folder=False)

@@ -335,7 +335,7 @@ def _cli_error(argv, capsys) -> str:
     [
         (["eval", "--lengths", "512", "9000"], "--lengths 9000: longer than the model's context (8192 tokens)"),
         (["eval", "--quick", "--json", "/nonexistent_dir/r.json"], "--json /nonexistent_dir/r.json: folder /nonexistent_dir does not exist"),
-        (["demo", "--quick", "--plot", "/nonexistent_dir/p.png"], "--plot /nonexistent_dir/p.png: folder /nonexistent_dir does not exist"),
+        (["demo", "--plot", "/nonexistent_dir/p.png"], "--plot /nonexistent_dir/p.png: folder /nonexistent_dir does not exist"),
         (["calibrate", "out", "--lr", "nan"], "--lr: must be a finite number, got nan"),
         (["calibrate", "out", "--lr", "0"], "--lr: must be > 0, got 0"),
         (["calibrate", "out", "--l1", "-1"], "--l1: must be >= 0, got -1"),
@@ -382,7 +382,7 @@ def test_kvcompile_errors_are_one_line_and_debug_shows_the_traceback(no_model, c
 
 
 def test_eval_keeps_the_lengths_it_finished_when_interrupted(monkeypatch, tmp_path):
-    """The JSON is written after every length: a run stopped in its second length keeps the first."""
+    """The JSON is written after every row at every length: a run stopped in its second length keeps the first."""
     from kvcompile import cli
     from kvcompile.evaluation import evaluate
     from tests.tiny_models import byte_level_tokenizer
@@ -390,10 +390,10 @@ def test_eval_keeps_the_lengths_it_finished_when_interrupted(monkeypatch, tmp_pa
     monkeypatch.setattr(cli, "load_default_model", lambda *args: (_tiny_leank_model(0), byte_level_tokenizer()))
     real = evaluate._perplexity_and_agreement
 
-    def stop_at_the_second_length(model, tokenizer, runners, rows, settings, length, *args):
-        if length == settings.lengths[1]:
+    def stop_at_the_second_length(runner, row, inputs, settings, progress):
+        if inputs.length == settings.lengths[1]:
             raise KeyboardInterrupt
-        return real(model, tokenizer, runners, rows, settings, length, *args)
+        return real(runner, row, inputs, settings, progress)
 
     monkeypatch.setattr(evaluate, "_perplexity_and_agreement", stop_at_the_second_length)
     path = tmp_path / "r.json"
@@ -401,5 +401,5 @@ def test_eval_keeps_the_lengths_it_finished_when_interrupted(monkeypatch, tmp_pa
         cli.main(["eval", "--quick", "--lengths", "384", "512", "--tasks", "passkey", "--samples", "1", "--ppl-windows", "1",
                   "--no-progress", "--json", str(path)])
     report = json.loads(path.read_text())
-    assert report["partial"] and report["lengths_done"] == [384]
+    assert report["partial"] and list(report["rows"][0]["perplexity"]) == ["384"]
     assert [row["name"] for row in report["rows"]] == ["dense"] and "passkey@384" in report["rows"][0]["accuracy"]

@@ -10,6 +10,7 @@ import torch
 
 import kvcompile
 from kvcompile import Plan, cli, models
+from kvcompile.evaluation import evaluate
 from kvcompile.models import INSTALL_COMMAND, ModelNotAvailable, default_model_available, load_default_model
 from tests.test_evaluate import model as tiny_model  # noqa: F401  (fixtures)
 from tests.test_evaluate import tokenizer as byte_tokenizer  # noqa: F401
@@ -32,6 +33,15 @@ def test_a_command_is_required(capsys):
     "argv, message",
     [
         (["demo", "--sparsity", "1"], "--sparsity: must be in [0, 1)"),
+        (["demo", "--quick"], "unrecognized arguments: --quick"),
+        (["demo", "--baseline-windows", "64"], "--baseline-windows: expected 2 arguments"),
+        (["demo", "--baseline-windows", "64", "all"], "--baseline-windows: must be a non-negative integer, got all"),
+        (["demo", "--table", "/"], "--table /: is a folder"),
+        (["demo", "--plan", "smollm2-135m-instruct/leank-k50", "--plan", "NO_WINDOWS_PLAN"],
+         "the plans have different windows (leank-k50 64 256, no-windows 0 0): pass --baseline-windows SINK RECENT"),
+        (["demo", "--model", "MODEL_DIR"], "the demo's plans (smollm2-135m-instruct/leank-k50, "
+         "smollm2-135m-instruct/leank-k70) are SmolLM2-135M-Instruct's; pass --plan for this model, or --full"),
+        (["eval", "--full"], "unrecognized arguments: --full"),
         (["eval", "--sparsity", "half"], "--sparsity: must be in [0, 1), got half"),
         (["eval", "--align", "0"], "--align: must be a positive integer"),
         (["eval", "--lengths", "2K"], "--lengths: must be a positive integer, got 2K"),
@@ -44,7 +54,10 @@ def test_a_command_is_required(capsys):
         (["export", "/", "--plan", "smollm2-135m-instruct/leank-k50"], "OUTPUT /: a non-empty directory without manifest.json"),
     ],
 )
-def test_bad_arguments_fail_before_any_work(no_model, capsys, argv, message):
+def test_bad_arguments_fail_before_any_work(no_model, capsys, tmp_path, argv, message):
+    Plan.load_builtin("smollm2-135m-instruct/leank-k50").with_windows(0, 0).save(tmp_path / "no-windows")
+    (tmp_path / "model").mkdir()
+    argv = [{"NO_WINDOWS_PLAN": str(tmp_path / "no-windows"), "MODEL_DIR": str(tmp_path / "model")}.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -129,23 +142,109 @@ def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
     assert "--sparsity: must be in [0, 1)" in capsys.readouterr().err
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, plans, baselines, windows, lengths, tasks", [
+    (["demo"], ["leank-k50", "leank-k70"], ["static"], (64, 256), (2048,), ()),
+    (["demo", "--full"], [], ["static", "random"], (0, 0), (1024, 2048, 4096), evaluate.tasks.TASKS),
+    (["demo", "--baseline-windows", "0", "128", "--tasks", "passkey"], ["leank-k50", "leank-k70"], ["static"], (0, 128),
+     (2048,), ("passkey",)),
+    (["eval", "--sparsity", "0.5"], [], ["static", "random"], (0, 0), (1024, 2048, 4096), evaluate.tasks.TASKS),
+])
+def test_demo_runs_the_shipped_plans_and_full_the_old_rows(monkeypatch, tiny_model, byte_tokenizer, argv, plans,  # noqa: F811
+                                                           baselines, windows, lengths, tasks):
+    """The default demo: the shipped learned plans, the static ranking at 50% and 70% with their
+    windows, perplexity and agreement at 2K; `--full`: the static and random baselines without
+    windows, retrieval and perplexity at 1K-4K (what the demo was)."""
+    asked = {}
+
+    def methods(model, tokenizer, **kwargs):
+        asked.update(kwargs)
+        return [evaluate.Method("dense")]
+
+    def stop(model, tokenizer, methods, settings, **kwargs):
+        asked["settings"] = settings
+        raise _Stop
+
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (tiny_model, byte_tokenizer))
+    monkeypatch.setattr(cli, "evaluation_methods", methods)
+    monkeypatch.setattr(cli.evaluate, "evaluate", stop)
+    with pytest.raises(_Stop):
+        cli.main(argv + ["--no-progress", "--device", "cpu"])
+    assert [name for name, _ in asked["plans"]] == plans
+    assert asked["baselines"] == baselines and asked["baseline_windows"] == windows
+    assert asked["sparsities"] == ([0.5] if argv[0] == "eval" else [0.5, 0.7]) and asked["calib_tokens"] == 8192
+    assert asked["settings"].lengths == lengths and asked["settings"].tasks == tasks
+
+
+def test_demo_writes_each_row_as_it_goes(monkeypatch, tiny_model, byte_tokenizer, tmp_path):  # noqa: F811
+    """Interrupted in its third row, the demo leaves the JSON, table and plot of the first two."""
+    from kvcompile.evaluation import evaluate as evaluation
+
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (tiny_model, byte_tokenizer))
+    plan_dir = tmp_path / "learned"
+    Plan.from_k_channels({layer: [[0, 1, 2, 3], [4, 5, 6, 7]] for layer in range(2)}, sink=4, recent=8).save(plan_dir)
+    real = evaluation._perplexity_and_agreement
+
+    def stop_at_the_plan(runner, row, *args):
+        if row.name == "plan:learned":
+            raise KeyboardInterrupt
+        return real(runner, row, *args)
+
+    monkeypatch.setattr(evaluation, "_perplexity_and_agreement", stop_at_the_plan)
+    out = {option: tmp_path / f"demo.{suffix}" for option, suffix in (("json", "json"), ("table", "txt"), ("plot", "png"))}
+    argv = ["demo", "--plan", str(plan_dir), "--sparsity", "0.5", "--align", "4", "--calib-tokens", "512",
+            "--lengths", "256", "--ppl-windows", "1", "--no-progress", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv + [item for option, path in out.items() for item in (f"--{option}", str(path))])
+    report = json.loads(out["json"].read_text())
+    assert report["partial"] and [row["name"] for row in report["rows"]] == ["dense", "static-k50%+w4/8"]
+    assert list(report["plans"]) == ["dense", "static-k50%+w4/8", "plan:learned"]
+    assert [line.split()[0] for line in out["table"].read_text().splitlines()[1:3]] == ["dense", "static-k50%+w4/8"]
+    assert out["plot"].read_bytes()[:4] == b"\x89PNG"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo.json", "demo.png", "demo.txt", "learned"]
+
+
+def test_cpu_threads_one_fewer_than_cores_while_running_unless_omp_num_threads(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    with cli._cpu_threads("cpu"):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with cli._cpu_threads("cpu"):
+        assert torch.get_num_threads() == before
+
+
 @pytest.mark.real_model
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys):
+    """`kvcompile demo` as it ships: the learned plans against the static ranking with the same
+    windows, on SmolLM2-135M-Instruct at 2K."""
     if not default_model_available():
         pytest.skip(f"SmolLM2 weights not installed ({INSTALL_COMMAND})")
-    path = tmp_path / "demo.json"
-    assert cli.main(["demo", "--quick", "--no-progress", "--json", str(path), "--plot", str(tmp_path / "d.png")]) == 0
-    report = json.loads(path.read_text())
+    out = {option: tmp_path / f"demo.{suffix}" for option, suffix in (("json", "json"), ("table", "txt"), ("plot", "png"))}
+    assert cli.main(["demo", "--no-progress"] + [item for option, path in out.items()
+                                                 for item in (f"--{option}", str(path))]) == 0
+    report = json.loads(out["json"].read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    # 70% of 64 channels is not a multiple of 16 per head; the heads' counts together keep exactly 30%
-    assert list(rows) == ["dense", "random-k50%", "static-k50%", "random-k70%", "static-k70%"]
+    assert list(rows) == ["dense", "static-k50%+w64/256", "static-k70%+w64/256", "plan:leank-k50", "plan:leank-k70"]
+    assert "partial" not in report and report["settings"]["lengths"] == [2048] and report["settings"]["tasks"] == []
     full = 30 * 3 * 64 * 4  # layers x KV heads x head_dim x float32
     assert rows["dense"]["k_bytes_per_token"] == rows["dense"]["v_bytes_per_token"] == full
-    assert rows["static-k50%"]["k_bytes_per_token"] == rows["static-k50%"]["k_bytes_per_token_formula"] == full // 2
-    assert rows["static-k70%"]["k_bytes_per_token"] == rows["random-k70%"]["k_bytes_per_token"] == full * 3 // 10
-    assert all(row["v_bytes_per_token"] == full for row in rows.values())
-    assert 1 < rows["dense"]["perplexity"]["512"] < 100
-    assert "static-k70%" in capsys.readouterr().out
+    for row in rows.values():  # what the cache holds is what the plan says, windows included
+        if row["k_bytes_per_token_formula"] is not None:
+            assert row["k_bytes_per_token"] == pytest.approx(row["k_bytes_per_token_formula"])
+            assert row["v_bytes_per_token"] == pytest.approx(row["v_bytes_per_token_formula"])
+    # same sparsity, same windows: the static ranking holds the learned plan's K bytes
+    assert rows["static-k50%+w64/256"]["k_bytes_per_token"] == rows["plan:leank-k50"]["k_bytes_per_token"] < full
+    assert rows["static-k70%+w64/256"]["k_bytes_per_token"] == rows["plan:leank-k70"]["k_bytes_per_token"]
+    assert 1 < rows["dense"]["perplexity"]["2048"] < 20 and rows["dense"]["agreement"]["2048"] == 1
+    assert all(rows[name]["perplexity"]["2048"] < 2 * rows["dense"]["perplexity"]["2048"] for name in rows)
+    assert "plan:leank-k70" in capsys.readouterr().out and "plan:leank-k70" in out["table"].read_text()
+    assert out["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_your_own_model_directory_runs_through_eval(no_model, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811

@@ -1,6 +1,8 @@
 """The evaluation harness on a tiny random model with a byte-level tokenizer: every number checked
 against a plain computation, the dense row against the dense model run directly."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -133,3 +135,70 @@ def test_bytes_of_a_transformers_cache(model):
     with torch.no_grad():
         cache = model(torch.randint(0, 256, (2, 10)), use_cache=True).past_key_values
     assert kv_bytes_per_token(cache) == (2 * 2 * 16 * 4, 2 * 2 * 16 * 4)
+
+
+def test_the_static_ranking_is_measured_once_for_every_sparsity(model, tokenizer, monkeypatch):
+    """`static_k_plans` gives, from one pass over the calibration text, the plans `calibrate` gives
+    one sparsity at a time; the evaluation's static rows come from that one pass."""
+    from kvcompile.calibration import calibrate as calibration
+    from kvcompile.calibration.recipe import Recipe
+    from kvcompile.evaluation.methods import evaluation_methods
+    from kvcompile.evaluation.text import calibration_text
+
+    recipe = Recipe(align=4, calib_tokens=512, sink=4, recent=8)
+    one_at_a_time = [calibration.calibrate(model, replace(recipe, k_sparsity=sparsity), [calibration_text()],
+                                           tokenizer=tokenizer, progress=False) for sparsity in (0.5, 0.75)]
+    passes = []
+    record = calibration._record
+    monkeypatch.setattr(calibration, "_record", lambda *args: passes.append(args) or record(*args))
+    together = calibration.static_k_plans(model, recipe, [0.5, 0.75], [calibration_text()], tokenizer=tokenizer,
+                                          progress=False)
+    assert len(passes) == 1
+    assert [plan.fingerprint() for plan in together] == [plan.fingerprint() for plan in one_at_a_time]
+    assert [plan.meta for plan in together] == [plan.meta for plan in one_at_a_time]
+    assert [plan.kept_counts(0) for plan in together] == [(8, 8), (4, 4)]
+
+    passes.clear()
+    methods = evaluation_methods(model, tokenizer, sparsities=[0.5, 0.75], baselines=["static"], align=4, calib_tokens=512,
+                                 baseline_windows=(4, 8), progress=False)
+    assert len(passes) == 1
+    assert [method.name for method in methods] == ["dense", "static-k50%+w4/8", "static-k75%+w4/8"]
+    assert [method.plan.fingerprint() for method in methods[1:]] == [plan.fingerprint() for plan in one_at_a_time]
+
+
+def test_each_row_is_reported_when_it_is_finished(model, tokenizer):
+    """Rows run one after another at each length; after each (but the last) the report so far goes
+    to `on_method`, and a row's numbers never change once reported."""
+    settings = EvalSettings(lengths=(256, 512), tasks=(), ppl_windows=1, score_last=2, agreement_tokens=2)
+    methods = [Method("dense"), Method("one-channel", _plan([[0], [15]])), Method("all-channels", _plan([list(range(16))] * 2))]
+    partial = []
+    final = evaluate(model, tokenizer, methods, settings, progress=False, on_method=partial.append)
+    assert [[row["name"] for row in report["rows"]] for report in partial] == [
+        ["dense"], ["dense", "one-channel"], ["dense", "one-channel", "all-channels"],
+        ["dense", "one-channel", "all-channels"], ["dense", "one-channel", "all-channels"]]
+    assert all(report["partial"] for report in partial) and "partial" not in final
+    for report in partial:
+        for row, final_row in zip(report["rows"], final["rows"]):
+            assert row["perplexity"] == {n: final_row["perplexity"][n] for n in row["perplexity"]}
+    # in the second length, rows after the first lack it until measured: "-" in the table
+    table = format_table(partial[3]).splitlines()
+    assert table[0].split()[:3] == ["method", "ppl@256", "ppl@512"]
+    assert table[2].split()[2] == "-" and table[1].split()[2] != "-"
+    assert "retrieval" not in table[-1]
+
+
+def test_without_retrieval_the_figure_shows_agreement(model, tokenizer, tmp_path):
+    pytest.importorskip("matplotlib")
+    report = evaluate(model, tokenizer, [Method("dense"), Method("one-channel", _plan([[0], [15]]))],
+                      EvalSettings(lengths=(256,), tasks=(), ppl_windows=1, score_last=2, agreement_tokens=2),
+                      progress=False)
+    fig = figure(report)
+    agreement_axes, _ = fig.axes
+    assert agreement_axes.get_ylabel() == "greedy agreement with dense at 256 tokens"
+    assert [line.get_ydata()[0] for line in agreement_axes.get_lines()] == [row["agreement"]["256"] for row in report["rows"]]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plot(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert [path.name for path in tmp_path.iterdir()] == ["plot.png"]  # written through a temporary file, renamed

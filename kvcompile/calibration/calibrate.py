@@ -21,7 +21,7 @@ what the passes later rewrite, for any architecture that captures.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -88,28 +88,66 @@ def calibrate(
     learns from retrieval prompts over `texts` (strings) and, with `checkpoint_dir`, saves its
     state there as it goes and resumes from it.
     """
+    if recipe.k_method == "leank" and recipe.k_sparsity is not None:
+        shape = ModelShape.from_config(model.config)
+        recipe.check(shape)
+        check_weights_finite(model)
+        canonical = canonical_program(program_for(model, program, shape), _NO_PLAN)
+        return _learned_plan(canonical, shape, recipe, texts, tokenizer, checkpoint_dir, progress)
+    return _measured_plans(model, recipe, [recipe.k_sparsity], texts, tokenizer, progress, program)[0]
+
+
+def static_k_plans(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    sparsities: Sequence[float],
+    texts: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    tokenizer=None,
+    progress: bool = True,
+    program: torch.fx.GraphModule | None = None,
+) -> list[Plan]:
+    """`calibrate(model, replace(recipe, k_sparsity=s), texts)` for each of `sparsities`, from one pass
+    over `texts`: the channel scores do not depend on the sparsity, only where the ranking is cut."""
+    if recipe.k_method != METHOD:
+        raise RecipeError(f"static_k_plans ranks channels by |q|.|k| (k_method {METHOD!r}); learned plans are "
+                          "trained one sparsity at a time (calibrate)")
+    if not sparsities:
+        raise RecipeError("static_k_plans: no sparsities given")
+    return _measured_plans(model, recipe, sparsities, texts, tokenizer, progress, program)
+
+
+def _measured_plans(model, recipe: Recipe, sparsities, texts, tokenizer, progress, program) -> list[Plan]:
+    """The plans of `recipe` at each of `sparsities` (None: no K pruning), with merges and channel
+    scores measured once for all of them."""
     shape = ModelShape.from_config(model.config)
-    recipe.check(shape)
+    for sparsity in sparsities:
+        replace(recipe, k_sparsity=sparsity).check(shape)
     check_weights_finite(model)
     captured = program_for(model, program, shape)
     canonical = canonical_program(captured, _NO_PLAN)
-    if recipe.k_method == "leank" and recipe.k_sparsity is not None:
-        return _learned_plan(canonical, shape, recipe, texts, tokenizer, checkpoint_dir, progress)
     chunks = calibration_chunks(texts, tokenizer, recipe.calib_tokens, recipe.chunk_tokens)
     check_token_ids(chunks, model.config.vocab_size)
     meta = {"calibration_tokens": sum(chunk.numel() for chunk in chunks)}
-    merges, k_channels = {}, {}
+    merges = {}
     if recipe.kv_group_size is not None:
         merges, errors = _merges(canonical, shape, recipe, chunks, progress)
         meta.update(merge=_recipe_fields(recipe, "kv_group_size", "kv_heads_per_group", "rope", "merge_layers",
                                          "merge_method"), merge_relative_error=errors)
-    if recipe.k_sparsity is not None:
-        merged = _NO_PLAN.with_merges(merges)
+    merged = _NO_PLAN.with_merges(merges)
+    if any(sparsity is not None for sparsity in sparsities):
         program = canonical_program(captured, merged) if merges else canonical
-        k_channels = _top_channels(program, merged, shape, chunks, recipe.k_sparsity, recipe.align_for(shape), progress)
-        meta.update(method=METHOD, sparsity=recipe.k_sparsity, align=recipe.align_for(shape))
-    plan = Plan.from_k_channels(k_channels, model=shape, meta=meta, sink=recipe.sink, recent=recipe.recent)
-    return plan.with_merges(merges)
+        statistics = _record(program, merged, shape, chunks, _ChannelStatistics(), progress)
+        scores = {layer: statistics.channel_scores(layer) for layer in range(shape.num_layers)}
+    plans = []
+    for sparsity in sparsities:
+        k_channels, plan_meta = {}, dict(meta)
+        if sparsity is not None:
+            k_channels = _kept_channels(scores, sparsity, recipe.align_for(shape))
+            plan_meta.update(method=METHOD, sparsity=sparsity, align=recipe.align_for(shape))
+        plan = Plan.from_k_channels(k_channels, model=shape, meta=plan_meta, sink=recipe.sink, recent=recipe.recent)
+        plans.append(plan.with_merges(merges))
+    return plans
 
 
 def _learned_plan(canonical, shape: ModelShape, recipe: Recipe, texts, tokenizer, checkpoint_dir, progress) -> Plan:
@@ -261,11 +299,6 @@ def _merges(canonical, shape: ModelShape, recipe: Recipe, chunks, progress):
 
 def _mean_error(maps) -> float:
     return sum(bases.relative_error(cov, merge) for merge, cov in maps) / len(maps)
-
-
-def _top_channels(program, plan: Plan, shape: ModelShape, chunks, sparsity: float, align: int, progress: bool):
-    statistics = _record(program, plan, shape, chunks, _ChannelStatistics(), progress)
-    return _kept_channels({layer: statistics.channel_scores(layer) for layer in range(shape.num_layers)}, sparsity, align)
 
 
 def _kept_channels(scores: dict[int, torch.Tensor], sparsity: float, align: int) -> dict[int, list[list[int]]]:

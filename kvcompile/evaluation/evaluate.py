@@ -6,13 +6,20 @@ prompts. Every scored token after the prompt goes through a decode step on the r
 cache. Plans that leave the model alone until the cache (K-channel pruning) start from one shared
 dense prefill through their compiled cache encoder, which writes exactly what their own prefill
 would; plans that merge heads prefill themselves.
+
+Rows are measured one after another, each over every input of a length, so that a row is finished
+(and can be saved) before the next starts; the dense prefills of a length are computed once and
+kept for all rows (their caches: one per input of the length, in memory at once).
 """
 
 from __future__ import annotations
 
+import inspect
+import io
 import math
 import platform
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import transformers
@@ -22,6 +29,7 @@ from transformers import DynamicCache
 from kvcompile.cache import CompressedKVCache
 from kvcompile.plan import Plan
 from kvcompile.runtime import TransformedModel, transform
+from kvcompile.stores import write_atomically
 
 from . import tasks, text
 
@@ -39,6 +47,10 @@ class EvalSettings:
 
 QUICK = EvalSettings(lengths=(512,), tasks=("passkey", "multikey"), samples=2, ppl_windows=1, score_last=8,
                      agreement_tokens=4)
+# `kvcompile demo`: perplexity and greedy agreement at 2K, no retrieval. On 2 CPU cores a retrieval
+# prompt costs a 2K dense prefill and up to a few dozen decode steps per row: 16 prompts alone
+# would take longer than the whole demo's five-minute budget.
+DEMO = EvalSettings(lengths=(2048,), tasks=())
 
 
 @dataclass
@@ -65,12 +77,12 @@ class Row:
 
 
 def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = EvalSettings(), *,
-             model_name: str = "", progress: bool = True, program=None, on_length=None) -> dict:
+             model_name: str = "", progress: bool = True, program=None, on_method=None) -> dict:
     """Every number of the table, with the configuration that produced it, as one JSON-ready dict.
 
     `program`, from `kvcompile.capture(model)`, is compiled for every plan instead of tracing anew.
-    `on_length(report)` is called after each length with the report so far (`"partial": true`,
-    `"lengths_done"`), e.g. to save it."""
+    `on_method(report)` is called after each method at each length but the last with the report so
+    far (`"partial": true`, the rows measured so far), e.g. to save it."""
     max_length = getattr(model.config, "max_position_embeddings", None)
     too_long = [length for length in settings.lengths if max_length is not None and length > max_length]
     if too_long:
@@ -78,12 +90,16 @@ def evaluate(model, tokenizer, methods: list[Method], settings: EvalSettings = E
     runners = [_Runner(model, method, program) for method in methods]
     rows = [Row(m.name, None if m.plan is None else m.plan.fingerprint()) for m in methods]
     device = next(model.parameters()).device
-    for done, length in enumerate(settings.lengths, start=1):
-        _retrieval(model, tokenizer, runners, rows, settings, length, device, progress)
-        _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress)
-        if on_length is not None and done < len(settings.lengths):
-            on_length({**_report(model, model_name, methods, settings, runners, rows, device), "partial": True,
-                       "lengths_done": list(settings.lengths[:done])})
+    steps = len(settings.lengths) * len(methods)
+    for length_index, length in enumerate(settings.lengths):
+        inputs = _LengthInputs(model, tokenizer, settings, length, device)
+        for method_index, (runner, row) in enumerate(zip(runners, rows)):
+            _retrieval(runner, row, inputs, tokenizer, settings, progress)
+            _perplexity_and_agreement(runner, row, inputs, settings, progress)
+            if on_method is not None and length_index * len(methods) + method_index + 1 < steps:
+                measured = [i for i, measured_row in enumerate(rows) if measured_row.perplexity]
+                on_method({**_report(model, model_name, methods, settings, [runners[i] for i in measured],
+                                     [rows[i] for i in measured], device), "partial": True})
     return _report(model, model_name, methods, settings, runners, rows, device)
 
 
@@ -108,6 +124,50 @@ def _report(model, model_name, methods, settings, runners, rows, device) -> dict
     }
 
 
+@dataclass
+class _Prefill:
+    """The dense model after a prompt: its last logits (B, V) and its cache."""
+
+    last_logits: torch.Tensor
+    cache: DynamicCache
+
+
+class _LengthInputs:
+    """The inputs of one length (retrieval prompts, perplexity windows) and the dense model's
+    prefills of them and greedy continuations, each computed when a row first asks and kept for
+    the others."""
+
+    def __init__(self, model, tokenizer, settings: EvalSettings, length: int, device):
+        self.model, self.settings, self.length, self.device = model, settings, length, device
+        self.samples = [s for task in settings.tasks
+                        for s in tasks.make_samples(task, tokenizer, length, settings.samples, settings.seed)]
+        self.windows = text.token_windows(tokenizer, text.evaluation_text(), length=length, count=settings.ppl_windows,
+                                          seed=settings.seed).to(device)
+        self._prefills, self._greedy = {}, {}
+
+    def prefill(self, key, prompt: torch.Tensor) -> _Prefill:
+        """The dense prefill of `prompt`, computed once per `key` (the input it is)."""
+        if key not in self._prefills:
+            self._prefills[key] = _dense_prefill(self.model, prompt)
+        return self._prefills[key]
+
+    def dense_greedy(self, window: int, prompt: torch.Tensor) -> torch.Tensor:
+        """The dense model's greedy tokens (1, agreement_tokens) after perplexity window `window`'s `prompt`."""
+        if window not in self._greedy:
+            self._greedy[window] = _dense_greedy(self.model, self.prefill(("window", window), prompt),
+                                                 self.settings.agreement_tokens)
+        return self._greedy[window]
+
+
+@torch.no_grad()
+def _dense_prefill(model, prompt: torch.Tensor) -> _Prefill:
+    # Only the last position's logits are used: the others cost a vocabulary-sized matmul per token
+    # (a large share of a small model's prefill) and a (tokens, vocabulary) tensor.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(prompt, use_cache=True, **last_only)
+    return _Prefill(out.logits[:, -1], out.past_key_values)
+
+
 class _Runner:
     """Decodes one method from a prefill, sharing the dense prefill when the plan allows."""
 
@@ -119,14 +179,14 @@ class _Runner:
         self.bytes_per_token, self.capacity_bytes_per_token, self.length = (0.0, 0.0), 0.0, 0
 
     @torch.no_grad()
-    def continue_from(self, prompt: torch.Tensor, dense) -> tuple[torch.Tensor, object]:
+    def continue_from(self, prompt: torch.Tensor, dense: _Prefill) -> tuple[torch.Tensor, object]:
         """(last logits of the prompt, this method's cache) from the shared dense prefill `dense`."""
         if self.compiled is None:
-            return dense.logits[:, -1], _copy(dense.past_key_values)
+            return dense.last_logits, _copy(dense.cache)
         if self.compiled.cache_encoder is not None:
-            layers = dense.past_key_values.layers
+            layers = dense.cache.layers
             cache = self.compiled.encode_dense_cache([l.keys for l in layers], [l.values for l in layers])
-            return dense.logits[:, -1], cache
+            return dense.last_logits, cache
         out = self.compiled(prompt)
         return out.logits[:, -1], out.past_key_values
 
@@ -144,54 +204,46 @@ class _Runner:
 
 
 @torch.no_grad()
-def _retrieval(model, tokenizer, runners, rows, settings, length, device, progress):
-    samples = [s for task in settings.tasks for s in tasks.make_samples(task, tokenizer, length, settings.samples, settings.seed)]
-    correct = {(row.name, s.task): 0 for row in rows for s in samples}
-    for sample in tqdm(samples, desc=f"retrieval @{length}", unit="prompt", disable=not progress):
-        prompt = sample.prompt_ids.to(device)
-        dense = model(prompt, use_cache=True)
-        for runner, row in zip(runners, rows):
-            logits, cache = runner.continue_from(prompt, dense)
-            generated = []
-            for _ in range(sample.max_new_tokens):
-                token = logits.argmax(dim=-1, keepdim=True)
-                generated.append(token)
-                if token.item() == tokenizer.eos_token_id:
-                    break
-                logits, cache = runner.step(token, cache)
-            answer = tokenizer.decode(torch.cat(generated, dim=1)[0], skip_special_tokens=True)
-            correct[row.name, sample.task] += tasks.score(sample, answer)
-    for row in rows:
-        for task in settings.tasks:
-            hits = correct[row.name, task]
-            row.accuracy[f"{task}@{length}"] = {
-                "correct": hits,
-                "samples": settings.samples,
-                "accuracy": hits / settings.samples,
-                "ci95": wilson_interval(hits, settings.samples),
-            }
+def _retrieval(runner: _Runner, row: Row, inputs: _LengthInputs, tokenizer, settings: EvalSettings, progress: bool):
+    correct = dict.fromkeys(settings.tasks, 0)
+    for index, sample in enumerate(tqdm(inputs.samples, desc=f"{row.name}: retrieval @{inputs.length}", unit="prompt",
+                                        disable=not progress or not inputs.samples)):
+        prompt = sample.prompt_ids.to(inputs.device)
+        logits, cache = runner.continue_from(prompt, inputs.prefill(("retrieval", index), prompt))
+        generated = []
+        for _ in range(sample.max_new_tokens):
+            token = logits.argmax(dim=-1, keepdim=True)
+            generated.append(token)
+            if token.item() == tokenizer.eos_token_id:
+                break
+            logits, cache = runner.step(token, cache)
+        answer = tokenizer.decode(torch.cat(generated, dim=1)[0], skip_special_tokens=True)
+        correct[sample.task] += tasks.score(sample, answer)
+    for task, hits in correct.items():
+        row.accuracy[f"{task}@{inputs.length}"] = {
+            "correct": hits,
+            "samples": settings.samples,
+            "accuracy": hits / settings.samples,
+            "ci95": wilson_interval(hits, settings.samples),
+        }
 
 
 @torch.no_grad()
-def _perplexity_and_agreement(model, tokenizer, runners, rows, settings, length, device, progress):
-    windows = text.token_windows(tokenizer, text.evaluation_text(), length=length, count=settings.ppl_windows,
-                                 seed=settings.seed).to(device)
+def _perplexity_and_agreement(runner: _Runner, row: Row, inputs: _LengthInputs, settings: EvalSettings, progress: bool):
     scored = settings.score_last
-    nll = {row.name: 0.0 for row in rows}
-    agree = {row.name: 0 for row in rows}
-    for window in tqdm(windows, desc=f"perplexity @{length}", unit="window", disable=not progress):
+    nll, agree = 0.0, 0
+    for index, window in enumerate(tqdm(inputs.windows, desc=f"{row.name}: perplexity @{inputs.length}",
+                                        unit="window", disable=not progress)):
         prompt, targets = window[None, :-scored], window[None, -scored:]
-        dense = model(prompt, use_cache=True)
-        greedy = _dense_greedy(model, dense, settings.agreement_tokens)
-        for runner, row in zip(runners, rows):
-            nll[row.name] += _teacher_forced(runner, prompt, dense, targets, lambda lp, t: -lp.gather(-1, t[:, None]).sum().item())
-            agree[row.name] += _teacher_forced(runner, prompt, dense, greedy, lambda lp, t: int(lp.argmax(-1).eq(t).sum()))
-    for row in rows:
-        row.perplexity[str(length)] = math.exp(nll[row.name] / (len(windows) * scored))
-        row.agreement[str(length)] = agree[row.name] / (len(windows) * settings.agreement_tokens)
+        dense = inputs.prefill(("window", index), prompt)
+        greedy = inputs.dense_greedy(index, prompt)
+        nll += _teacher_forced(runner, prompt, dense, targets, lambda lp, t: -lp.gather(-1, t[:, None]).sum().item())
+        agree += _teacher_forced(runner, prompt, dense, greedy, lambda lp, t: int(lp.argmax(-1).eq(t).sum()))
+    row.perplexity[str(inputs.length)] = math.exp(nll / (len(inputs.windows) * scored))
+    row.agreement[str(inputs.length)] = agree / (len(inputs.windows) * settings.agreement_tokens)
 
 
-def _teacher_forced(runner, prompt, dense, targets, measure) -> float:
+def _teacher_forced(runner, prompt, dense: _Prefill, targets, measure) -> float:
     """Sum of `measure(log_probs, target)` over `targets` (1, n), fed one decode step each."""
     logits, cache = runner.continue_from(prompt, dense)
     total = 0
@@ -210,9 +262,10 @@ def _copy(cache: DynamicCache) -> DynamicCache:
     return copy
 
 
-def _dense_greedy(model, dense, count: int) -> torch.Tensor:
-    cache = _copy(dense.past_key_values)
-    logits, tokens = dense.logits[:, -1], []
+@torch.no_grad()
+def _dense_greedy(model, dense: _Prefill, count: int) -> torch.Tensor:
+    cache = _copy(dense.cache)
+    logits, tokens = dense.last_logits, []
     for _ in range(count):
         tokens.append(logits.argmax(-1, keepdim=True))
         out = model(tokens[-1], past_key_values=cache, use_cache=True)
@@ -249,8 +302,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def format_table(report: dict) -> str:
+    """The report as a text table, one line per row; "-" where a row is not measured yet (a partial
+    report's later rows lack the length being measured)."""
     rows = report["rows"]
-    accuracy_keys = list(rows[0]["accuracy"])
+    accuracy_keys = list(rows[0]["accuracy"])  # the first row is measured first at every length: it has every key
     lengths = list(rows[0]["perplexity"])
     header = ["method"] + [cell_label(k) for k in accuracy_keys] + [f"ppl@{length_label(n)}" for n in lengths] \
         + [f"agree@{length_label(n)}" for n in lengths] + ["K B/tok", "V B/tok", "KV vs dense"]
@@ -259,22 +314,27 @@ def format_table(report: dict) -> str:
     for row in rows:
         cells = [row["name"]]
         for key in accuracy_keys:
-            cell = row["accuracy"][key]
-            low, high = cell["ci95"]
-            cells.append(f"{cell['correct']}/{cell['samples']} [{low:.0%},{high:.0%}]")
-        cells += [f"{row['perplexity'][n]:.2f}" for n in lengths]
-        cells += [f"{row['agreement'][n]:.3f}" for n in lengths]
+            cell = row["accuracy"].get(key)
+            cells.append("-" if cell is None else
+                         f"{cell['correct']}/{cell['samples']} [{cell['ci95'][0]:.0%},{cell['ci95'][1]:.0%}]")
+        cells += [_number(row["perplexity"].get(n), ".2f") for n in lengths]
+        cells += [_number(row["agreement"].get(n), ".3f") for n in lengths]
         kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
         cells += [f"{row['k_bytes_per_token']:.0f}", f"{row['v_bytes_per_token']:.0f}", f"{kv / dense_bytes:.2f}x"]
         body.append(cells)
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header] + body]
-    samples = rows[0]["accuracy"][accuracy_keys[0]]["samples"] if accuracy_keys else 0
-    note = (f"retrieval: correct/samples [95% Wilson interval], {samples} prompts per cell; "
-            f"ppl: last {report['settings']['score_last']} tokens of {report['settings']['ppl_windows']} windows, "
-            f"decoded one step at a time; agree: share of {report['settings']['agreement_tokens']} dense greedy tokens; "
-            f"B/tok: K/V bytes held per token at the last step ({rows[0]['bytes_measured_at']} tokens; windows cost more at short lengths)")
-    return "\n".join(lines + [note])
+    settings = report["settings"]
+    notes = [f"retrieval: correct/samples [95% Wilson interval], {settings['samples']} prompts per cell"] if accuracy_keys else []
+    notes += [f"ppl: last {settings['score_last']} tokens of {settings['ppl_windows']} windows, decoded one step at a time",
+              f"agree: share of {settings['agreement_tokens']} dense greedy tokens",
+              f"B/tok: K/V bytes held per token at the last step ({rows[0]['bytes_measured_at']} tokens; windows cost "
+              "more at short lengths)"]
+    return "\n".join(lines + ["; ".join(notes)])
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def length_label(n: str) -> str:
@@ -290,45 +350,54 @@ def cell_label(key: str) -> str:
 
 
 def plot(report: dict, path) -> None:
-    """`figure(report)` as a PNG (needs matplotlib)."""
+    """`figure(report)` as a PNG (needs matplotlib), written atomically: a run rewrites it as it goes."""
     import matplotlib.pyplot as plt
 
     fig = figure(report)
-    fig.savefig(path, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", bbox_inches="tight")
     plt.close(fig)
+    write_atomically(Path(path), png.getvalue())
 
 
 def figure(report: dict):
     """Two panels against KV bytes per token, one marker per method and one legend for both: mean
-    retrieval accuracy with its 95% Wilson interval, and perplexity at the longest length (where
-    plans differ most). Points that share a place stay apart in the legend, not in overprinted labels."""
+    retrieval accuracy with its 95% Wilson interval (greedy agreement with dense where no retrieval
+    was measured), and perplexity, both at the longest length every row has (where plans differ
+    most). Points that share a place stay apart in the legend, not in overprinted labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (accuracy_axes, perplexity_axes) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    lengths = list(report["rows"][0]["perplexity"])
+    fig, (left_axes, perplexity_axes) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    rows = report["rows"]
+    lengths = set.intersection(*(set(row["perplexity"]) for row in rows))
     longest = max(lengths, key=int) if lengths else None
-    for i, row in enumerate(report["rows"]):
+    retrieval = any(row["accuracy"] for row in rows)
+    for i, row in enumerate(rows):
         kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
-        cells = list(row["accuracy"].values())
-        correct, samples = sum(c["correct"] for c in cells), sum(c["samples"] for c in cells)
-        accuracy = correct / max(1, samples)
-        low, high = wilson_interval(correct, samples)
         style = dict(marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", linestyle="none", markersize=7,
                      label=row["name"])
-        accuracy_axes.errorbar(kv, accuracy, yerr=[[accuracy - low], [high - accuracy]], capsize=3, **style)
+        if retrieval:
+            cells = list(row["accuracy"].values())
+            correct, samples = sum(c["correct"] for c in cells), sum(c["samples"] for c in cells)
+            accuracy = correct / max(1, samples)
+            low, high = wilson_interval(correct, samples)
+            left_axes.errorbar(kv, accuracy, yerr=[[accuracy - low], [high - accuracy]], capsize=3, **style)
+        else:
+            left_axes.plot(kv, row["agreement"][longest] if longest else float("nan"), **style)
         if longest is not None:
             perplexity_axes.plot(kv, row["perplexity"][longest], **style)
-    accuracy_axes.set(xlabel="KV cache bytes per token (K + V, all layers)", ylim=(-0.05, 1.05),
-                      ylabel="retrieval accuracy, all tasks and lengths (95% interval)")
-    perplexity_axes.set(xlabel="KV cache bytes per token (K + V, all layers)",
-                        ylabel=f"perplexity at {length_label(longest)} tokens" if longest else "perplexity (not measured)")
+    at_longest = f" at {length_label(longest)} tokens" if longest else " (not measured)"
+    left_axes.set(xlabel="KV cache bytes per token (K + V, all layers)", ylim=(-0.05, 1.05),
+                  ylabel="retrieval accuracy, all tasks and lengths (95% interval)" if retrieval
+                  else f"greedy agreement with dense{at_longest}")
+    perplexity_axes.set(xlabel="KV cache bytes per token (K + V, all layers)", ylabel=f"perplexity{at_longest}")
     perplexity_axes.set_yscale("log")  # a broken plan's perplexity is orders of magnitude off
-    for axes in (accuracy_axes, perplexity_axes):
+    for axes in (left_axes, perplexity_axes):
         axes.grid(alpha=0.3, which="both")
-    handles, labels = accuracy_axes.get_legend_handles_labels()
+    handles, labels = left_axes.get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="method")
     fig.suptitle(report["model"], fontsize=9)
     fig.tight_layout()
