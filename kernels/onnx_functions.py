@@ -150,11 +150,11 @@ class _Body:
         return ir.Function(DOMAIN, name, overload, graph=graph, attributes=attrs)
 
 
-def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask):
+def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask, per_row: bool):
     """Nodes for softmax(scores + mask) @ v (ops.masked_softmax_attention): scores (B, Hq, S, T)
-    fp32 already scaled, v (B, Hkv, T, Dv). The causal part is data flow on the `is_causal`
-    attribute (a function body cannot branch on an attribute): allowed = mask and (tril or not
-    is_causal), SDPA's top-left convention."""
+    fp32 already scaled, v (B, Hkv, T, Dv); `per_row`: see `_times_values`. The causal part is
+    data flow on the `is_causal` attribute (a function body cannot branch on an attribute):
+    allowed = mask and (tril or not is_causal), SDPA's top-left convention."""
     sizes = b.shape(scores, 2, 4)  # (S, T)
     lower = b.op("Cast", b.op("Trilu", b.op("ConstantOfShape", sizes, value=_one()), upper=0), to=_BOOL)
     not_causal = b.op("Not", b.op("Cast", b.attribute("is_causal"), to=_BOOL))
@@ -163,8 +163,23 @@ def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask):
     probs = b.op("CastLike", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
     # the query heads of a KV head as rows of one product, reading V once: (B, Hkv, r·S, T) @ (B, Hkv, T, Dv)
     grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(scores, 3, 4), axis=0))
-    out = b.op("MatMul", grouped, v)
+    out = _times_values(b, grouped, v, per_row)
     return b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
+
+
+def _times_values(b: _Body, probs, v, per_row: bool):
+    """probs (B, G, R, T) @ v (B, G, T, Dv): (B, G, R, Dv).
+
+    onnxruntime's CPU GEMM (MLAS) copies its right operand into packed panels unless the left one
+    has a single row, where it streams it (a GEMV kernel). So the decode (`per_row`: R = r·S, the
+    few query rows of a KV head) takes each row as its own product over the broadcast V,
+    (B, G, R, 1, T) @ (B, G, 1, T, Dv), streaming V from memory at 16-24 GB/s where one product of
+    R = 3 rows packs it at 13-15 (SmolLM2's shapes at 2K-8K keys, one thread). The prefill's many
+    rows keep the GEMM, which reads V once for all of them."""
+    if not per_row:
+        return b.op("MatMul", probs, v)
+    rows = b.op("MatMul", b.op("Unsqueeze", probs, b.ints(3)), b.op("Unsqueeze", v, b.ints(2)))  # (B, G, R, 1, Dv)
+    return b.op("Squeeze", rows, b.ints(3))
 
 
 def _by_kv_head(b: _Body, q, v):
@@ -174,9 +189,14 @@ def _by_kv_head(b: _Body, q, v):
     return b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 3), axis=0))
 
 
-def _keys_transposed(b: _Body, k):
-    """k (B, G, T, w) as fp32 (B, G, w, T) (onnxruntime folds the transpose into its MatMul)."""
-    return b.op("Transpose", b.op("Cast", k, to=_FLOAT), perm=[0, 1, 3, 2])
+def _scores(b: _Body, queries, k):
+    """queries (B, G, R, w) fp32 scored on keys k (B, G, T, w): (B, G, R, T) fp32, computed as
+    (k @ queries^T)^T. onnxruntime's CPU GEMM (MLAS) streams its left operand and copies its right
+    one into packed panels, so the keys go on the left and the few query rows (transposed, which
+    it folds into the product) on the right: 24 GB/s over SmolLM2's keys at 8K against 16 for
+    queries @ k^T (one thread). Only the (R, T) scores are transposed back."""
+    keys_first = b.op("MatMul", b.op("Cast", k, to=_FLOAT), b.op("Transpose", queries, perm=[0, 1, 3, 2]))
+    return b.op("Transpose", keys_first, perm=[0, 1, 3, 2])
 
 
 def _scaled(b: _Body, scores, q):
@@ -223,8 +243,8 @@ def _attention_function(node):
     q, k, v, mask = b.inputs
     if by_lengths:
         mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(k, 2, 3))
-    scores = b.op("MatMul", _by_kv_head(b, q, v), _keys_transposed(b, k))
-    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
+    scores = _scores(b, _by_kv_head(b, q, v), k)
+    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask, per_row=by_lengths)
     return b.function("attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
@@ -257,7 +277,7 @@ def _pruned_attention_function(node):
     q5 = _by_kv_head(b, q, v)
     # a KV head in no group scores 0 everywhere: uniform attention, as in the reference
     scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero())
-    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
+    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask, per_row=by_lengths)
     return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
@@ -277,7 +297,7 @@ def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, 
         index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2)),
                      b.op("Concat", b.shape(q_group, 0, 3), b.shape(group_channels, 1, 2), axis=0))
         q_group = b.op("GatherElements", q_group, index, axis=3)  # (B, G, r·S, w)
-        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r·S, T)
+        blocks.append(_scores(b, q_group, k))  # (B, G, r·S, T)
     fill_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3), length, axis=0)
     blocks.append(b.op("ConstantOfShape", fill_shape, value=fill))
     scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r·S, T)
@@ -334,7 +354,7 @@ def _windowed_attention_function(node):
     keys, heads, channels = (b.inputs[3 + i * count : 3 + (i + 1) * count] for i in range(3))
     num_kv_heads, window, middle, s = b.shape(v_window, 1, 2), b.shape(v_window, 2, 3), b.shape(v_middle, 2, 3), b.shape(q, 2, 3)
     q5 = _by_kv_head(b, q, v_window)
-    scores = b.op("MatMul", q5, _keys_transposed(b, k_window))  # (B, Hkv, r·S, Tw)
+    scores = _scores(b, q5, k_window)  # (B, Hkv, r·S, Tw)
     mask = _length_mask_nodes(b, window_lengths, s, window)  # (B, 1, S, Tw)
     if count:
         middle_scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, num_kv_heads, middle, _minus_inf())
@@ -345,13 +365,13 @@ def _windowed_attention_function(node):
     bias = b.op("Where", mask, b.op("Constant", value_float=0.0), b.op("Constant", value_float=float("-inf")))
     probs = b.op("Softmax", b.op("Add", _scaled(b, scores, q), bias), axis=-1)  # (B, Hq, S, M + Tw)
     probs = b.op("Reshape", probs, b.op("Concat", b.shape(v_window, 0, 2), b.ints(-1), b.shape(probs, 3, 4), axis=0))
-    out = b.op("MatMul", b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
-               b.op("Cast", v_window, to=_FLOAT))  # (B, Hkv, r·S, Dv)
+    out = _times_values(b, b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
+                        b.op("Cast", v_window, to=_FLOAT), per_row=True)  # (B, Hkv, r·S, Dv)
     if count:
         listed = b.op("Concat", *heads, axis=0)
         value_heads, _ = b.op("TopK", listed, b.op("Shape", listed), largest=0, num_outputs=2)  # ascending: v_middle's
         middle_probs = b.op("Gather", b.op("Slice", probs, b.ints(0), middle, b.ints(-1)), value_heads, axis=1)
-        middle_out = b.op("MatMul", middle_probs, b.op("Cast", v_middle, to=_FLOAT))  # (B, Hm, r·S, Dv)
+        middle_out = _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), per_row=True)  # (B, Hm, r·S, Dv)
         zeros = b.op("ConstantOfShape", b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3),
                                              b.shape(v_middle, 3, 4), axis=0), value=_zero())
         middle_out = b.op("Gather", b.op("Concat", middle_out, zeros, axis=1), _slots_among(b, value_heads, num_kv_heads),
