@@ -158,9 +158,9 @@ class _Body:
         return ir.Function(DOMAIN, name, overload, graph=graph, attributes=attrs)
 
 
-def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask, per_row: bool):
+def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask, decode: bool):
     """Nodes for softmax(scores + mask) @ v (ops.masked_softmax_attention): scores (B, Hq, S, T)
-    fp32, scaled, v (B, Hkv, T, Dv); `per_row`: see `_times_values`. The causal part is
+    fp32, scaled, v (B, Hkv, T, Dv); `decode`: see `_times_values`. The causal part is
     data flow on the `is_causal` attribute (a function body cannot branch on an attribute):
     allowed = mask and (tril or not is_causal), SDPA's top-left convention."""
     sizes = b.shape(scores, 2, 4)  # (S, T)
@@ -171,20 +171,20 @@ def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask, per_row: bool)
     probs = b.op("CastLike", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
     # the query heads of a KV head as rows of one product, reading V once: (B, Hkv, r·S, T) @ (B, Hkv, T, Dv)
     grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(scores, 3, 4), axis=0))
-    out = _times_values(b, grouped, v, per_row)
+    out = _times_values(b, grouped, v, decode)
     return b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
 
 
-def _times_values(b: _Body, probs, v, per_row: bool):
+def _times_values(b: _Body, probs, v, decode: bool):
     """probs (B, G, R, T) @ v (B, G, T, Dv): (B, G, R, Dv).
 
     onnxruntime's CPU GEMM (MLAS) copies its right operand into packed panels unless the left one
-    has a single row, where it streams it (a GEMV kernel). So the decode (`per_row`: R = r·S, the
-    few query rows of a KV head) takes each row as its own product over the broadcast V,
+    has a single row, where it streams it (a GEMV kernel). So the `decode` (R = r·S, the few query
+    rows of a KV head) takes each row as its own product over the broadcast V,
     (B, G, R, 1, T) @ (B, G, 1, T, Dv), streaming V from memory at 16-24 GB/s where one product of
     R = 3 rows packs it at 13-15 (SmolLM2's shapes at 2K-8K keys, one thread). The prefill's many
-    rows keep the GEMM, which reads V once for all of them."""
-    if not per_row:
+    rows keep the GEMM, which packs V once for all of them."""
+    if not decode:
         return b.op("MatMul", probs, v)
     rows = b.op("MatMul", b.op("Unsqueeze", probs, b.ints(3)), b.op("Unsqueeze", v, b.ints(2)))  # (B, G, R, 1, Dv)
     return b.op("Squeeze", rows, b.ints(3))
@@ -199,13 +199,19 @@ def _by_kv_head(b: _Body, q, v):
     return b.op("Mul", rows, b.attribute("scale"))
 
 
-def _scores(b: _Body, queries, k):
-    """queries (B, G, R, w) fp32 scored on keys k (B, G, T, w): (B, G, R, T) fp32, computed as
-    (k @ queries^T)^T. onnxruntime's CPU GEMM (MLAS) streams its left operand and copies its right
-    one into packed panels, so the keys go on the left and the few query rows (transposed, which
-    it folds into the product) on the right: 24 GB/s over SmolLM2's keys at 8K against 16 for
-    queries @ k^T (one thread). Only the (R, T) scores are transposed back."""
-    keys_first = b.op("MatMul", b.op("Cast", k, to=_FLOAT), b.op("Transpose", queries, perm=[0, 1, 3, 2]))
+def _scores(b: _Body, queries, k, decode: bool):
+    """queries (B, G, R, w) fp32 scored on keys k (B, G, T, w): (B, G, R, T) fp32.
+
+    onnxruntime's CPU GEMM (MLAS) streams its left operand and copies its right one into packed
+    panels. So the `decode` (R = r·S, a few query rows against the whole cache) computes
+    (k @ queries^T)^T: the keys on the left, the query rows (transposed, which it folds into the
+    product) on the right, and only the (R, T) scores transposed back: 24 GB/s over SmolLM2's keys
+    at 8K against 16 for queries @ k^T (one thread). The prefill's many rows keep queries @ k^T,
+    which packs the keys once for all of them."""
+    keys = b.op("Cast", k, to=_FLOAT)
+    if not decode:
+        return b.op("MatMul", queries, b.op("Transpose", keys, perm=[0, 1, 3, 2]))  # folded into the product
+    keys_first = b.op("MatMul", keys, b.op("Transpose", queries, perm=[0, 1, 3, 2]))
     return b.op("Transpose", keys_first, perm=[0, 1, 3, 2])
 
 
@@ -251,8 +257,8 @@ def _attention_function(node):
     q, k, v, mask = b.inputs
     if by_lengths:
         mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(k, 2, 3))
-    scores = _scores(b, _by_kv_head(b, q, v), k)
-    out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, per_row=by_lengths)
+    scores = _scores(b, _by_kv_head(b, q, v), k, decode=by_lengths)
+    out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
     return b.function("attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
@@ -285,8 +291,8 @@ def _pruned_attention_function(node):
     q5 = _by_kv_head(b, q, v)
     # a KV head in no group scores 0 everywhere: uniform attention, as in the reference
     scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero(),
-                                      ordered=ORDERED in node.overload.split("_"))
-    out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, per_row=by_lengths)
+                                      ordered=ORDERED in node.overload.split("_"), decode=by_lengths)
+    out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
     return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
@@ -296,18 +302,20 @@ def _group_input_names(count: int) -> list[str]:
             *(f"channels_{g}" for g in range(count))]
 
 
-def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, length, fill, ordered: bool):
+def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, length, fill, ordered: bool,
+                             decode: bool):
     """Scores per width group on the group's kept channels, stacked with one block of `fill` and
     gathered into KV-head order, (B, Hkv, r·S, T): a KV head in no group reads the fill. The
     gather index is built on the Hkv head ids alone, so no per-score index tensor is materialized.
-    `ordered` (the groups' heads are 0, 1, ... in order): the stacked scores are that order."""
+    `ordered` (the groups' heads are 0, 1, ... in order): the stacked scores are that order.
+    `decode`: see `_scores`."""
     blocks = []
     for k, group_heads, group_channels in zip(keys, heads, channels):
         q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r·S, D)
         index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2)),
                      b.op("Concat", b.shape(q_group, 0, 3), b.shape(group_channels, 1, 2), axis=0))
         q_group = b.op("GatherElements", q_group, index, axis=3)  # (B, G, r·S, w)
-        blocks.append(_scores(b, q_group, k))  # (B, G, r·S, T)
+        blocks.append(_scores(b, q_group, k, decode))  # (B, G, r·S, T)
     if ordered:
         return blocks[0] if len(blocks) == 1 else b.op("Concat", *blocks, axis=1)
     fill_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3), length, axis=0)
@@ -367,11 +375,11 @@ def _windowed_attention_function(node):
     num_kv_heads, window, middle, s = b.shape(v_window, 1, 2), b.shape(v_window, 2, 3), b.shape(v_middle, 2, 3), b.shape(q, 2, 3)
     ordered = ORDERED in node.overload.split("_")
     q5 = _by_kv_head(b, q, v_window)
-    scores = _scores(b, q5, k_window)  # (B, Hkv, r·S, Tw)
+    scores = _scores(b, q5, k_window, decode=True)  # (B, Hkv, r·S, Tw)
     mask = _length_mask_nodes(b, window_lengths, s, window)  # (B, 1, S, Tw)
     if count:
         middle_scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, num_kv_heads, middle, _minus_inf(),
-                                                 ordered)
+                                                 ordered, decode=True)
         scores = b.op("Concat", middle_scores, scores, axis=-1)  # (B, Hkv, r·S, M + Tw)
         middle_mask = b.op("Expand", _length_mask_nodes(b, middle_lengths, b.ints(1), middle),
                            b.op("Concat", b.shape(q, 0, 1), b.ints(1), s, middle, axis=0))  # every query sees the middle
@@ -380,15 +388,15 @@ def _windowed_attention_function(node):
     probs = b.op("Softmax", b.op("Add", _by_query_head(b, scores, q), bias), axis=-1)  # (B, Hq, S, M + Tw)
     probs = b.op("Reshape", probs, b.op("Concat", b.shape(v_window, 0, 2), b.ints(-1), b.shape(probs, 3, 4), axis=0))
     out = _times_values(b, b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
-                        b.op("Cast", v_window, to=_FLOAT), per_row=True)  # (B, Hkv, r·S, Dv)
+                        b.op("Cast", v_window, to=_FLOAT), decode=True)  # (B, Hkv, r·S, Dv)
     if count and ordered:  # v_middle keeps every KV head, in order
         middle_probs = b.op("Slice", probs, b.ints(0), middle, b.ints(-1))
-        out = b.op("Add", out, _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), per_row=True))
+        out = b.op("Add", out, _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), decode=True))
     elif count:
         listed = b.op("Concat", *heads, axis=0)
         value_heads, _ = b.op("TopK", listed, b.op("Shape", listed), largest=0, num_outputs=2)  # ascending: v_middle's
         middle_probs = b.op("Gather", b.op("Slice", probs, b.ints(0), middle, b.ints(-1)), value_heads, axis=1)
-        middle_out = _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), per_row=True)  # (B, Hm, r·S, Dv)
+        middle_out = _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), decode=True)  # (B, Hm, r·S, Dv)
         zeros = b.op("ConstantOfShape", b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3),
                                              b.shape(v_middle, 3, 4), axis=0), value=_zero())
         middle_out = b.op("Gather", b.op("Concat", middle_out, zeros, axis=1), _slots_among(b, value_heads, num_kv_heads),
