@@ -44,6 +44,7 @@ def test_every_variant_is_timed_at_every_context_against_its_byte_ideal():
         for c in (32, 96):
             times = report["ms_per_step"][name][c]
             assert 0 < times["min"] <= times["median"] <= times["max"]
+            assert report["cpu_ms_per_step"][name][c] >= 0
     shape = onnx_latency.ModelShape.from_config(model.config)
     weights = sum(p.numel() * 4 for p in model.parameters())
     for c in (32, 96):

@@ -10,9 +10,12 @@ token per row written in place into the buffers bound at the first step), repeat
 slot, so every step reads a cache of exactly `context + 1` tokens; the window moves `generate`
 does every `plan.buffer` steps are not timed. The variants' steps alternate (one step of each, then
 again), so a machine whose load changes during the run weighs on every variant alike; the load
-average before and after is reported. Reported per variant and context: median ms per step with
-min-max, dense / variant, and the byte-ideal ratio: at batch 1 a step reads every weight and every
-cached byte once, so no export can beat (weights + dense cache) / (weights + its cache) bytes.
+average before and after is reported, and beside each step's wall time the CPU time the process
+spent in it (on a machine that other work keeps busy, the wall time also counts the time the step
+waited for a core). Reported per variant and context: median ms per step with min-max, dense /
+variant (of wall and of CPU time), and the byte-ideal ratio: at batch 1 a step reads every weight
+and every cached byte once, so no export can beat (weights + dense cache) / (weights + its cache)
+bytes.
 
 Sessions run `threads` intra-op threads, one unless told (the CLI's `--threads`): a batch-1 step
 is a chain of small products, and where the machine runs other work too, a product split over two
@@ -71,17 +74,17 @@ class _Variant:
         return cache
 
     def steps(self, cache: CompressedKVCache):
-        """A function timing one step of one token per row on `cache` (milliseconds), after one
-        untimed step: the first run binds the buffers, allocates and plans."""
+        """A function timing one step of one token per row on `cache`: (wall, process CPU)
+        milliseconds. One untimed step first: the first run binds the buffers, allocates and plans."""
         indices = cache.prepare_call(1)
         batch = cache.batch_size
         values = {"input_ids": torch.full((batch, 1), 3), "position_ids": cache.lengths[:, None], **indices}
         self.call(values, cache.buffers)
 
-        def step_ms() -> float:
-            start = time.perf_counter()
+        def step_ms() -> tuple[float, float]:
+            wall, cpu = time.perf_counter(), time.process_time()
             self.call(values, cache.buffers)
-            return (time.perf_counter() - start) * 1e3
+            return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
         return step_ms
 
@@ -105,7 +108,7 @@ def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1,
     captured = capture(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    ms, cache_bytes = {}, {}
+    ms, cpu_ms, cache_bytes = {}, {}, {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         variants = {name: _Variant(captured, plan, shape, Path(folder), options)
@@ -119,14 +122,17 @@ def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1,
                 for name, step_ms in steps.items():
                     times[name].append(step_ms())
             for name, cache in caches.items():
-                ms.setdefault(name, {})[context] = {"median": round(statistics.median(times[name]), 3),
-                                                    "min": round(min(times[name]), 3), "max": round(max(times[name]), 3)}
+                wall, cpu = zip(*times[name])
+                ms.setdefault(name, {})[context] = {"median": round(statistics.median(wall), 3),
+                                                    "min": round(min(wall), 3), "max": round(max(wall), 3)}
+                cpu_ms.setdefault(name, {})[context] = round(statistics.median(cpu), 3)
                 cache_bytes.setdefault(name, {})[context] = cache.nbytes
             del caches, steps
     median = {name: {c: row[c]["median"] for c in contexts} for name, row in ms.items()}
     ideal = {name: {c: round((weight_bytes + cache_bytes[DENSE][c]) / (weight_bytes + cache_bytes[name][c]), 3)
                     for c in contexts} for name in ms}
     speedup = {name: {c: round(median[DENSE][c] / median[name][c], 3) for c in contexts} for name in ms}
+    cpu_speedup = {name: {c: round(cpu_ms[DENSE][c] / cpu_ms[name][c], 3) for c in contexts} for name in ms}
     return {
         "onnxruntime": ort.__version__,
         "provider": "CPUExecutionProvider",
@@ -138,25 +144,29 @@ def run(model, plans: dict[str, Plan], contexts=(2048, 8192), *, batch: int = 1,
         "weight_bytes": weight_bytes,
         "cache_bytes": cache_bytes,
         "ms_per_step": ms,
+        "cpu_ms_per_step": cpu_ms,
         "dense_over_variant": speedup,
+        "dense_over_variant_cpu": cpu_speedup,
         "byte_ideal": ideal,
         "of_ideal": {name: {c: round(speedup[name][c] / ideal[name][c], 3) for c in contexts} for name in ms},
+        "of_ideal_cpu": {name: {c: round(cpu_speedup[name][c] / ideal[name][c], 3) for c in contexts} for name in ms},
     }
 
 
 def format_table(report: dict) -> str:
     contexts = list(report["ms_per_step"][DENSE])
     lines = [f"onnxruntime {report['onnxruntime']} CPU decode step, {report['model']}, batch {report['batch']}, "
-             f"{report['threads']} intra-op thread(s), {report['reps']} steps: median ms [min-max] "
-             f"(dense / variant; byte-ideal)",
-             f"{'export':>16}" + "".join(f"  {f'context {c}':>36}" for c in contexts)]
+             f"{report['threads']} intra-op thread(s), {report['reps']} steps: median wall ms [min-max] (dense / "
+             f"variant), median CPU ms (dense / variant); byte-ideal dense / variant",
+             f"{'export':>16}" + "".join(f"  {f'context {c}':>50}" for c in contexts)]
     for name, row in report["ms_per_step"].items():
         cells = []
         for c in contexts:
             t = row[c]
-            cells.append(f"{t['median']:.2f} [{t['min']:.2f}-{t['max']:.2f}] "
-                         f"({report['dense_over_variant'][name][c]:.2f}x; {report['byte_ideal'][name][c]:.2f}x)")
-        lines.append(f"{name:>16}" + "".join(f"  {cell:>36}" for cell in cells))
+            cells.append(f"{t['median']:.2f} [{t['min']:.2f}-{t['max']:.2f}] ({report['dense_over_variant'][name][c]:.2f}x)"
+                         f", {report['cpu_ms_per_step'][name][c]:.2f} ({report['dense_over_variant_cpu'][name][c]:.2f}x)"
+                         f"; {report['byte_ideal'][name][c]:.2f}x")
+        lines.append(f"{name:>16}" + "".join(f"  {cell:>50}" for cell in cells))
     load = report["load_average"]
     lines.append(f"load average (1, 5, 15 min): {load['before']} before, {load['after']} after")
     return "\n".join(lines)
