@@ -21,6 +21,10 @@ holds. kvcompile/export/onnx.py drives the export and says why it is built this 
   builds the mask from them (`_length_mask_nodes`). It attends over the whole capacity, so the
   cache keeps its free slots finite (cache.py allocates them zeroed). `windowed_attention` is
   exported in this form only: the window and the middle each with their row counts.
+- **The decode's products stream the cache.** onnxruntime's CPU GEMM packs its right operand
+  (a copy) unless the left one has a single row; the decode's few query rows are therefore the
+  right operand of the scores, (k @ q^T)^T, and meet V one row at a time (`_scores`,
+  `_times_values`). The prefill's many rows keep the plain GEMMs.
 - **Groups that cover every KV head in order skip the reordering.** A grouped node's scores are
   stacked per group and gathered into KV-head order, with a block of fill for heads in no group.
   The head lists are the plan's constants, seen only once the export returns: `add_functions` then
