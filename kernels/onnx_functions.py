@@ -21,6 +21,15 @@ holds. kvcompile/export/onnx.py drives the export and says why it is built this 
   builds the mask from them (`_length_mask_nodes`). It attends over the whole capacity, so the
   cache keeps its free slots finite (cache.py allocates them zeroed). `windowed_attention` is
   exported in this form only: the window and the middle each with their row counts.
+- **The decode's products stream the cache.** onnxruntime's CPU GEMM packs its right operand
+  (a copy) unless the left one has a single row; the decode's few query rows are therefore the
+  right operand of the scores, (k @ q^T)^T, and meet V one row at a time (`_scores`,
+  `_times_values`). The prefill's many rows keep the plain GEMMs.
+- **Groups that cover every KV head in order skip the reordering.** A grouped node's scores are
+  stacked per group and gathered into KV-head order, with a block of fill for heads in no group.
+  The head lists are the plan's constants, seen only once the export returns: `add_functions` then
+  gives the nodes whose lists, concatenated, are 0, 1, ... the overload suffix `ordered`, whose
+  function stacks the groups' scores as they are (no fill, no gathers of scores or probabilities).
 - **Nodes are emitted through the exporter's recorder** (`onnxscript.evaluator.default()`, which
   the exporter sets while it runs a translation): an onnxscript `@script` function cannot be
   variadic, and this keeps one code path for all ops.
@@ -48,6 +57,9 @@ BODY_OPSET = 18
 _FLOAT, _BOOL = 1, 9  # onnx.TensorProto.FLOAT, BOOL
 # The overload (suffix) of an attention node that takes per-row cache lengths instead of a mask.
 LENGTHS = "lengths"
+# The overload (suffix) of a grouped attention node whose groups' head lists, concatenated, are the
+# KV heads 0, 1, ... in order: its group scores stack into KV-head order as they are (add_functions).
+ORDERED = "ordered"
 
 
 class TranslationError(RuntimeError):
@@ -150,11 +162,11 @@ class _Body:
         return ir.Function(DOMAIN, name, overload, graph=graph, attributes=attrs)
 
 
-def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask):
+def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask, decode: bool):
     """Nodes for softmax(scores + mask) @ v (ops.masked_softmax_attention): scores (B, Hq, S, T)
-    fp32 already scaled, v (B, Hkv, T, Dv). The causal part is data flow on the `is_causal`
-    attribute (a function body cannot branch on an attribute): allowed = mask and (tril or not
-    is_causal), SDPA's top-left convention."""
+    fp32, scaled, v (B, Hkv, T, Dv); `decode`: see `_times_values`. The causal part is
+    data flow on the `is_causal` attribute (a function body cannot branch on an attribute):
+    allowed = mask and (tril or not is_causal), SDPA's top-left convention."""
     sizes = b.shape(scores, 2, 4)  # (S, T)
     lower = b.op("Cast", b.op("Trilu", b.op("ConstantOfShape", sizes, value=_one()), upper=0), to=_BOOL)
     not_causal = b.op("Not", b.op("Cast", b.attribute("is_causal"), to=_BOOL))
@@ -163,27 +175,53 @@ def _masked_softmax_attention_nodes(b: _Body, scores, q, v, mask):
     probs = b.op("CastLike", b.op("Softmax", b.op("Add", scores, bias), axis=-1), v)
     # the query heads of a KV head as rows of one product, reading V once: (B, Hkv, r·S, T) @ (B, Hkv, T, Dv)
     grouped = b.op("Reshape", probs, b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(scores, 3, 4), axis=0))
-    out = b.op("MatMul", grouped, v)
+    out = _times_values(b, grouped, v, decode)
     return b.op("Reshape", out, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
 
 
+def _times_values(b: _Body, probs, v, decode: bool):
+    """probs (B, G, R, T) @ v (B, G, T, Dv): (B, G, R, Dv).
+
+    onnxruntime's CPU GEMM (MLAS) copies its right operand into packed panels unless the left one
+    has a single row, where it streams it (a GEMV kernel). So the `decode` (R = r·S, the few query
+    rows of a KV head) takes each row as its own product over the broadcast V,
+    (B, G, R, 1, T) @ (B, G, 1, T, Dv), streaming V from memory at 16-24 GB/s where one product of
+    R = 3 rows packs it at 13-15 (SmolLM2's shapes at 2K-8K keys, one thread). The prefill's many
+    rows keep the GEMM, which packs V once for all of them."""
+    if not decode:
+        return b.op("MatMul", probs, v)
+    rows = b.op("MatMul", b.op("Unsqueeze", probs, b.ints(3)), b.op("Unsqueeze", v, b.ints(2)))  # (B, G, R, 1, Dv)
+    return b.op("Squeeze", rows, b.ints(3))
+
+
 def _by_kv_head(b: _Body, q, v):
-    """q (B, Hq, S, D) as fp32 (B, Hkv, r·S, D): the S queries of the r heads of each KV head
-    (head i under KV head i // r) as the rows of one matrix, so that scoring them reads each key
-    once (one GEMM per KV head, not r GEMVs over a broadcast key)."""
-    return b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 3), axis=0))
+    """q (B, Hq, S, D) as fp32 (B, Hkv, r·S, D) times `scale`: the S queries of the r heads of each
+    KV head (head i under KV head i // r) as the rows of one matrix, so that scoring them reads each
+    key once (one product per KV head, not r over a broadcast key). The scale goes on the queries,
+    r·S·D numbers, rather than on the r·S·T scores."""
+    rows = b.op("Reshape", b.op("Cast", q, to=_FLOAT), b.op("Concat", b.shape(v, 0, 2), b.ints(-1), b.shape(q, 3), axis=0))
+    return b.op("Mul", rows, b.attribute("scale"))
 
 
-def _keys_transposed(b: _Body, k):
-    """k (B, G, T, w) as fp32 (B, G, w, T) (onnxruntime folds the transpose into its MatMul)."""
-    return b.op("Transpose", b.op("Cast", k, to=_FLOAT), perm=[0, 1, 3, 2])
+def _scores(b: _Body, queries, k, decode: bool):
+    """queries (B, G, R, w) fp32 scored on keys k (B, G, T, w): (B, G, R, T) fp32.
+
+    onnxruntime's CPU GEMM (MLAS) streams its left operand and copies its right one into packed
+    panels. So the `decode` (R = r·S, a few query rows against the whole cache) computes
+    (k @ queries^T)^T: the keys on the left, the query rows (transposed, which it folds into the
+    product) on the right, and only the (R, T) scores transposed back: 24 GB/s over SmolLM2's keys
+    at 8K against 16 for queries @ k^T (one thread). The prefill's many rows keep queries @ k^T,
+    which packs the keys once for all of them."""
+    keys = b.op("Cast", k, to=_FLOAT)
+    if not decode:
+        return b.op("MatMul", queries, b.op("Transpose", keys, perm=[0, 1, 3, 2]))  # folded into the product
+    keys_first = b.op("MatMul", keys, b.op("Transpose", queries, perm=[0, 1, 3, 2]))
+    return b.op("Transpose", keys_first, perm=[0, 1, 3, 2])
 
 
-def _scaled(b: _Body, scores, q):
-    """(B, Hkv, r·S, T) scores times `scale`, as (B, Hq, S, T)."""
-    scale = b.attribute("scale")
-    flat = b.op("Reshape", scores, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
-    return b.op("Mul", flat, scale)
+def _by_query_head(b: _Body, scores, q):
+    """(B, Hkv, r·S, T) scores as (B, Hq, S, T)."""
+    return b.op("Reshape", scores, b.op("Concat", b.shape(q, 0, 3), b.ints(-1), axis=0))
 
 
 def _zero():
@@ -223,8 +261,8 @@ def _attention_function(node):
     q, k, v, mask = b.inputs
     if by_lengths:
         mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(k, 2, 3))
-    scores = b.op("MatMul", _by_kv_head(b, q, v), _keys_transposed(b, k))
-    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
+    scores = _scores(b, _by_kv_head(b, q, v), k, decode=by_lengths)
+    out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
     return b.function("attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
@@ -248,7 +286,7 @@ def _pruned_attention_function(node):
     (uniform attention), as in the reference. The gather index is built on the Hkv head ids alone,
     so no per-score index tensor is materialized."""
     count = (len(node.inputs) - 3) // 3  # q, count × (k, heads, channels), v, mask or lengths
-    by_lengths = node.overload.endswith(LENGTHS)
+    by_lengths = LENGTHS in node.overload.split("_")
     b = _Body(["q", *_group_input_names(count), "v", "lengths" if by_lengths else "mask"])
     q, v, mask = b.inputs[0], b.inputs[-2], b.inputs[-1]
     keys, heads, channels = (b.inputs[1 + i * count : 1 + (i + 1) * count] for i in range(3))
@@ -256,8 +294,9 @@ def _pruned_attention_function(node):
         mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(v, 2, 3))
     q5 = _by_kv_head(b, q, v)
     # a KV head in no group scores 0 everywhere: uniform attention, as in the reference
-    scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero())
-    out = _masked_softmax_attention_nodes(b, _scaled(b, scores, q), q, v, mask)
+    scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero(),
+                                      ordered=ORDERED in node.overload.split("_"), decode=by_lengths)
+    out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
     return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=node.overload)
 
 
@@ -267,17 +306,22 @@ def _group_input_names(count: int) -> list[str]:
             *(f"channels_{g}" for g in range(count))]
 
 
-def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, length, fill):
+def _group_scores_by_kv_head(b: _Body, q5, keys, heads, channels, num_kv_heads, length, fill, ordered: bool,
+                             decode: bool):
     """Scores per width group on the group's kept channels, stacked with one block of `fill` and
     gathered into KV-head order, (B, Hkv, r·S, T): a KV head in no group reads the fill. The
-    gather index is built on the Hkv head ids alone, so no per-score index tensor is materialized."""
+    gather index is built on the Hkv head ids alone, so no per-score index tensor is materialized.
+    `ordered` (the groups' heads are 0, 1, ... in order): the stacked scores are that order.
+    `decode`: see `_scores`."""
     blocks = []
     for k, group_heads, group_channels in zip(keys, heads, channels):
         q_group = b.op("Gather", q5, group_heads, axis=1)  # (B, G, r·S, D)
         index = b.op("Expand", b.op("Unsqueeze", group_channels, b.ints(0, 2)),
                      b.op("Concat", b.shape(q_group, 0, 3), b.shape(group_channels, 1, 2), axis=0))
         q_group = b.op("GatherElements", q_group, index, axis=3)  # (B, G, r·S, w)
-        blocks.append(b.op("MatMul", q_group, _keys_transposed(b, k)))  # (B, G, r·S, T)
+        blocks.append(_scores(b, q_group, k, decode))  # (B, G, r·S, T)
+    if ordered:
+        return blocks[0] if len(blocks) == 1 else b.op("Concat", *blocks, axis=1)
     fill_shape = b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3), length, axis=0)
     blocks.append(b.op("ConstantOfShape", fill_shape, value=fill))
     scores = b.op("Concat", *blocks, axis=1)  # (B, G_0 + ... + 1, r·S, T)
@@ -333,25 +377,30 @@ def _windowed_attention_function(node):
     v_middle, window_lengths, middle_lengths = b.inputs[-3:]
     keys, heads, channels = (b.inputs[3 + i * count : 3 + (i + 1) * count] for i in range(3))
     num_kv_heads, window, middle, s = b.shape(v_window, 1, 2), b.shape(v_window, 2, 3), b.shape(v_middle, 2, 3), b.shape(q, 2, 3)
+    ordered = ORDERED in node.overload.split("_")
     q5 = _by_kv_head(b, q, v_window)
-    scores = b.op("MatMul", q5, _keys_transposed(b, k_window))  # (B, Hkv, r·S, Tw)
+    scores = _scores(b, q5, k_window, decode=True)  # (B, Hkv, r·S, Tw)
     mask = _length_mask_nodes(b, window_lengths, s, window)  # (B, 1, S, Tw)
     if count:
-        middle_scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, num_kv_heads, middle, _minus_inf())
+        middle_scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, num_kv_heads, middle, _minus_inf(),
+                                                 ordered, decode=True)
         scores = b.op("Concat", middle_scores, scores, axis=-1)  # (B, Hkv, r·S, M + Tw)
         middle_mask = b.op("Expand", _length_mask_nodes(b, middle_lengths, b.ints(1), middle),
                            b.op("Concat", b.shape(q, 0, 1), b.ints(1), s, middle, axis=0))  # every query sees the middle
         mask = b.op("Concat", middle_mask, mask, axis=-1)
     bias = b.op("Where", mask, b.op("Constant", value_float=0.0), b.op("Constant", value_float=float("-inf")))
-    probs = b.op("Softmax", b.op("Add", _scaled(b, scores, q), bias), axis=-1)  # (B, Hq, S, M + Tw)
+    probs = b.op("Softmax", b.op("Add", _by_query_head(b, scores, q), bias), axis=-1)  # (B, Hq, S, M + Tw)
     probs = b.op("Reshape", probs, b.op("Concat", b.shape(v_window, 0, 2), b.ints(-1), b.shape(probs, 3, 4), axis=0))
-    out = b.op("MatMul", b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
-               b.op("Cast", v_window, to=_FLOAT))  # (B, Hkv, r·S, Dv)
-    if count:
+    out = _times_values(b, b.op("Slice", probs, middle if count else b.ints(0), b.ints(2**62), b.ints(-1)),
+                        b.op("Cast", v_window, to=_FLOAT), decode=True)  # (B, Hkv, r·S, Dv)
+    if count and ordered:  # v_middle keeps every KV head, in order
+        middle_probs = b.op("Slice", probs, b.ints(0), middle, b.ints(-1))
+        out = b.op("Add", out, _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), decode=True))
+    elif count:
         listed = b.op("Concat", *heads, axis=0)
         value_heads, _ = b.op("TopK", listed, b.op("Shape", listed), largest=0, num_outputs=2)  # ascending: v_middle's
         middle_probs = b.op("Gather", b.op("Slice", probs, b.ints(0), middle, b.ints(-1)), value_heads, axis=1)
-        middle_out = b.op("MatMul", middle_probs, b.op("Cast", v_middle, to=_FLOAT))  # (B, Hm, r·S, Dv)
+        middle_out = _times_values(b, middle_probs, b.op("Cast", v_middle, to=_FLOAT), decode=True)  # (B, Hm, r·S, Dv)
         zeros = b.op("ConstantOfShape", b.op("Concat", b.shape(q5, 0, 1), b.ints(1), b.shape(q5, 2, 3),
                                              b.shape(v_middle, 3, 4), axis=0), value=_zero())
         middle_out = b.op("Gather", b.op("Concat", middle_out, zeros, axis=1), _slots_among(b, value_heads, num_kv_heads),
@@ -409,6 +458,22 @@ def _project_heads_function(node):
     return b.function("project_heads", b.op("MatMul", b.op("Gather", x, heads, axis=1), weight))
 
 
+def _groups_in_kv_head_order(node) -> bool:
+    """Whether a pruned or windowed attention node's groups' head lists, concatenated, are the KV
+    heads 0, 1, ..., Hkv - 1 (lists that are initializers, and a static number of KV heads)."""
+    if node.op_type == "pruned_attention":
+        count, first, v = (len(node.inputs) - 3) // 3, 1, node.inputs[-2]  # q, groups, v, mask
+    elif node.op_type == "windowed_attention":
+        count, first, v = (len(node.inputs) - 6) // 3, 3, node.inputs[2]  # q, k_window, v_window, groups, ...
+    else:
+        return False
+    heads = node.inputs[first + count : first + 2 * count]
+    if not heads or any(h.const_value is None for h in heads) or v.shape is None or not isinstance(v.shape[1], int):
+        return False
+    listed = [int(head) for h in heads for head in h.const_value.numpy().reshape(-1)]
+    return listed == list(range(v.shape[1]))
+
+
 # --------------------------------------------------------------------------------------------
 # the table
 
@@ -434,11 +499,16 @@ def add_functions(model) -> None:
     """Give an exported `onnx_ir.Model` the FUNCTION of each (op, overload) its `ai.kvcompile`
     nodes call, and the import of the domain. Call it after torch.onnx.export
     returns: the exporter's opset conversion and optimizer inline every model-local function they
-    see (run the optimizer afterwards with `inline=False`)."""
+    see (run the optimizer afterwards with `inline=False`). Grouped attention nodes whose head lists
+    (the plan's constants, initializers by now) are the KV heads in order get the `ordered` overload."""
     import onnx_ir as ir
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain != DOMAIN or (DOMAIN, node.op_type, node.overload) in model.functions:
+        if node.domain != DOMAIN:
+            continue
+        if _groups_in_kv_head_order(node):
+            node.overload = f"{node.overload}_{ORDERED}"
+        if (DOMAIN, node.op_type, node.overload) in model.functions:
             continue
         function = TRANSLATIONS[node.op_type].function(node)
         function.opset_imports[""] = model.opset_imports[""]

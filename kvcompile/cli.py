@@ -174,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     latency.add_argument("--contexts", nargs="+", type=_positive_int, default=[2048, 8192])
     latency.add_argument("--reps", type=_positive_int, default=20,
                          help="timed steps per variant and context, after one untimed (median, min-max)")
+    latency.add_argument("--threads", type=_positive_int, default=1,
+                         help="onnxruntime intra-op threads per session (see kvcompile/benchmarks/onnx_latency.py)")
     latency.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     latency.set_defaults(run=_run_onnx_latency)
 
@@ -426,7 +428,7 @@ def _run_onnx_latency(args: argparse.Namespace) -> int:
 
     model, _ = _load(args)
     plans = {Path(spec).name: _load_plan(spec) for spec in args.plans}
-    report = onnx_latency.run(model, plans, tuple(args.contexts), reps=args.reps)
+    report = onnx_latency.run(model, plans, tuple(args.contexts), reps=args.reps, threads=args.threads)
     return _print_report(onnx_latency.format_table(report), report, args.json)
 
 

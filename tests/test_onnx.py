@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from kvcompile.kernels import onnx_functions  # noqa: E402
-from kvcompile.kernels.onnx_functions import DOMAIN  # noqa: E402
+from kvcompile.kernels.onnx_functions import DOMAIN, ORDERED  # noqa: E402
 
 import kvcompile  # noqa: E402
 from kvcompile import Plan, Recipe, calibrate  # noqa: E402
@@ -153,6 +153,8 @@ def test_files_hold_kvcompile_nodes_and_share_one_weights_file(exported):
                 assert attrs == {"scale": pytest.approx(0.25), "is_causal": 0}
         if phase == "decode":
             assert {n.op_type for n in nodes} == ops
+        if plan.k_channels == K_CHANNELS:  # layer 0's groups hold heads 0, 1 in order; layer 1 streams head 0
+            assert [n.overload.endswith(ORDERED) for n in nodes if "attention" in n.op_type] == [True, False]
             assert "Concat" not in {n.op_type for n in proto.graph.node if any(i.startswith("past_") for i in n.input)}
         # every weight lives in the shared file; what stays inline is small
         for tensor in proto.graph.initializer:

@@ -44,6 +44,7 @@ def test_every_variant_is_timed_at_every_context_against_its_byte_ideal():
         for c in (32, 96):
             times = report["ms_per_step"][name][c]
             assert 0 < times["min"] <= times["median"] <= times["max"]
+            assert report["cpu_ms_per_step"][name][c] >= 0
     shape = onnx_latency.ModelShape.from_config(model.config)
     weights = sum(p.numel() * 4 for p in model.parameters())
     for c in (32, 96):
@@ -51,6 +52,7 @@ def test_every_variant_is_timed_at_every_context_against_its_byte_ideal():
         assert report["cache_bytes"]["windowed"][c] == windowed and report["cache_bytes"]["dense"][c] == dense
         assert report["byte_ideal"]["windowed"][c] == pytest.approx((weights + dense) / (weights + windowed), abs=1e-3)
     assert report["dense_over_variant"]["dense"] == report["byte_ideal"]["dense"] == {32: 1.0, 96: 1.0}
+    assert report["threads"] == 1 and set(report["load_average"]) == {"before", "after"}
     assert "context 96" in onnx_latency.format_table(report)
     with pytest.raises(ValueError, match="dense baseline"):
         onnx_latency.run(model, {"dense": WINDOWED})
