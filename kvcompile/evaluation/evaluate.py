@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvcompile.cache import CompressedKVCache
+from kvcompile.capture import CACHE_NAME
 from kvcompile.plan import Plan
 from kvcompile.runtime import TransformedModel, transform
 from kvcompile.stores import write_atomically
@@ -165,7 +166,7 @@ def _dense_prefill(model, prompt: torch.Tensor) -> _Prefill:
     # (a large share of a small model's prefill) and a (tokens, vocabulary) tensor.
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(prompt, use_cache=True, **last_only)
-    return _Prefill(out.logits[:, -1], out.past_key_values)
+    return _Prefill(out.logits[:, -1], getattr(out, CACHE_NAME))
 
 
 class _Runner:
@@ -188,19 +189,19 @@ class _Runner:
             cache = self.compiled.encode_dense_cache([l.keys for l in layers], [l.values for l in layers])
             return dense.last_logits, cache
         out = self.compiled(prompt)
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], getattr(out, CACHE_NAME)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, cache):
         """Logits (B, V) after one more token; records the cache's bytes per token."""
         runner = self.compiled if self.compiled is not None else self.model
-        out = runner(token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = runner(token, use_cache=True, **{CACHE_NAME: cache})
+        cache = getattr(out, CACHE_NAME)
         self.bytes_per_token = kv_bytes_per_token(cache)
         self.length = cache.get_seq_length()
         allocated = cache.capacity_nbytes if isinstance(cache, CompressedKVCache) else sum(self.bytes_per_token) * self.length
         self.capacity_bytes_per_token = allocated / (self.length * _batch_size(cache))
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], getattr(out, CACHE_NAME)
 
 
 @torch.no_grad()
@@ -268,8 +269,8 @@ def _dense_greedy(model, dense: _Prefill, count: int) -> torch.Tensor:
     logits, tokens = dense.last_logits, []
     for _ in range(count):
         tokens.append(logits.argmax(-1, keepdim=True))
-        out = model(tokens[-1], past_key_values=cache, use_cache=True)
-        logits, cache = out.logits[:, -1], out.past_key_values
+        out = model(tokens[-1], use_cache=True, **{CACHE_NAME: cache})
+        logits, cache = out.logits[:, -1], getattr(out, CACHE_NAME)
     return torch.cat(tokens, dim=1)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from kvcompile.cache import CompressedKVCache
-from kvcompile.capture import capture
+from kvcompile.capture import CACHE_NAME, capture
 from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
 from kvcompile.layout import FULL, MIDDLE, WINDOW, entry_region
 from kvcompile.pipeline import CACHE_WRITES_AS_OUTPUTS, run_stage
@@ -92,7 +92,7 @@ def export_onnx(model: torch.nn.Module, plan: Plan, path: str | Path, *,
     prefill_module = _Prefill(tm.prefill_program, tm.empty_cache)
     decode_sig = signature_of(decode_program)
     prefill_args = _sample_prompt(tm.device)
-    decode_args = decode_sample_args(tm(prefill_args[0]).past_key_values, decode_sig)
+    decode_args = decode_sample_args(getattr(tm(prefill_args[0]), CACHE_NAME), decode_sig)
     programs = {
         PREFILL: export_program(prefill_module, prefill_module.signature, prefill_args, prefill_dynamic_shapes()),
         DECODE: export_program(decode_program, decode_sig, decode_args, decode_dynamic_shapes(decode_sig, plan, tm.shape)),
