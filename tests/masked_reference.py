@@ -26,6 +26,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.masking_utils import sdpa_mask
 
+from kvcompile.capture import CACHE_NAME  # transformers' name for the cache argument, by version
+
 ATTN_NAME = "kvcompile_masked_reference"
 
 KChannels = Mapping[int, Sequence[Sequence[int]]]
@@ -140,13 +142,13 @@ def decode(
     if next_tokens is not None and (next_tokens.shape[0] != input_ids.shape[0] or next_tokens.shape[1] < steps):
         raise ValueError(f"next_tokens {tuple(next_tokens.shape)}: need ({input_ids.shape[0]}, >= {steps})")
     cache = DynamicCache()
-    logits = [model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    logits = [model(input_ids=input_ids, use_cache=True, **{CACHE_NAME: cache}).logits[:, -1]]
     fed = []
     for step in range(steps):
         token = next_tokens[:, step] if next_tokens is not None else logits[-1].argmax(-1)
         token = token.to(input_ids)
         fed.append(token)
-        logits.append(model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
+        logits.append(model(input_ids=token[:, None], use_cache=True, **{CACHE_NAME: cache}).logits[:, -1])
     return logits, torch.stack(fed, dim=1) if fed else input_ids.new_empty(input_ids.shape[0], 0)
 
 

@@ -6,6 +6,7 @@ import torch
 
 import kvcompile
 from kvcompile import Plan
+from kvcompile.capture import CACHE_NAME
 from kvcompile.plan import LayerMerge
 from tests.masked_reference import decode, masked_reference_decode
 from tests.tiny_models import ARCHITECTURES, make_tiny_model, slow_unless
@@ -35,7 +36,7 @@ def _greedy(model, prompt, steps=STEPS):
     for _ in range(steps):
         token = logits[-1].argmax(-1, keepdim=True)
         tokens.append(token)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(token, use_cache=True, **{CACHE_NAME: getattr(out, CACHE_NAME)})
         logits.append(out.logits[:, -1])
     return logits, torch.cat(tokens, dim=1)
 

@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import kvcompile
 from kvcompile import CompressedKVCache, Plan
+from kvcompile.capture import CACHE_NAME
 from tests.masked_reference import Windows, masked_attention
 from tests.tiny_models import byte_level_tokenizer, make_tiny_model
 
@@ -140,7 +141,7 @@ def test_generate_returns_the_compressed_cache_and_continues_it():
     assert isinstance(out.past_key_values, CompressedKVCache) and len(out.scores) == 5
     assert out.past_key_values.row_lengths == [prompt.shape[1] + 4] * 2  # the last token is returned, not cached
     # a later generate on the returned cache runs only the tokens the cache lacks
-    continued = tm.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=6, do_sample=False)
+    continued = tm.generate(out.sequences, **{CACHE_NAME: getattr(out, CACHE_NAME)}, max_new_tokens=6, do_sample=False)
     assert torch.equal(continued, tm.generate(prompt, max_new_tokens=11, do_sample=False))
 
 

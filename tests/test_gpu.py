@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvcompile
+from kvcompile.capture import CACHE_NAME
 from tests.masked_reference import masked_reference_decode
 from tests.test_runtime import PRUNE, _prompt, _transformed_decode
 from tests.tiny_models import make_tiny_model
@@ -141,8 +142,8 @@ def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, d
     cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=ids.shape[1] + tokens.shape[1])
     compiled = torch.compile(model, backend="kvcompile", mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
-        compiled(ids, past_key_values=cache)
-        got = torch.stack([compiled(tokens[:, i : i + 1], past_key_values=cache).logits[:, -1].clone()
+        compiled(ids, **{CACHE_NAME: cache})
+        got = torch.stack([compiled(tokens[:, i : i + 1], **{CACHE_NAME: cache}).logits[:, -1].clone()
                            for i in range(tokens.shape[1])], dim=1)
     assert cache.row_lengths == [ids.shape[1] + tokens.shape[1]] * 2
     _assert_as_close_as_the_runtime(got, want, lambda: _forced_logits(exact, ids, None, tokens)[0])
@@ -162,7 +163,7 @@ def test_transformers_generate_on_the_static_cache_with_cuda_graphs():
     cache = kvcompile.cache_for(model, plan, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + 40)
     model.forward = torch.compile(model.forward, backend="kvcompile", mode="reduce-overhead")
     try:
-        got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+        got = model.generate(input_ids=ids, attention_mask=mask, **{CACHE_NAME: cache}, max_new_tokens=40,
                              do_sample=False)
     finally:
         del model.forward

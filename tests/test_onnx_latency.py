@@ -11,7 +11,7 @@ pytest.importorskip("onnxscript")
 
 from kvcompile import Plan  # noqa: E402
 from kvcompile.benchmarks import onnx_latency  # noqa: E402
-from kvcompile.capture import capture, dynamic_cache_holding  # noqa: E402
+from kvcompile.capture import CACHE_NAME, capture, dynamic_cache_holding  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 WINDOWED = Plan.from_k_channels({0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]], 1: [[], [1, 3, 5, 7, 9, 11]]},
@@ -29,7 +29,7 @@ def test_dense_export_decodes_like_the_model_writing_its_cache_in_place(tmp_path
     got = variant.call(values, cache.buffers)
     keys, values_ = [k for k, _ in layers], [v for _, v in layers]
     with torch.no_grad():
-        out = model(tokens, past_key_values=dynamic_cache_holding(keys, values_), use_cache=True)
+        out = model(tokens, use_cache=True, **{CACHE_NAME: dynamic_cache_holding(keys, values_)})
     torch.testing.assert_close(got, out.logits, atol=1e-4, rtol=0)
     for layer, held in enumerate(out.past_key_values.layers):  # the new tokens were written in place
         torch.testing.assert_close(cache.buffers[f"key.{layer}"][:, :, :8], held.keys, atol=1e-5, rtol=0)

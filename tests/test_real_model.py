@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvcompile
+from kvcompile.capture import CACHE_NAME
 from kvcompile.evaluation.evaluate import QUICK, Method, evaluate
 from kvcompile.evaluation.text import evaluation_text
 from kvcompile.models import default_model_available, load_default_model
@@ -109,7 +110,7 @@ def test_leank_plan_through_the_backend_and_generate_on_smollm2(smollm2):
     cache = kvcompile.cache_for(model, plan, batch_size=len(rows), max_cache_len=batch.input_ids.shape[1] + STEPS)
     model.forward = torch.compile(model.forward, backend="kvcompile", options={"plan": plan, "inductor": False})
     try:
-        got = model.generate(**batch, past_key_values=cache, max_new_tokens=STEPS, min_new_tokens=STEPS,
+        got = model.generate(**batch, **{CACHE_NAME: cache}, max_new_tokens=STEPS, min_new_tokens=STEPS,
                              do_sample=False)
     finally:
         del model.forward

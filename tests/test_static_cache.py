@@ -13,6 +13,7 @@ from torch._inductor.utils import run_and_get_code
 import kvcompile
 from kvcompile import PlanError
 from kvcompile.calibration.recipe import Recipe
+from kvcompile.capture import CACHE_NAME
 from tests.test_backend import PRUNE, _greedy, _prompt
 from tests.tiny_models import ARCHITECTURES, make_tiny_model, slow_unless
 
@@ -53,11 +54,11 @@ def _compiled_greedy(model, plan, prompt, inductor=False):
     cache = kvcompile.cache_for(model, plan, batch_size=prompt.shape[0], max_cache_len=prompt.shape[1] + STEPS + 1)
     compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": inductor})
     with torch.no_grad():
-        out = compiled(prompt, past_key_values=cache, use_cache=True)
+        out = compiled(prompt, use_cache=True, **{CACHE_NAME: cache})
         logits, tokens = [out.logits[:, -1]], []
         for _ in range(STEPS):
             tokens.append(logits[-1].argmax(-1, keepdim=True))
-            out = compiled(tokens[-1], past_key_values=cache, use_cache=True)
+            out = compiled(tokens[-1], use_cache=True, **{CACHE_NAME: cache})
             assert out.past_key_values is cache
             logits.append(out.logits[:, -1])
     return logits, torch.cat(tokens, dim=1), cache
@@ -99,7 +100,7 @@ def test_inductor_and_transformers_generate_with_a_padded_batch():
     # kvcompile would be served as is (inductor's cache key does not cover custom ops' tags)
     try:
         with torch._inductor.config.patch(force_disable_caches=True):
-            got, codes = run_and_get_code(model.generate, input_ids=ids, attention_mask=mask, past_key_values=cache,
+            got, codes = run_and_get_code(model.generate, input_ids=ids, attention_mask=mask, **{CACHE_NAME: cache},
                                           max_new_tokens=10, do_sample=False)
     finally:
         del model.forward
@@ -131,15 +132,15 @@ def test_the_cache_is_reset_and_reused_without_recompiling():
         cache.reset()
         prompt = _prompt(length=length, seed=length)
         with torch.no_grad():
-            out = compiled(prompt, past_key_values=cache)
-            out = compiled(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+            out = compiled(prompt, **{CACHE_NAME: cache})
+            out = compiled(out.logits[:, -1:].argmax(-1), **{CACHE_NAME: cache})
         want = tm(prompt)
         want = tm(want.logits[:, -1:].argmax(-1), past_key_values=want.past_key_values)
         torch.testing.assert_close(out.logits, want.logits, atol=1e-5, rtol=1e-6)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     cache.reset()
     with torch.no_grad():
-        compiled(_prompt(length=17, seed=17), past_key_values=cache)
+        compiled(_prompt(length=17, seed=17), **{CACHE_NAME: cache})
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # dynamic prompt length by now
 
 
@@ -147,7 +148,7 @@ def test_the_cache_outside_the_backend_says_where_it_runs():
     model = make_tiny_model("llama")
     cache = kvcompile.cache_for(model, PRUNE, batch_size=2, max_cache_len=32)
     with pytest.raises(RuntimeError, match="only the kvcompile backend attends over"):
-        model(_prompt(), past_key_values=cache)
+        model(_prompt(), **{CACHE_NAME: cache})
 
 
 def test_a_cache_of_another_plan_is_refused_by_name():
