@@ -170,7 +170,7 @@ def test_generate_refuses_caches_the_transformed_model_cannot_run_on():
     with pytest.raises(ValueError, match="keeps its plan's compressed cache"):
         tm.generate(**inputs, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(TypeError, match="CompressedKVCache.*got DynamicCache"):
-        tm.generate(**inputs, max_new_tokens=2, past_key_values=DynamicCache())
+        tm.generate(**inputs, max_new_tokens=2, **{CACHE_NAME: DynamicCache()})
     padded = tm.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True)
     with pytest.raises(NotImplementedError, match="rows hold different numbers of tokens"):
-        tm.generate(padded.sequences, past_key_values=padded.past_key_values, max_new_tokens=2)
+        tm.generate(padded.sequences, max_new_tokens=2, **{CACHE_NAME: getattr(padded, CACHE_NAME)})

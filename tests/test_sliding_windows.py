@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import kvcompile
 from kvcompile import Plan, PlanError
 from kvcompile.benchmarks.throughput import keep_everything_plan
+from kvcompile.capture import CACHE_NAME
 from tests.masked_reference import masked_attention, masked_reference_decode
 from tests.tiny_models import make_tiny_model, slow_unless
 
@@ -68,7 +69,7 @@ def _dense_decode(model, prompt, steps):
     tokens = prompt
     with torch.no_grad():
         for _ in range(steps + 1):
-            logits.append(model(tokens, past_key_values=cache, use_cache=True).logits[:, -1])
+            logits.append(model(tokens, use_cache=True, **{CACHE_NAME: cache}).logits[:, -1])
             held.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
             tokens = logits[-1].argmax(-1, keepdim=True)
     return logits, held
@@ -133,7 +134,7 @@ def test_calls_of_several_tokens_regrow_the_rings():
         out = tm(chunk, past_key_values=cache)
         cache = out.past_key_values
         with masked_attention(model, K_CHANNELS), torch.no_grad():
-            want = model(chunk, past_key_values=want_cache, use_cache=True).logits
+            want = model(chunk, use_cache=True, **{CACHE_NAME: want_cache}).logits
         torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=0)
         assert cache.nbytes == plan.cache_nbytes(tm.shape, tm.dtype, 2, cache.length)
     assert {buffer.shape[2] for buffer in cache.buffers.values()} == {WINDOW - 1 + 6}  # the 6-token call's

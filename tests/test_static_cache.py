@@ -157,7 +157,7 @@ def test_a_cache_of_another_plan_is_refused_by_name():
     cache = kvcompile.cache_for(model, other, batch_size=2, max_cache_len=32)
     compiled = torch.compile(model, backend="kvcompile", options={"plan": PRUNE, "inductor": False})
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=f"made for plan {other.fingerprint()}"):
-        compiled(_prompt(), past_key_values=cache)
+        compiled(_prompt(), **{CACHE_NAME: cache})
 
 
 @pytest.mark.parametrize(
@@ -180,9 +180,9 @@ def test_a_windowed_cache_continues_one_token_at_a_time():
     cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=32)
     compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": False})
     with torch.no_grad():
-        compiled(_prompt(), past_key_values=cache)
+        compiled(_prompt(), **{CACHE_NAME: cache})
         with pytest.raises(ValueError, match=r"adds one token per row \(got 2\)"):
-            compiled(_prompt(length=2), past_key_values=cache)
+            compiled(_prompt(length=2), **{CACHE_NAME: cache})
 
 
 def test_a_prompt_longer_than_the_cache_is_refused():
@@ -190,4 +190,4 @@ def test_a_prompt_longer_than_the_cache_is_refused():
     cache = kvcompile.cache_for(model, PRUNE, batch_size=2, max_cache_len=8)
     compiled = torch.compile(model, backend="kvcompile", options={"plan": PRUNE, "inductor": False})
     with pytest.raises(ValueError, match="9 tokens do not fit the cache's max_cache_len of 8"):
-        compiled(_prompt(length=9), past_key_values=cache)
+        compiled(_prompt(length=9), **{CACHE_NAME: cache})
