@@ -371,6 +371,11 @@ def _(cache, new, slots):
 def merge_heads(x: torch.Tensor, groups: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """x (B, H, S, d) -> (B, G, S, s·d): the heads `groups[g]` (t of them) concatenated per token
     and mapped by `down[g]` (t·d, s·d), as in bases.py's c = k_group @ down."""
+    return merge_heads_reference(x, groups, down)
+
+
+def merge_heads_reference(x, groups, down):
+    """`merge_heads` in plain torch (differentiable: healing trains `down` through it)."""
     b, _, seq, d = x.shape
     num_groups, t = groups.shape
     grouped = x.index_select(1, groups.flatten()).view(b, num_groups, t, seq, d)

@@ -37,7 +37,7 @@ import torch.fx
 from tqdm import tqdm
 
 from kvcompile.capture import program_for
-from kvcompile.kernels.ops import masked_softmax_attention
+from kvcompile.kernels.ops import masked_softmax_attention, merge_heads_reference
 from kvcompile.passes.sites import AttentionSite
 from kvcompile.pipeline import canonical_program
 from kvcompile.plan import LayerMerge, ModelShape, Plan
@@ -217,6 +217,13 @@ class _PlannedAttention(torch.nn.Module):
             place = {h: (g, p) for g, group in enumerate(maps.merge.groups) for p, h in enumerate(group)}
             self.owner = [place[h][0] for h in kv_heads]
             self.pieces = [slice(place[h][1] * shape.head_dim, (place[h][1] + 1) * shape.head_dim) for h in kv_heads]
+        self.kept = None  # the kept K channels of each (merged) KV head, where the plan prunes this layer
+        if layer in student.plan.k_channels:
+            channels = student.plan.k_channels[layer]
+            width = shape.head_dim if maps is None else maps.merge.merged_head_dim(shape.head_dim)
+            self.kept = torch.zeros(len(channels), width, dtype=torch.bool)
+            for head, ids in enumerate(channels):
+                self.kept[head, list(ids)] = True
 
     def forward(self, q, k, v, mask, scale: float, is_causal: bool):
         owner = torch.tensor(self.owner, device=q.device)
@@ -225,12 +232,13 @@ class _PlannedAttention(torch.nn.Module):
             heads = list(zip(self.owner, self.pieces))
             query_maps = torch.stack([maps["key_up"][g][:, piece].T for g, piece in heads])  # (Hq, d, s·d)
             output_maps = torch.stack([maps["value_up"][g][:, piece] for g, piece in heads])  # (Hq, s·d, d)
-            k = _merged_heads(k, self.maps.merge.groups, maps["key_down"].to(k.dtype))
-            v = _merged_heads(v, self.maps.merge.groups, maps["value_down"].to(v.dtype))
+            groups = torch.tensor(self.maps.merge.groups, device=k.device)
+            k = merge_heads_reference(k, groups, maps["key_down"].to(k.dtype))
+            v = merge_heads_reference(v, groups, maps["value_down"].to(v.dtype))
             q = torch.einsum("bhsd,hde->bhse", q, query_maps.to(q.dtype))
         keys, values = k.index_select(1, owner), v.index_select(1, owner)  # one KV head per query head
         scores = q @ keys.transpose(-1, -2)
-        if self.layer in self.student.plan.k_channels:
+        if self.kept is not None:
             scores = self._decode_scores(scores, q, keys, owner)
         out = masked_softmax_attention(scores * scale, values, mask, is_causal)
         if self.maps is not None:
@@ -243,10 +251,7 @@ class _PlannedAttention(torch.nn.Module):
         see them."""
         plan, prompt_length = self.student.plan, self.student.prompt_length
         queries, length = scores.shape[-2:]
-        kept = torch.zeros(len(plan.k_channels[self.layer]), keys.shape[-1], dtype=torch.bool, device=q.device)
-        for head, ids in enumerate(plan.k_channels[self.layer]):
-            kept[head, list(ids)] = True
-        kept = kept[owner]  # (Hq, width)
+        kept = self.kept.to(q.device)[owner]  # (Hq, width)
         pruned = (q * kept[:, None, :].to(q.dtype)) @ keys.transpose(-1, -2)
         decode = torch.arange(length - queries, length, device=q.device) >= prompt_length
         columns = torch.arange(length, device=q.device)
@@ -258,15 +263,6 @@ class _PlannedAttention(torch.nn.Module):
             streaming = ~kept.any(dim=-1)
             scores = scores.masked_fill(streaming[:, None, None] & in_middle, float("-inf"))
         return scores
-
-
-def _merged_heads(x: torch.Tensor, groups, down: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, d) -> (B, G, T, s·d): each group's heads concatenated per token, times down[g]
-    (the math of `kvcompile::merge_heads`, differentiable)."""
-    index = torch.tensor([h for group in groups for h in group], device=x.device)
-    b, _, length, d = x.shape
-    grouped = x.index_select(1, index).view(b, len(groups), -1, length, d)
-    return grouped.permute(0, 1, 3, 2, 4).reshape(b, len(groups), length, -1) @ down
 
 
 def _logits(program: torch.fx.GraphModule, shape: ModelShape, ids: torch.Tensor) -> torch.Tensor:
