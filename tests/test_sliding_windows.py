@@ -13,9 +13,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import kvcompile
 from kvcompile import Plan, PlanError
 from kvcompile.benchmarks.throughput import keep_everything_plan
+from kvcompile.calibration import leank
+from kvcompile.calibration.recipe import LeanKTraining, Recipe
 from kvcompile.capture import CACHE_NAME
+from kvcompile.evaluation.text import calibration_text
+from kvcompile.pipeline import canonical_program
 from tests.masked_reference import masked_attention, masked_reference_decode
-from tests.tiny_models import make_tiny_model, slow_unless
+from tests.tiny_models import byte_level_tokenizer, make_tiny_model, slow_unless
 
 WINDOW, STEPS = 4, 20
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -231,12 +235,6 @@ def test_leank_trains_sliding_layers_as_they_attend():
     """LeanK's training programs (dense and scaled with unit factors) give the sliding model's own
     hidden states after a prompt longer than the window, and the plan it learns decodes as the
     masked reference."""
-    from kvcompile.calibration import leank
-    from kvcompile.calibration.recipe import LeanKTraining, Recipe
-    from kvcompile.evaluation.text import calibration_text
-    from kvcompile.pipeline import canonical_program
-    from tests.tiny_models import byte_level_tokenizer
-
     model = make_tiny_model("mistral", sliding_window=WINDOW, vocab_size=256)
     tokenizer, text = byte_level_tokenizer(), calibration_text()[:20000]
     training = LeanKTraining(stage1_steps=4, stage2_steps=2, lr=0.1, lengths=(384,), tasks=("passkey",))
