@@ -33,13 +33,15 @@ from .passes import (
     plan_attention_in_hf_graph,
     prune_k_channels_decode,
     prune_k_channels_prefill,
+    update_projections,
     write_cache_in_place,
 )
 from .plan import Plan
 from .program import clone_program, model_shape_of
 
-# One GQA-native attention op per site, then the plan's head merges (weights folded or projections added).
-CANONICAL = (canonicalize_attention, merge_kv_heads)
+# One GQA-native attention op per site, the plan's projection updates, then its head merges (weights
+# folded or projections added).
+CANONICAL = (canonicalize_attention, update_projections, merge_kv_heads)
 # The cache in the plan's layout: written by the prefill (dense attention), read and extended by decode.
 PREFILL = (prune_k_channels_prefill,)
 DECODE = (prune_k_channels_decode,)
@@ -67,7 +69,7 @@ class Programs:
     canonical: torch.fx.GraphModule
     prefill: torch.fx.GraphModule
     decode: torch.fx.GraphModule
-    # None when the plan merges heads (see extract_cache_encoder) or layers slide (a dense cache
+    # None when the plan merges heads or updates projections (see extract_cache_encoder) or layers slide (a dense cache
     # of a sliding layer holds its window, not the prompt the encoder reads)
     cache_encoder: torch.fx.GraphModule | None
 
@@ -86,6 +88,7 @@ def compile_programs(captured: torch.fx.GraphModule, plan: Plan, stages: PhaseSt
     canonical = canonical_program(captured, plan)
     prefill = run_stage(stages.prefill, clone_program(canonical), plan)
     decode = run_stage(stages.decode, clone_program(canonical), plan)
-    # Without merges the prefill is the dense model's up to the cache: one dense prefill can feed it.
-    encoder = None if plan.merges or model_shape_of(captured).slides else extract_cache_encoder(prefill)
+    # Without merges or updates the prefill is the dense model's up to the cache: one dense prefill can feed it.
+    encodable = not (plan.merges or plan.updates or model_shape_of(captured).slides)
+    encoder = extract_cache_encoder(prefill) if encodable else None
     return Programs(canonical, prefill, decode, encoder)

@@ -25,6 +25,10 @@ Merge part (KV-head merging): for each merged layer, groups of t KV heads, each 
 head of s·d channels (s sub-heads of the original width d; s = 1 is plain GQA with fewer heads),
 through `down`/`up` maps (see bases.py). Merging comes first: a layer's K channels then index its
 merged heads.
+
+Update part (healing, calibration/heal.py): for some layers, low-rank updates of the attention's
+query, key, value and output projections, in the model's own head order: the layer computes with
+W + b @ a in place of the model's W, before any merge folds or prunes it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ DEFAULT_BUFFER = 128  # LeanK's accumulation buffer: window tokens move to the m
 _JSON_NAME = "plan.json"
 _TENSORS_NAME = "tensors.safetensors"
 _MERGE_TENSORS = ("key_down", "key_up", "value_down", "value_up")
+PROJECTIONS = ("query", "key", "value", "output")
 _BUILTIN = Path(__file__).parent / "plans"  # package data: plans/<model>/<plan>/
 
 
@@ -172,6 +177,41 @@ class LayerMerge:
                 raise PlanError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {want}")
 
 
+@dataclass(frozen=True, eq=False)
+class LayerUpdate:
+    """Low-rank updates of one layer's attention projections: `factors[name] = (b, a)` for some of
+    PROJECTIONS, and the layer's `name` projection weight W (out, in) computes as W + b @ a,
+    b (out, r) and a (r, in). query: out = heads·d; key, value: out = KV heads·d; output: in =
+    heads·d; the other side is the model's hidden size (checked against the weights by the pass)."""
+
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def delta(self, name: str) -> torch.Tensor:
+        b, a = self.factors[name]
+        return b @ a
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{side}": tensor for name, pair in self.factors.items() for side, tensor in zip("ba", pair)}
+
+    def validate(self, layer: int, shape: "ModelShape") -> None:
+        where = f"layer {layer}, field updates"
+        if not self.factors or set(self.factors) - set(PROJECTIONS):
+            raise PlanError(f"{where}: expected updates of some of {PROJECTIONS}, got {sorted(self.factors)}")
+        heads = {"query": shape.num_heads, "key": shape.num_kv_heads, "value": shape.num_kv_heads,
+                 "output": shape.num_heads}
+        for name, (b, a) in self.factors.items():
+            if not (isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor)):
+                raise PlanError(f"{where}: {name} factors must be a pair of tensors (b, a)")
+            if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise PlanError(f"{where}: {name} factors b {tuple(b.shape)} and a {tuple(a.shape)} are not "
+                                "(out, r) and (r, in)")
+            head_side = heads[name] * shape.head_dim
+            side, size = ("a", a.shape[1]) if name == "output" else ("b", b.shape[0])
+            if size != head_side:
+                raise PlanError(f"{where}: {name}.{side} spans {size} head channels, the model has {heads[name]} "
+                                f"heads of {shape.head_dim} ({head_side})")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Per-layer compression decisions and the sink/recent windows that keep all channels.
@@ -181,6 +221,7 @@ class Plan:
     model: ModelShape | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     merges: Mapping[int, LayerMerge] = field(default_factory=dict)
+    updates: Mapping[int, LayerUpdate] = field(default_factory=dict)
     sink: int = 0
     recent: int = 0
     buffer: int = DEFAULT_BUFFER
@@ -197,6 +238,8 @@ class Plan:
             parts.append(f"k_channels: {len(self.k_channels)} layers, {heads} KV heads, {kept} channels kept")
         if self.merges:
             parts.append(f"merges: {len(self.merges)} layers")
+        if self.updates:
+            parts.append(f"updates: {len(self.updates)} layers")
         if self.windowed:
             parts.append(f"sink={self.sink}, recent={self.recent}, buffer={self.buffer}")
         if "method" in self.meta:
@@ -249,6 +292,15 @@ class Plan:
             if not isinstance(merge, LayerMerge):
                 raise PlanError(f"layer {layer}, field merges: expected a LayerMerge, got {type(merge).__name__}")
         return replace(self, merges=dict(sorted({**self.merges, **merges}.items())))
+
+    def with_updates(self, updates: Mapping[int, LayerUpdate]) -> "Plan":
+        """This plan with low-rank updates of some layers' attention projections (healing)."""
+        for layer, update in updates.items():
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise PlanError(f"update layer key {layer!r}: layer indices must be ints")
+            if not isinstance(update, LayerUpdate):
+                raise PlanError(f"layer {layer}, field updates: expected a LayerUpdate, got {type(update).__name__}")
+        return replace(self, updates=dict(sorted({**self.updates, **updates}.items())))
 
     def with_windows(self, sink: int, recent: int, buffer: int | None = None) -> "Plan":
         """This plan keeping all channels of the first `sink` and last `recent` tokens; `buffer`
@@ -344,6 +396,10 @@ class Plan:
             digest.update(json.dumps([layer, merge.groups, merge.heads_per_group, merge.rope]).encode())
             for tensor in merge.tensors().values():
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for layer, update in self.updates.items():  # plans without updates keep their fingerprints
+            digest.update(json.dumps([layer, sorted(update.factors)]).encode())
+            for tensor in update.tensors().values():
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         if self.windowed:  # plans without windows keep the fingerprints they had before windows existed
             digest.update(json.dumps({"sink": self.sink, "recent": self.recent, "buffer": self.buffer}).encode())
         return digest.hexdigest()[:12]
@@ -366,13 +422,15 @@ class Plan:
             ]
             if diffs:
                 raise PlanError("plan was made for another model (" + "; ".join(diffs) + ")")
-        for layer in [*self.merges, *self.k_channels]:
+        for layer in [*self.merges, *self.k_channels, *self.updates]:
             if not 0 <= layer < shape.num_layers:
                 raise PlanError(
                     f"plan layer {layer}: model has {shape.num_layers} layers (0..{shape.num_layers - 1})"
                 )
         for layer, merge in self.merges.items():
             merge.validate(layer, shape)
+        for layer, update in self.updates.items():
+            update.validate(layer, shape)
         for layer, heads in self.k_channels.items():
             if self.windowed and shape.window(layer) is not None:
                 raise PlanError(
@@ -414,6 +472,8 @@ class Plan:
         }
         for layer, merge in self.merges.items():
             tensors.update({f"merges.{layer}.{name}": t.detach().cpu().contiguous() for name, t in merge.tensors().items()})
+        for layer, update in self.updates.items():
+            tensors.update({f"updates.{layer}.{name}": t.detach().cpu().contiguous() for name, t in update.tensors().items()})
         if self.importance is not None:
             tensors["importance"] = self.importance.detach().cpu().float().contiguous()
         data, digest = tensors_bytes(tensors)
@@ -433,6 +493,8 @@ class Plan:
                 }
                 for layer, merge in self.merges.items()
             },
+            **({"updates": {str(layer): sorted(update.factors) for layer, update in self.updates.items()}}
+               if self.updates else {}),
             "sink": self.sink,
             "recent": self.recent,
             "buffer": self.buffer,
@@ -485,6 +547,16 @@ class Plan:
                 fields.of_type(merge.get("rope"), str, f"{where}.rope"), **stored,
                 method=fields.of_type(merge.get("method"), str, f"{where}.method"),
             )  # fmt: skip
+        updates = {}
+        for key, names in fields.get("updates", dict, default={}).items():
+            where = f"updates.{key}"
+            layer = fields.layer(key, "updates")
+            names = fields.of_type(names, list, where)
+            if not names or not set(names) <= set(PROJECTIONS):
+                raise PlanError(f"{json_path}: field {where}: expected some of {list(PROJECTIONS)}, got {names!r:.60}")
+            updates[layer] = LayerUpdate({
+                name: tuple(fields.tensor(tensors, f"{where}.{name}.{side}", tensors_path, finite=True) for side in "ba")
+                for name in names})
         model = document.get("model")
         if model is not None:
             expected = set(ModelShape.__dataclass_fields__)
@@ -506,6 +578,7 @@ class Plan:
         plan = cls.from_k_channels(channels, model=model, meta=fields.get("meta", dict, default={}), **windows,
                                    importance=tensors.get("importance"))
         plan = plan.with_merges(merges) if merges else plan
+        plan = plan.with_updates(updates) if updates else plan
         if checked and plan.fingerprint() != fields.get("fingerprint", str):
             raise PlanError(f"{json_path}: the plan it describes is not the one saved (fingerprint "
                             f"{plan.fingerprint()}, saved {document['fingerprint']}): it was edited")

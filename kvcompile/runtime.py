@@ -19,7 +19,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the programs call)
-from kvcompile.passes.merge_kv_heads import REPLACED_PARAMETERS_KEY
+from kvcompile.passes.projections import REPLACED_PARAMETERS_KEY
 
 from .cache import CompressedKVCache
 from .capture import CACHE_NAME, program_for
@@ -214,10 +214,13 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
     def encode_dense_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor],
                            max_cache_len: int | None = None) -> CompressedKVCache:
         """The cache this model's prefill writes, from a dense prefill's per-layer K/V (B, Hkv, T, D),
-        e.g. the layers of a transformers DynamicCache. For plans that do not merge heads, on models
+        e.g. the layers of a transformers DynamicCache. For plans that neither merge heads nor update projections, on models
         without sliding-window layers."""
         if self.plan.merges:
             raise ValueError("this plan merges KV heads: its cache is not a function of the dense model's K/V")
+        if self.plan.updates:
+            raise ValueError(f"this plan updates the attention projections of layers {sorted(self.plan.updates)} "
+                             "(healing): its cache is not a function of the dense model's K/V")
         if self.cache_encoder is None:
             raise ValueError("this model has sliding-window layers, whose dense cache holds only their window: the "
                              "compressed cache comes from this model's own prefill")

@@ -12,6 +12,7 @@ from .merge_kv_heads import MergeError, merge_kv_heads
 from .prefill_mask import attend_with_prefill_mask
 from .prune_k_channels import prune_k_channels_decode, prune_k_channels_prefill
 from .sites import AttentionSite, RoPE, SiteMatchError, find_attention_sites
+from .update_projections import update_projections
 from .write_cache_in_place import write_cache_in_place
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "plan_attention_in_hf_graph",
     "prune_k_channels_decode",
     "prune_k_channels_prefill",
+    "update_projections",
     "write_cache_in_place",
 ]

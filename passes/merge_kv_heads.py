@@ -22,21 +22,17 @@ The softmax scale stays the original 1/sqrt(d).
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import torch.fx
 
-from kvcompile.capture import USER_MODEL_PREFIX
 from kvcompile.plan import LayerMerge, Plan
 from kvcompile.rope import RopeLayout, apply_rope
 
 from .graph import PassError, add_constant, require_canonical
-from .sites import LAYOUT_OPS, AttentionSite, data_input, find_attention_sites
+from .projections import fetch, head_segments, swap_parameter
+from .sites import LAYOUT_OPS, AttentionSite, find_attention_sites
 
 aten = torch.ops.aten
-REPLACED_PARAMETERS_KEY = "kvcompile.replaced_parameters"
 
 
 class MergeError(PassError):
@@ -66,16 +62,6 @@ def head_up(merge: LayerMerge, up: torch.Tensor, kv_head: int, d: int) -> torch.
     return up[g][:, p * d : (p + 1) * d]
 
 
-@dataclass
-class _Segment:
-    """Rows [start, end) of a linear layer's output that hold one of q, k or v."""
-
-    linear: torch.fx.Node
-    slice: torch.fx.Node | None
-    start: int
-    end: int
-
-
 class _LayerMerger:
     def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, merge: LayerMerge):
         self.gm, self.site, self.merge = gm, site, merge
@@ -99,10 +85,10 @@ class _LayerMerger:
         if fold_keys and site.rope is not None:
             self._check_commutes()
 
-        new_rows = {"v": lambda rows: self._grouped_rows(rows, merge.value_down)}
+        new_rows = {"value": lambda rows: self._grouped_rows(rows, merge.value_down)}
         if fold_keys:
-            new_rows["k"] = lambda rows: self._grouped_rows(rows, merge.key_down)
-            new_rows["q"] = self._query_rows
+            new_rows["key"] = lambda rows: self._grouped_rows(rows, merge.key_down)
+            new_rows["query"] = self._query_rows
         self._replace_rows(new_rows)
         self._replace_output_columns()
 
@@ -151,14 +137,14 @@ class _LayerMerger:
         """
         site = self.site
         parts = {
-            "q": (site.q_proj, site.query_pre_rope, "query"),
-            "k": (site.k_proj, site.key_pre_rope, "key"),
-            "v": (site.v_proj, site.new_value, "value"),
+            "query": (site.q_proj, site.query_pre_rope),
+            "key": (site.k_proj, site.key_pre_rope),
+            "value": (site.v_proj, site.new_value),
         }
         for part in new_rows:
-            self._check_foldable(*parts[part])
-            self._free_head_counts(*parts[part][:2])
-        segments = {part: self._segment(linear, source) for part, (linear, source, _) in parts.items()}
+            self._check_foldable(*parts[part], part)
+            self._free_head_counts(*parts[part])
+        segments = head_segments(self.gm, site)
         # In q, k, v order (a set's order follows node ids and would reorder the parameters each run).
         for linear in dict.fromkeys(segment.linear for segment in segments.values()):
             parts = sorted((p for p in segments if segments[p].linear is linear), key=lambda p: segments[p].start)
@@ -168,13 +154,13 @@ class _LayerMerger:
             for index in (1, 2):  # weight, then bias
                 if index >= len(linear.args) or linear.args[index] is None:
                     continue
-                tensor = _fetch(self.gm, linear.args[index].target)
+                tensor = fetch(self.gm, linear.args[index].target)
                 pieces = []
                 for p in parts:
                     rows = tensor[segments[p].start : segments[p].end]
                     pieces.append(new_rows[p](rows) if p in new_rows else rows)
                 sizes = [piece.shape[0] for piece in pieces]
-                self._swap_parameter(linear, index, torch.cat(pieces))
+                swap_parameter(self.gm, linear, index, torch.cat(pieces), "merged")
             offset = 0
             for p, size in zip(parts, sizes):
                 if segments[p].slice is not None:  # a fused projection: move the part's slice
@@ -184,22 +170,12 @@ class _LayerMerger:
 
     def _replace_output_columns(self) -> None:
         o_proj = self.site.o_proj
-        weight = _fetch(self.gm, o_proj.args[1].target)  # (hidden, Hq·d)
+        weight = fetch(self.gm, o_proj.args[1].target)  # (hidden, Hq·d)
         d = self.d
         columns = [weight[:, j * d : (j + 1) * d] @ self._up(self.merge.value_up, j).T.to(weight) for j in self.order]
-        self._swap_parameter(o_proj, 1, torch.cat(columns, dim=1))
+        swap_parameter(self.gm, o_proj, 1, torch.cat(columns, dim=1), "merged")
 
     # -- graph and parameter plumbing ------------------------------------------------------------
-
-    def _segment(self, linear: torch.fx.Node, source: torch.fx.Node) -> _Segment:
-        """Where `source` (the q, k or v heads) sits in `linear`'s output: a slice when fused."""
-        out_features = _fetch(self.gm, linear.args[1].target).shape[0]
-        node = source
-        while node is not linear:
-            if node.target == aten.slice.Tensor and node.args[0] is linear and node.args[1] in (-1, 2):
-                return _Segment(linear, node, node.args[2], min(node.args[3], out_features))
-            node = data_input(node)
-        return _Segment(linear, None, 0, out_features)
 
     def _check_foldable(self, linear: torch.fx.Node, source: torch.fx.Node, part: str) -> None:
         """Folding into a projection's rows is exact only if nothing but layout ops lies between."""
@@ -227,15 +203,8 @@ class _LayerMerger:
                 node.update_arg(1, sizes)
             node = node.args[0]
 
-    def _swap_parameter(self, linear: torch.fx.Node, index: int, tensor: torch.Tensor) -> None:
-        old = linear.args[index]
-        name = f"merged_{old.target.replace('.', '_')}"
-        linear.update_arg(index, add_constant(self.gm, name, tensor.detach()))
-        replaced = self.gm.meta.setdefault(REPLACED_PARAMETERS_KEY, {})
-        replaced[old.target.removeprefix(USER_MODEL_PREFIX)] = getattr(self.gm, name)
-
     def _constant(self, kind: str, tensor: torch.Tensor) -> torch.fx.Node:
-        like = _fetch(self.gm, self.site.o_proj.args[1].target)
+        like = fetch(self.gm, self.site.o_proj.args[1].target)
         dtype = like.dtype if tensor.is_floating_point() else tensor.dtype
         return add_constant(self.gm, f"merge_{kind}_{self.layer}", tensor.to(device=like.device, dtype=dtype))
 
@@ -272,11 +241,6 @@ def _is_layout(node: torch.fx.Node) -> bool:
 def _is_scaling(node: torch.fx.Node) -> bool:
     """x * c or x / c with a constant c (OPT pre-scales its queries): linear, so folds through."""
     return node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], (int, float))
-
-
-def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    """The parameter or buffer a get_attr target names."""
-    return functools.reduce(getattr, target.split("."), gm)
 
 
 def _call(graph: torch.fx.Graph, node: torch.fx.Node, op, *args) -> torch.fx.Node:
