@@ -191,7 +191,8 @@ class LayerUpdate:
         return b @ a
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{side}": tensor for name, pair in self.factors.items() for side, tensor in zip("ba", pair)}
+        """Each factor by `name.b`/`name.a`, names sorted (the order the fingerprint hashes them in)."""
+        return {f"{name}.{side}": tensor for name in sorted(self.factors) for side, tensor in zip("ba", self.factors[name])}
 
     def validate(self, layer: int, shape: "ModelShape") -> None:
         where = f"layer {layer}, field updates"

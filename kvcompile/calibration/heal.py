@@ -1,15 +1,21 @@
-"""Healing: a merge plan's maps trained by distillation from the dense model.
+"""Healing: what a plan changes, trained by distillation from the dense model.
 
-`heal(model, plan, texts)` returns the plan with new merge tensors: the key and value `down`/`up`
-maps of every merged layer (plan.py's LayerMerge), trained so that the compressed model's
-next-token distributions move toward the dense model's (KL(dense || plan's model), the
-fine-tuning that Yu et al. 2024, Palu, TransMLA and MHA2MLA run after their SVD start). These maps
-are everything a merge changes: the merge pass folds them into the merged K/V projections (and
-biases), the query rows and the output columns (rope "commute"/"none"), or runs them as the
-post-RoPE group projections (rope "post"). The user's model stays frozen and untouched; K-channel
-masks and windows stay as they are. A commute merge stays one that commutes with RoPE: its key maps
-are trained as `bases.commuting_part` of free parameters, so the healed plan still folds into an
-ordinary GQA checkpoint (`TransformedModel.save_pretrained`).
+`heal(model, plan, texts)` returns the plan with trained tensors, so that the compressed model's
+next-token distributions move toward the dense model's (KL(dense || plan's model), the fine-tuning
+that Yu et al. 2024, Palu, TransMLA and MHA2MLA run after their SVD start):
+
+- the key and value `down`/`up` maps of every merged layer (plan.py's LayerMerge): the merge pass
+  folds them into the merged K/V projections (and biases), the query rows and the output columns
+  (rope "commute"/"none"), or runs them as the post-RoPE group projections (rope "post");
+- with `rank` > 0, low-rank updates of the query, key, value and output projections of every layer
+  the plan merges or prunes (plan.py's LayerUpdate, b @ a with b starting at 0): what lets merged
+  heads read other directions of the hidden state than the heads they replace, and lets queries and
+  keys of a pruned layer put what matters into the channels it keeps.
+
+The user's model stays frozen and untouched; K-channel masks and windows stay as they are. A
+commute merge stays one that commutes with RoPE: its key maps are trained as
+`bases.commuting_part` of free parameters, and updates act before the merge folds the weights, so
+the healed plan still folds into an ordinary GQA checkpoint (`TransformedModel.save_pretrained`).
 
 The student is the dense canonical program whose attention sites compute what the plan's programs
 compute, in plain differentiable torch (`_PlannedAttention`): keys and values merged per group,
@@ -20,9 +26,10 @@ call (middle keys scored with the kept channels, streaming heads blind to them, 
 channels the whole chunk is the prompt. tests/test_heal.py checks the healed plan's `transform`
 logits against this student.
 
-Deterministic from `seed` (the order of the chunks; the maps start from the plan's) on one device,
-and resumable: with `checkpoint_dir`, the maps and AdamW's moments are saved every
-`checkpoint_every` steps (training.py) and a run with the same model, plan and settings resumes.
+Deterministic from `seed` (the order of the chunks and the updates' `a` factors; the maps start
+from the plan's) on one device, and resumable: with `checkpoint_dir`, the trained tensors and
+AdamW's moments are saved every `checkpoint_every` steps (training.py) and a run with the same
+model, plan and settings resumes.
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ from tqdm import tqdm
 
 from kvcompile.capture import program_for
 from kvcompile.kernels.ops import masked_softmax_attention, merge_heads_reference
+from kvcompile.passes import find_attention_sites
+from kvcompile.passes.projections import ProjectionWeight, fetch, projection_weights
 from kvcompile.passes.sites import AttentionSite
 from kvcompile.pipeline import canonical_program
-from kvcompile.plan import LayerMerge, ModelShape, Plan
-from kvcompile.program import call_program, empty_entries, signature_of
+from kvcompile.plan import PROJECTIONS, LayerMerge, LayerUpdate, ModelShape, Plan
+from kvcompile.program import call_program, clone_program, empty_entries, signature_of
 from kvcompile.rope import RopeLayout
 from kvcompile.runtime import checked_model_shape
 from kvcompile.stores import weights_fingerprint
@@ -65,6 +74,8 @@ class _Settings:
     warmup: float
     chunk_tokens: int
     calib_tokens: int
+    rank: int
+    batch_size: int
 
 
 def heal(
@@ -79,28 +90,31 @@ def heal(
     warmup: float = 0.1,
     chunk_tokens: int = 512,
     calib_tokens: int = 65536,
+    rank: int = 16,
+    batch_size: int = 1,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
     program: torch.fx.GraphModule | None = None,
 ) -> Plan:
-    """`plan` with its merge maps trained for `steps` AdamW steps (learning rate `lr`, linear warm-up
-    over `warmup` of the steps, then linear decay) to bring the transformed model's next-token
-    distributions close to `model`'s on `texts` (strings with `tokenizer`, cut into chunks of
-    `chunk_tokens`, `calib_tokens` in all; or token-id tensors, each a chunk).
+    """`plan` with its merge maps and, with `rank` > 0, rank-`rank` updates of the attention
+    projections of the layers it touches, trained for `steps` AdamW steps (learning rate `lr`, linear
+    warm-up over `warmup` of the steps, then linear decay) to bring the transformed model's
+    next-token distributions close to `model`'s on `texts` (strings with `tokenizer`, cut into
+    chunks of `chunk_tokens`, `calib_tokens` in all; or token-id tensors, each a chunk), `batch_size`
+    chunks a step (cut to the shortest of them).
 
     `model` is not modified. The result's meta records the healing (`meta["heal"]`: settings,
     calibration tokens, first and last step's KL). `checkpoint_dir`: save the run there every
     `checkpoint_every` steps, and resume from what it holds. `program`, from
     `kvcompile.capture(model)`, saves tracing the model again.
     """
-    settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens)
+    settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens, rank, batch_size)
     _check_settings(settings, checkpoint_every)
     shape = checked_model_shape(model, plan)
-    if not plan.merges:
-        raise RecipeError("this plan merges no KV heads: healing trains the maps of merged heads (their key/value "
-                          "down/up tensors), and a plan that only prunes K channels carries none; heal a plan with "
-                          "merges (Recipe(kv_group_size=...))")
+    if not plan.merges and not rank:
+        raise RecipeError("nothing to heal: this plan merges no KV heads (whose maps healing trains) and rank=0 asks "
+                          "for no projection updates; pass rank >= 1 to heal a plan that prunes K channels")
     if isinstance(texts, (str, bytes)) or len(texts) == 0:
         raise RecipeError("texts is empty: healing distills on calibration text; pass a list of strings (with "
                           "tokenizer=) or of token-id tensors")
@@ -118,12 +132,12 @@ def heal(
     trainer.run(checkpoint, checkpoint_every, progress)
     record = {**asdict(settings), "calibration_tokens": sum(chunk.numel() for chunk in chunks),
               "initial_loss": trainer.initial_loss, "final_loss": trainer.final_loss, "healed_from": plan.fingerprint()}
-    healed = plan.with_merges(trainer.student.healed_merges())
+    healed = plan.with_merges(trainer.student.healed_merges()).with_updates(trainer.student.healed_updates())
     return replace(healed, meta={**plan.meta, "heal": record})
 
 
 def _check_settings(settings: _Settings, checkpoint_every: int) -> None:
-    for name in ("steps", "chunk_tokens", "calib_tokens"):
+    for name in ("steps", "chunk_tokens", "calib_tokens", "batch_size"):
         value = getattr(settings, name)
         if not is_count(value) or value < 1:
             raise RecipeError(f"heal: {name} must be a positive int, got {value!r}")
@@ -137,6 +151,8 @@ def _check_settings(settings: _Settings, checkpoint_every: int) -> None:
         raise RecipeError(f"heal: warmup must be a share of the steps in [0, 1], got {settings.warmup!r}")
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
         raise RecipeError(f"heal: seed must be an int, got {settings.seed!r}")
+    if not is_count(settings.rank):
+        raise RecipeError(f"heal: rank must be a non-negative int, got {settings.rank!r}")
 
 
 # -- the student ----------------------------------------------------------------------------------
@@ -165,25 +181,99 @@ class _MergeMaps(torch.nn.Module):
         return replace(self.merge, **maps)
 
 
-class _Student:
-    """The dense canonical program computing the plan's attention: differentiable in the merge maps."""
+class _ProjectionUpdates(torch.nn.Module):
+    """One layer's trainable low-rank updates, starting where the plan's are (a healed plan heals
+    on), else for each projection b (out, r) from zeros and a (r, in) drawn from `generator`: the
+    student starts as the plan's model."""
 
-    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape):
+    def __init__(self, sizes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator,
+                 start: LayerUpdate | None):
+        super().__init__()
+        self.names = list(sizes)
+        for name, (out, inp) in sizes.items():
+            if start is not None and name in start.factors:
+                b, a = (tensor.detach().float().clone() for tensor in start.factors[name])
+            else:
+                b, a = torch.zeros(out, rank), torch.randn(rank, inp, generator=generator) / inp**0.5
+            self.register_parameter(f"{name}_b", torch.nn.Parameter(b))
+            self.register_parameter(f"{name}_a", torch.nn.Parameter(a))
+
+    def delta(self, name: str) -> torch.Tensor:
+        return getattr(self, f"{name}_b") @ getattr(self, f"{name}_a")
+
+    def healed(self) -> LayerUpdate:
+        return LayerUpdate({name: tuple(getattr(self, f"{name}_{side}").detach().cpu().contiguous() for side in "ba")
+                            for name in self.names})
+
+
+class _UpdatedWeight(torch.nn.Module):
+    """A linear layer's weight as the plan's update pass makes it: W + b @ a on each projection's rows
+    (columns), differentiable in the factors."""
+
+    def __init__(self, weight: ProjectionWeight, updates: _ProjectionUpdates):
+        super().__init__()
+        self.weight, self.updates = weight, updates
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.weight.with_deltas(tensor, {name: self.updates.delta(name) for name in self.weight.parts})
+
+
+class _Student:
+    """The dense canonical program computing the plan's attention and projections: differentiable
+    in the merge maps and the projection updates."""
+
+    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, rank: int, seed: int):
         self.plan, self.shape = plan, shape
         self.device = next(dense.parameters()).device
         self.merge_maps: dict[int, _MergeMaps] = {}
+        self.updates: dict[int, _ProjectionUpdates] = {}
         self.prompt_length = 0  # tokens of the current chunk the prefill runs; the rest is one decode call
-        self.program = with_attention_modules(dense, self._attention_for)
+        updated = rank or plan.updates
+        program = self._with_updated_weights(dense, rank, torch.Generator().manual_seed(seed)) if updated else dense
+        self.program = with_attention_modules(program, self._attention_for)
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {f"merges.{layer}.{name}": getattr(maps, name) for layer, maps in self.merge_maps.items() for name in _MAPS}
+        maps = {f"merges.{layer}.{name}": getattr(maps, name) for layer, maps in self.merge_maps.items() for name in _MAPS}
+        updates = {f"updates.{layer}.{name}": tensor for layer, module in self.updates.items()
+                   for name, tensor in module.named_parameters()}
+        return {**maps, **updates}
 
     def healed_merges(self) -> dict[int, LayerMerge]:
         return {layer: maps.healed() for layer, maps in self.merge_maps.items()}
 
+    def healed_updates(self) -> dict[int, LayerUpdate]:
+        return {layer: module.healed() for layer, module in self.updates.items()}
+
     def logits(self, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
         self.prompt_length = prompt_length
         return _logits(self.program, self.shape, ids)
+
+    def _with_updated_weights(self, dense: torch.fx.GraphModule, rank: int, generator: torch.Generator):
+        """A copy of `dense` whose projections in the layers the plan touches (with `rank` > 0) or
+        updates read `_UpdatedWeight`s."""
+        gm = clone_program(dense)
+        touched = {*self.plan.merges, *self.plan.k_channels} if rank else set()
+        touched |= set(self.plan.updates)
+        for site in find_attention_sites(gm):
+            if site.layer not in touched:
+                continue
+            weights = projection_weights(gm, site)
+            sizes = {}
+            for weight in weights:
+                rows, columns = fetch(gm, weight.linear.args[1].target).shape
+                for name, (start, end) in weight.parts.items():
+                    sizes[name] = (rows, end - start) if weight.columns else (end - start, columns)
+            start = self.plan.updates.get(site.layer)
+            names = PROJECTIONS if rank else list(start.factors)
+            updates = self.updates[site.layer] = _ProjectionUpdates(
+                {name: sizes[name] for name in names}, rank, generator, start).to(self.device)
+            for weight in weights:
+                name = f"updated_weight_{site.layer}_{weight.linear.name}"
+                gm.add_submodule(name, _UpdatedWeight(weight, updates))
+                with gm.graph.inserting_before(weight.linear):
+                    weight.linear.update_arg(1, gm.graph.call_module(name, (weight.linear.args[1],)))
+        gm.recompile()
+        return gm
 
     def _attention_for(self, site: AttentionSite) -> torch.nn.Module | None:
         merge = self.plan.merges.get(site.layer)
@@ -293,11 +383,11 @@ class _Trainer:
     def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, chunks: list[torch.Tensor],
                  settings: _Settings):
         self.dense, self.plan, self.shape, self.settings = dense, plan, shape, settings
-        self.student = _Student(dense, plan, shape)
+        self.student = _Student(dense, plan, shape, settings.rank, settings.seed)
         self.trained = self.student.parameters()
         self.device = self.student.device
         self.chunks = chunks
-        self.order = _chunk_order(len(chunks), settings.steps, settings.seed)
+        self.order = _chunk_order(len(chunks), settings.steps * settings.batch_size, settings.seed)
         self.optimizer = torch.optim.AdamW(list(self.trained.values()), lr=settings.lr, weight_decay=0.0)
         self.step, self.initial_loss, self.final_loss = 0, None, None
 
@@ -321,7 +411,10 @@ class _Trainer:
     def _train_step(self) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * warmup_decay(self.step, self.settings.steps, self.settings.warmup)
-        ids = self.chunks[self.order[self.step]].to(self.device)
+        size = self.settings.batch_size
+        batch = [self.chunks[i] for i in self.order[self.step * size : (self.step + 1) * size]]
+        length = min(chunk.shape[1] for chunk in batch)
+        ids = torch.cat([chunk[:, :length] for chunk in batch]).to(self.device)
         with torch.no_grad():
             teacher = _logits(self.dense, self.shape, ids)
         student = self.student.logits(ids, prompt_length(self.plan, ids.shape[1]))
@@ -343,9 +436,9 @@ class _Trainer:
         self.step, (self.initial_loss, self.final_loss) = step, losses
 
 
-def _chunk_order(chunks: int, steps: int, seed: int) -> list[int]:
-    """The chunk each step trains on: a fresh permutation of all chunks per pass over them, drawn
-    from `seed`, so a resumed run sees what the uninterrupted one does."""
+def _chunk_order(chunks: int, draws: int, seed: int) -> list[int]:
+    """The chunks the steps train on, in order: a fresh permutation of all chunks per pass over them,
+    drawn from `seed`, so a resumed run sees what the uninterrupted one does."""
     generator = torch.Generator().manual_seed(seed)
-    passes = math.ceil(steps / chunks)
-    return torch.cat([torch.randperm(chunks, generator=generator) for _ in range(passes)])[:steps].tolist()
+    passes = math.ceil(draws / chunks)
+    return torch.cat([torch.randperm(chunks, generator=generator) for _ in range(passes)])[:draws].tolist()
