@@ -118,14 +118,23 @@ def _parser() -> argparse.ArgumentParser:
     leank_options.add_argument("--train-tasks", nargs="+", choices=evaluate.tasks.TASKS, default=list(defaults.tasks))
     leank_options.add_argument("--checkpoint", type=Path, help="where training state goes and resumes from, "
                                "healing's in its heal/ (default OUTPUT/checkpoint)")
-    healing = calib.add_argument_group("healing (merges): the merge maps distilled from the dense model")
-    healing.add_argument("--heal-steps", type=_positive_int, help="train the merged heads' maps for this many steps "
-                         "(default: no healing; needs --kv-group-size; train on a GPU)")
-    healing.add_argument("--heal-lr", type=_positive_float, default=1e-3)
-    healing.add_argument("--heal-seed", type=_positive_or_zero_int, default=0, help="the order of the text's chunks")
+    _healing_options(calib.add_argument_group("healing: what the plan changes, distilled from the dense model"),
+                     prefix="--heal-", steps=None)
     calib.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     calib.add_argument("--no-progress", dest="progress", action="store_false")
     calib.set_defaults(run=_run_calibrate)
+
+    healer = commands.add_parser("heal", help="distill a saved plan's merge maps and projection updates from the dense "
+                                              "model, and save the healed plan")
+    healer.add_argument("plan", help="the plan to heal: a directory or a built-in name")
+    healer.add_argument("output", type=Path, help="directory to write the healed plan to")
+    _model_options(healer)
+    _healing_options(healer, prefix="--", steps=200)
+    healer.add_argument("--checkpoint", type=Path, help="where training state goes and resumes from (default "
+                        "OUTPUT/checkpoint)")
+    healer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
+    healer.add_argument("--no-progress", dest="progress", action="store_false")
+    healer.set_defaults(run=_run_heal)
 
     show = commands.add_parser("importance", help="a learned plan's channel importance: per-layer summary and heatmap")
     show.add_argument("plan", help="a plan directory or a built-in plan name (`kvcompile plans` lists them)")
@@ -190,6 +199,29 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="PATH",
                         help=f"a transformers model directory or a .gguf file (default: the embedded {DEFAULT_MODEL_NAME})")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="weights and cache dtype (default float32)")
+
+
+def _healing_options(parser, prefix: str, steps: int | None) -> None:
+    """heal()'s settings, as `kvcompile heal` names them (--steps, ...) and `calibrate` (--heal-steps, ...)."""
+    parser.add_argument(f"{prefix}steps", dest="heal_steps", type=_positive_int, default=steps,
+                        help="AdamW steps" + (f" (default {steps})" if steps else " (default: no healing; train on a GPU)"))
+    parser.add_argument(f"{prefix}lr", dest="heal_lr", type=_positive_float, default=1e-3, help="(default 1e-3)")
+    parser.add_argument(f"{prefix}rank", dest="heal_rank", type=_positive_or_zero_int, default=16,
+                        help="rank of the projection updates of the layers the plan touches; 0: merge maps only "
+                             "(default 16)")
+    parser.add_argument(f"{prefix}batch-size", dest="heal_batch_size", type=_positive_int, default=8,
+                        help="chunks of calibration text a step (default 8)")
+    parser.add_argument(f"{prefix}chunk-tokens", dest="heal_chunk_tokens", type=_positive_int,
+                        help="tokens a chunk (a plan that prunes K channels decodes its second half; default 512, or "
+                             "4 x (sink + recent + buffer) for a windowed one)")
+    parser.add_argument(f"{prefix}seed", dest="heal_seed", type=_positive_or_zero_int, default=0,
+                        help="the order of the text's chunks and the updates' start (default 0)")
+
+
+def _heal(args: argparse.Namespace, model, tokenizer, plan: Plan, checkpoint: Path) -> Plan:
+    return heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
+                rank=args.heal_rank, batch_size=args.heal_batch_size, chunk_tokens=args.heal_chunk_tokens,
+                seed=args.heal_seed, checkpoint_dir=checkpoint, progress=args.progress)
 
 
 def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
@@ -346,10 +378,22 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     plan = calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, progress=args.progress,
                      checkpoint_dir=checkpoint)
     if args.heal_steps is not None:
-        plan = heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
-                    seed=args.heal_seed, checkpoint_dir=checkpoint / "heal", progress=args.progress)
+        plan = _heal(args, model, tokenizer, plan, checkpoint / "heal")
     plan.save(args.output)
     print(f"wrote plan {plan.fingerprint()} to {args.output} ({time.perf_counter() - start:.0f} s on {args.device})",
+          file=sys.stderr)
+    return 0
+
+
+def _run_heal(args: argparse.Namespace) -> int:
+    plan = _load_plan(args.plan)
+    start = time.perf_counter()
+    model, tokenizer = _load(args)
+    healed = _heal(args, model.to(args.device), tokenizer, plan, args.checkpoint or args.output / "checkpoint")
+    healed.save(args.output)
+    record = healed.meta["heal"]
+    print(f"wrote plan {healed.fingerprint()} (healed from {plan.fingerprint()}, KL {record['initial_loss']:.4f} -> "
+          f"{record['final_loss']:.4f}) to {args.output} ({time.perf_counter() - start:.0f} s on {args.device})",
           file=sys.stderr)
     return 0
 
@@ -474,8 +518,9 @@ def _check_settings(args: argparse.Namespace) -> None:
     model = getattr(args, "model", None)
     if isinstance(model, Path) and not model.exists():
         raise SettingsError(f"--model {model}: no such directory or file")
-    if getattr(args, "heal_steps", None) is not None and args.kv_group_size is None:
-        raise SettingsError("--heal-steps: healing trains the maps of merged heads; add --kv-group-size")
+    if args.run is _run_calibrate and args.heal_steps and args.heal_rank == 0 and args.kv_group_size is None:
+        raise SettingsError("--heal-rank 0: healing a plan that merges no heads trains only the projection updates; "
+                            "give a rank >= 1 or add --kv-group-size")
     lengths = getattr(args, "lengths", None) or ()
     limit = model_max_length(model) if lengths else None
     too_long = [n for n in lengths if limit is not None and n > limit]

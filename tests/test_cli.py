@@ -49,7 +49,10 @@ def test_a_command_is_required(capsys):
         (["eval", "--plan", "/no/such/plan"], "/no/such/plan: no such plan directory, nor a built-in plan"),
         (["calibrate", "out", "--k-method", "learned"], "--k-method: invalid choice"),
         (["calibrate", "out", "--rope", "pre"], "--rope: invalid choice"),
-        (["calibrate", "out", "--heal-steps", "3"], "--heal-steps: healing trains the maps of merged heads"),
+        (["calibrate", "out", "--k-sparsity", "0.5", "--heal-steps", "3", "--heal-rank", "0"],
+         "--heal-rank 0: healing a plan that merges no heads"),
+        (["heal", "/no/such/plan", "out"], "/no/such/plan: no such plan directory, nor a built-in plan"),
+        (["heal", "smollm2-135m-instruct/leank-k50", "out", "--rank", "-1"], "--rank: must be"),
         (["calibrate", "out", "--kv-group-size", "2", "--heal-steps", "0"], "--heal-steps: must be a positive integer"),
         (["export", "/", "--plan", "smollm2-135m-instruct/leank-k50"], "OUTPUT /: a non-empty directory without manifest.json"),
     ],
@@ -85,6 +88,20 @@ def test_calibrate_a_merge_and_heal_it(monkeypatch, tiny_model, byte_tokenizer, 
     plan = Plan.load(plan_dir)
     assert {k: plan.meta["heal"][k] for k in ("steps", "lr", "seed")} == {"steps": 2, "lr": 0.01, "seed": 3}
     assert (plan_dir / "checkpoint" / "heal" / "state.json").is_file()
+
+
+def test_heal_a_saved_k_channel_plan(monkeypatch, tiny_model, byte_tokenizer, capsys, tmp_path):  # noqa: F811
+    monkeypatch.setattr(cli, "load_default_model", lambda *args: (tiny_model, byte_tokenizer))
+    assert cli.main(["calibrate", str(tmp_path / "pruned"), "--k-sparsity", "0.5", "--align", "4", "--calib-tokens", "512",
+                     "--device", "cpu", "--no-progress"]) == 0
+    assert cli.main(["heal", str(tmp_path / "pruned"), str(tmp_path / "healed"), "--steps", "2", "--rank", "4",
+                     "--batch-size", "2", "--chunk-tokens", "64", "--device", "cpu", "--no-progress"]) == 0
+    pruned, healed = Plan.load(tmp_path / "pruned"), Plan.load(tmp_path / "healed")
+    assert healed.k_channels == pruned.k_channels and sorted(healed.updates) == sorted(pruned.k_channels)
+    record = healed.meta["heal"]
+    assert (record["rank"], record["batch_size"], record["chunk_tokens"]) == (4, 2, 64)
+    assert f"healed from {pruned.fingerprint()}" in capsys.readouterr().err
+    assert (tmp_path / "healed" / "checkpoint" / "state.json").is_file()
 
 
 def test_leank_calibrate_then_eval_with_and_without_windows_then_importance(

@@ -222,3 +222,10 @@ def test_healing_a_k_channel_plan_trains_projection_updates_only(model, tokenize
     after = _held_out_decode_kl(model, healed, captured, tokenizer)
     # 1.28 -> 1.08 nats: a quarter of the channels, two rotary pairs per head, bound what queries can score
     assert after < 0.9 * before, (before, after)
+
+
+def test_chunks_too_short_for_a_pruned_middle_are_refused(model, tokenizer):
+    plan = kvcompile.Plan.from_k_channels({0: [[0, 1], [2, 3]]}).with_windows(64, 256)
+    assert healing.default_chunk_tokens(plan) == 4 * (64 + 256 + 128)
+    with pytest.raises(RecipeError, match=r"a chunk of 512 tokens prefills 256, which the plan's windows .* hold whole"):
+        kvcompile.heal(model, plan, TRAINING_TEXT, tokenizer=tokenizer, **{**SETTINGS, "chunk_tokens": 512})

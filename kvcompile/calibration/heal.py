@@ -88,7 +88,7 @@ def heal(
     lr: float = 1e-3,
     seed: int = 0,
     warmup: float = 0.1,
-    chunk_tokens: int = 512,
+    chunk_tokens: int | None = None,
     calib_tokens: int = 65536,
     rank: int = 16,
     batch_size: int = 1,
@@ -102,13 +102,16 @@ def heal(
     warm-up over `warmup` of the steps, then linear decay) to bring the transformed model's
     next-token distributions close to `model`'s on `texts` (strings with `tokenizer`, cut into
     chunks of `chunk_tokens`, `calib_tokens` in all; or token-id tensors, each a chunk), `batch_size`
-    chunks a step (cut to the shortest of them).
+    chunks a step (cut to the shortest of them). `chunk_tokens` None: 512, or for a windowed plan that
+    prunes K channels enough that each chunk's decode half reads a pruned middle
+    (`default_chunk_tokens`).
 
     `model` is not modified. The result's meta records the healing (`meta["heal"]`: settings,
     calibration tokens, first and last step's KL). `checkpoint_dir`: save the run there every
     `checkpoint_every` steps, and resume from what it holds. `program`, from
     `kvcompile.capture(model)`, saves tracing the model again.
     """
+    chunk_tokens = default_chunk_tokens(plan) if chunk_tokens is None else chunk_tokens
     settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens, rank, batch_size)
     _check_settings(settings, checkpoint_every)
     shape = checked_model_shape(model, plan)
@@ -120,7 +123,10 @@ def heal(
                           "tokenizer=) or of token-id tensors")
     check_weights_finite(model)
     chunks = calibration_chunks(texts, tokenizer, calib_tokens, chunk_tokens)
+    if isinstance(texts[0], str):  # the text's short last chunk would cut every batch it joins
+        chunks = [chunk for chunk in chunks if chunk.shape[1] == chunk_tokens] or chunks
     check_token_ids(chunks, model.config.vocab_size)
+    _check_chunks_reach_the_middle(plan, chunks)
     captured = program_for(model, program, shape)
     canonical_program(captured, plan)  # the plan's own merge pass: a merge it cannot fold fails here, by layer
     trainer = _Trainer(canonical_program(captured, _DENSE), plan, shape, chunks, settings)
@@ -134,6 +140,25 @@ def heal(
               "initial_loss": trainer.initial_loss, "final_loss": trainer.final_loss, "healed_from": plan.fingerprint()}
     healed = plan.with_merges(trainer.student.healed_merges()).with_updates(trainer.student.healed_updates())
     return replace(healed, meta={**plan.meta, "heal": record})
+
+
+def default_chunk_tokens(plan: Plan) -> int:
+    """512 tokens, or for a windowed plan that prunes K channels a chunk whose first half leaves its
+    window and a middle of at least one buffer (the second half is the decode call the middle acts in)."""
+    if not (plan.k_channels and plan.windowed):
+        return 512
+    return max(512, 4 * (plan.sink + plan.recent + plan.buffer))
+
+
+def _check_chunks_reach_the_middle(plan: Plan, chunks: list[torch.Tensor]) -> None:
+    if not (plan.k_channels and plan.windowed):
+        return
+    shortest = min(chunk.shape[1] for chunk in chunks)
+    if plan.middle_length(prompt_length(plan, shortest)) == 0:
+        raise RecipeError(
+            f"heal: a chunk of {shortest} tokens prefills {prompt_length(plan, shortest)}, which the plan's windows "
+            f"(sink {plan.sink}, recent {plan.recent}, buffer {plan.buffer}) hold whole: no middle, no pruned channel "
+            f"would be trained; use chunk_tokens >= {default_chunk_tokens(plan)} (the default)")
 
 
 def _check_settings(settings: _Settings, checkpoint_every: int) -> None:

@@ -1,0 +1,84 @@
+"""Healing on SmolLM2-135M-Instruct: dense, the unhealed plans and the healed ones, one table.
+
+    python scripts/heal_table.py --out heal/      # a CUDA machine
+
+Plans: commute merges 3 KV heads -> 2 and 3 -> 1 in every layer (SVD start, 16384 calibration
+tokens) and the shipped learned `leank-k70` (windows sink 64, recent 256). Each is healed on the
+calibration text (`kvcompile.heal`: merge maps and rank-`--rank` projection updates) and saved
+under OUT/<name>; then every row is evaluated on the evaluation text (disjoint from the
+calibration text) and the report written to OUT/heal.json.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import kvcompile
+from kvcompile.calibration.heal import default_chunk_tokens
+from kvcompile.evaluation import evaluate, text
+from kvcompile.models import DEFAULT_MODEL_NAME, load_default_model
+
+MERGES = {
+    "commute 3->2 all": dict(kv_group_size=3, kv_heads_per_group=2, rope="commute"),
+    "commute 3->1 all": dict(kv_group_size=3, rope="commute"),
+}
+SHIPPED = {"leank-k70": "smollm2-135m-instruct/leank-k70"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plans", nargs="+", default=[*MERGES, *SHIPPED], choices=[*MERGES, *SHIPPED])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="chunks of 512 tokens a step (a windowed plan's "
+                        "chunks are longer: as many tokens in fewer of them)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--tasks", nargs="+", default=["passkey"])
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_default_model()
+    model = model.to(args.device)
+    program = kvcompile.capture(model)
+    unhealed, healed, seconds = {}, {}, {}
+    for name in args.plans:
+        if name in MERGES:
+            recipe = kvcompile.Recipe(**MERGES[name], calib_tokens=args.calib_tokens)
+            plan = kvcompile.calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, program=program)
+        else:
+            plan = kvcompile.Plan.load_builtin(SHIPPED[name])
+        batch = max(1, args.batch_size * 512 // default_chunk_tokens(plan))
+        began = time.perf_counter()
+        healed[name] = kvcompile.heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, program=program,
+                                      steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch)
+        seconds[name] = round(time.perf_counter() - began, 1)
+        unhealed[name] = plan
+        healed[name].save(args.out / name.replace(" ", "-").replace(">", ""))
+        print(f"{name}: healed in {seconds[name]} s, KL {healed[name].meta['heal']['initial_loss']:.3f} -> "
+              f"{healed[name].meta['heal']['final_loss']:.3f}", flush=True)
+
+    methods = [evaluate.Method("dense")]
+    for name in args.plans:
+        methods += [evaluate.Method(name, unhealed[name]), evaluate.Method(f"{name} healed", healed[name])]
+    settings = evaluate.EvalSettings(lengths=tuple(args.lengths), samples=args.samples, tasks=tuple(args.tasks))
+    partial = lambda report: (args.out / "heal.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME, program=program,
+                               on_method=partial)
+    report["healing"] = {name: {**plan.meta["heal"], "seconds": seconds[name]} for name, plan in healed.items()}
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    (args.out / "heal.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(evaluate.format_table(report))
+    print(f"{report['model']} on {report['versions']['device']}, {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
