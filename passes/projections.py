@@ -67,7 +67,10 @@ class ProjectionWeight:
         for name, (start, end) in sorted(self.parts.items(), key=lambda item: item[1]):
             pieces.append(weight.narrow(dim, cursor, start - cursor))
             own = weight.narrow(dim, start, end - start)
-            pieces.append((deltas[name] + own.to(deltas[name])).to(own.dtype) if name in deltas else own)
+            if name in deltas:  # summed in the update's precision, on the weight's device
+                delta = deltas[name].to(own.device)
+                own = (own.to(delta.dtype) + delta).to(own.dtype)
+            pieces.append(own)
             cursor = end
         pieces.append(weight.narrow(dim, cursor, weight.shape[dim] - cursor))
         return torch.cat(pieces, dim=dim)

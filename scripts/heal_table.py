@@ -6,12 +6,14 @@ Plans: commute merges 3 KV heads -> 2 and 3 -> 1 in every layer (SVD start, 1638
 tokens) and the shipped learned `leank-k70` (windows sink 64, recent 256). Each is healed on the
 calibration text (`kvcompile.heal`: merge maps and rank-`--rank` projection updates) and saved
 under OUT/<name>; then every row is evaluated on the evaluation text (disjoint from the
-calibration text) and the report written to OUT/heal.json.
+calibration text) and the report written to OUT/heal.json. A plan already healed under OUT is
+loaded instead of healed again (a rerun evaluates what an interrupted one healed).
 """
 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,22 +51,31 @@ def main() -> None:
     model, tokenizer = load_default_model()
     model = model.to(args.device)
     program = kvcompile.capture(model)
-    unhealed, healed, seconds = {}, {}, {}
+    unhealed, healed = {}, {}
     for name in args.plans:
         if name in MERGES:
             recipe = kvcompile.Recipe(**MERGES[name], calib_tokens=args.calib_tokens)
             plan = kvcompile.calibrate(model, recipe, [text.calibration_text()], tokenizer=tokenizer, program=program)
         else:
             plan = kvcompile.Plan.load_builtin(SHIPPED[name])
-        batch = max(1, args.batch_size * 512 // default_chunk_tokens(plan))
-        began = time.perf_counter()
-        healed[name] = kvcompile.heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, program=program,
-                                      steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch)
-        seconds[name] = round(time.perf_counter() - began, 1)
         unhealed[name] = plan
-        healed[name].save(args.out / name.replace(" ", "-").replace(">", ""))
-        print(f"{name}: healed in {seconds[name]} s, KL {healed[name].meta['heal']['initial_loss']:.3f} -> "
-              f"{healed[name].meta['heal']['final_loss']:.3f}", flush=True)
+        saved = args.out / name.replace(" ", "-").replace(">", "")
+        if (saved / "plan.json").exists():
+            healed[name] = kvcompile.Plan.load(saved)
+            if healed[name].meta["heal"]["healed_from"] != plan.fingerprint():  # a calibration on other hardware
+                print(f"{saved} was healed from plan {healed[name].meta['heal']['healed_from']}, this run's {name} is "
+                      f"{plan.fingerprint()}", flush=True)
+        else:
+            batch = max(1, args.batch_size * 512 // default_chunk_tokens(plan))
+            began = time.perf_counter()
+            result = kvcompile.heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, program=program,
+                                    steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch)
+            record = {**result.meta["heal"], "seconds": round(time.perf_counter() - began, 1)}
+            healed[name] = replace(result, meta={**result.meta, "heal": record})
+            healed[name].save(saved)
+        record = healed[name].meta["heal"]
+        print(f"{name}: healed in {record['seconds']} s, KL {record['initial_loss']:.3f} -> {record['final_loss']:.3f}",
+              flush=True)
 
     methods = [evaluate.Method("dense")]
     for name in args.plans:
@@ -73,7 +84,7 @@ def main() -> None:
     partial = lambda report: (args.out / "heal.json").write_text(json.dumps(report, indent=2) + "\n")
     report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME, program=program,
                                on_method=partial)
-    report["healing"] = {name: {**plan.meta["heal"], "seconds": seconds[name]} for name, plan in healed.items()}
+    report["healing"] = {name: plan.meta["heal"] for name, plan in healed.items()}
     report["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "heal.json").write_text(json.dumps(report, indent=2) + "\n")
     print(evaluate.format_table(report))
