@@ -11,6 +11,7 @@ loaded instead of healed again (a rerun evaluates what an interrupted one healed
 """
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import replace
@@ -44,7 +45,11 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["passkey"])
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-decode", action="store_true", help="evaluate each plan's decode step compiled by "
+                        "inductor (as transform does by default): same numbers, a compile per plan and length")
     args = parser.parse_args()
+    if not args.compile_decode:
+        evaluate.transform = functools.partial(kvcompile.transform, compile_decode=False)
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
