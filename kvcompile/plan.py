@@ -187,8 +187,10 @@ class LayerUpdate:
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
     def delta(self, name: str) -> torch.Tensor:
+        """b @ a in float32 at least (factors stored in bf16 still update float32 weights in float32)."""
         b, a = self.factors[name]
-        return b @ a
+        dtype = torch.promote_types(b.dtype, torch.float32)
+        return b.to(dtype) @ a.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Each factor by `name.b`/`name.a`, names sorted (the order the fingerprint hashes them in)."""
@@ -303,6 +305,15 @@ class Plan:
                 raise PlanError(f"layer {layer}, field updates: expected a LayerUpdate, got {type(update).__name__}")
         return replace(self, updates=dict(sorted({**self.updates, **updates}.items())))
 
+    def with_float_dtype(self, dtype: torch.dtype) -> "Plan":
+        """This plan with its merge maps and projection updates stored in `dtype` (e.g. bfloat16, to
+        ship a healed plan at half the bytes): a different plan, with its own fingerprint."""
+        merges = {layer: replace(merge, **{name: t.to(dtype) for name, t in merge.tensors().items()})
+                  for layer, merge in self.merges.items()}
+        updates = {layer: LayerUpdate({name: tuple(t.to(dtype) for t in pair) for name, pair in update.factors.items()})
+                   for layer, update in self.updates.items()}
+        return replace(self, merges=merges, updates=updates)
+
     def with_windows(self, sink: int, recent: int, buffer: int | None = None) -> "Plan":
         """This plan keeping all channels of the first `sink` and last `recent` tokens; `buffer`
         (default: this plan's) is how many tokens move to the middle at a time."""
@@ -396,11 +407,11 @@ class Plan:
         for layer, merge in self.merges.items():
             digest.update(json.dumps([layer, merge.groups, merge.heads_per_group, merge.rope]).encode())
             for tensor in merge.tensors().values():
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                _hash_tensor(digest, tensor)
         for layer, update in self.updates.items():  # plans without updates keep their fingerprints
             digest.update(json.dumps([layer, sorted(update.factors)]).encode())
             for tensor in update.tensors().values():
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                _hash_tensor(digest, tensor)
         if self.windowed:  # plans without windows keep the fingerprints they had before windows existed
             digest.update(json.dumps({"sink": self.sink, "recent": self.recent, "buffer": self.buffer}).encode())
         return digest.hexdigest()[:12]
@@ -624,6 +635,14 @@ def _shape_document(shape: ModelShape) -> dict:
     if shape.sliding_windows is None:
         return {name: value for name, value in document.items() if name != "sliding_windows"}
     return document
+
+
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
+    """A tensor's bytes into `digest`, and its dtype where it is not float32 (the fingerprints of
+    float32 plans stay what they were)."""
+    if tensor.dtype != torch.float32:
+        digest.update(str(tensor.dtype).encode())
+    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8, help="chunks of 512 tokens a step (a windowed plan's "
                         "chunks are longer: as many tokens in fewer of them)")
+    parser.add_argument("--chunk-tokens", type=int, help="tokens a chunk (default: heal's)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--tasks", nargs="+", default=["passkey"])
@@ -71,10 +72,12 @@ def main() -> None:
                 print(f"{saved} was healed from plan {healed[name].meta['heal']['healed_from']}, this run's {name} is "
                       f"{plan.fingerprint()}", flush=True)
         else:
-            batch = max(1, args.batch_size * 512 // default_chunk_tokens(plan))
+            chunk = args.chunk_tokens or default_chunk_tokens(plan)
+            batch = max(1, args.batch_size * 512 // chunk)
             began = time.perf_counter()
             result = kvcompile.heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, program=program,
-                                    steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch)
+                                    steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch,
+                                    chunk_tokens=chunk)
             record = {**result.meta["heal"], "seconds": round(time.perf_counter() - began, 1)}
             healed[name] = replace(result, meta={**result.meta, "heal": record})
             healed[name].save(saved)
