@@ -21,6 +21,7 @@ from kvcompile import Plan, Recipe, calibrate  # noqa: E402
 from kvcompile.export.onnx import OnnxExportError, export_onnx  # noqa: E402
 from kvcompile.export.onnx_runtime import ExportFolderError, generate, load  # noqa: E402
 from kvcompile.stores import directory_replaced_atomically  # noqa: E402
+from tests.test_update_projections import random_updates  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 STEPS = 20
@@ -41,7 +42,8 @@ def _merge_then_prune(model):
 
 
 CASES = {  # name: (arch, plan maker, kvcompile ops the decode file must hold)
-    "llama-windowed": ("llama", lambda model: WINDOWED, {"windowed_attention"}),
+    # healed: the plan's projection updates are in the exported weights
+    "llama-windowed": ("llama", lambda model: WINDOWED.with_updates(random_updates(model, [0, 1])), {"windowed_attention"}),
     "qwen3-merge-post": ("qwen3", _merge_post, {"merge_heads", "project_heads", "attention"}),
     "llama-merge-prune": ("llama", _merge_then_prune, {"gather_kv_channels", "pruned_attention"}),
     "qwen2-prune": ("qwen2", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),

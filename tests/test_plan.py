@@ -224,10 +224,21 @@ def test_importance_roundtrips_and_is_checked_against_the_model(tmp_path):
 
 def test_builtin_plans_list_load_and_fit_their_model():
     names = Plan.list_builtin()
-    assert {"smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70"} <= set(names)
+    learned = {"smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70"}
+    healed = {"smollm2-135m-instruct/commute-3to2-healed", "smollm2-135m-instruct/leank-k70-healed"}
+    assert learned | healed <= set(names)
+    for name in healed:
+        plan = Plan.load_builtin(name)
+        plan.validate(plan.model)
+        assert plan.meta["heal"]["steps"] > 0 and plan.meta["heal"]["final_loss"] < plan.meta["heal"]["initial_loss"]
+        assert sorted(plan.updates) == list(range(plan.model.num_layers)) and plan.meta["stored_as"] == "bfloat16"
+    assert (Plan.load_builtin("smollm2-135m-instruct/leank-k70-healed").k_channels
+            == Plan.load_builtin("smollm2-135m-instruct/leank-k70").k_channels)
     for name in names:
         plan = Plan.load_builtin(name)
         plan.validate(plan.model)
+        if not plan.k_channels:
+            continue
         total = plan.model.num_layers * plan.model.num_kv_heads * plan.model.head_dim
         kept = sum(sum(plan.kept_counts(layer)) for layer in plan.k_channels)
         assert kept == round(total * (1 - plan.meta["sparsity"]) / plan.meta["align"]) * plan.meta["align"]
@@ -238,7 +249,8 @@ def test_builtin_plans_list_load_and_fit_their_model():
         mask = hard_mask(plan.importance, plan.meta["sparsity"], plan.meta["align"])
         assert all(list(plan.k_channels[layer][head]) == mask[layer, head].nonzero().flatten().tolist()
                    for layer in plan.k_channels for head in range(plan.model.num_kv_heads))
-    with pytest.raises(PlanError, match="no built-in plan 'smollm2/leank-k99'; built-in plans: smollm2-135m-instruct/leank-k50"):
+    with pytest.raises(PlanError, match="no built-in plan 'smollm2/leank-k99'; built-in plans: smollm2-135m-instruct/commute-3to2-healed, "
+                       "smollm2-135m-instruct/leank-k50"):
         Plan.load_builtin("smollm2/leank-k99")
 
 

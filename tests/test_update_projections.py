@@ -18,7 +18,7 @@ PROMPT = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(
 CHUNKS = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(5))
 
 
-def _random_updates(model, layers, names=PROJECTIONS, rank=3, seed=0) -> dict[int, LayerUpdate]:
+def random_updates(model, layers, names=PROJECTIONS, rank=3, seed=0) -> dict[int, LayerUpdate]:
     shape, hidden = kvcompile.ModelShape.from_config(model.config), model.config.hidden_size
     d = shape.head_dim
     heads = {"query": shape.num_heads, "key": shape.num_kv_heads, "value": shape.num_kv_heads, "output": shape.num_heads}
@@ -92,21 +92,21 @@ def _k_plan(model, keep=8):
 @pytest.mark.parametrize("arch", ARCHITECTURES + WITHOUT_ROPE)
 def test_updates_are_the_model_with_changed_weights_under_a_k_plan(arch):
     model = make_tiny_model(arch)
-    updates = {**_random_updates(model, [0]), **_random_updates(model, [1], ("key", "output"), seed=1)}
+    updates = {**random_updates(model, [0]), **random_updates(model, [1], ("key", "output"), seed=1)}
     _assert_same_decode(model, _k_plan(model), updates)
 
 
 def test_updates_with_windows_and_streaming_heads():
     model = make_tiny_model("llama")
     plan = Plan.from_k_channels({0: [[1, 5, 9], []], 1: [[0, 2], [3, 4, 15]]}).with_windows(sink=2, recent=4, buffer=2)
-    _assert_same_decode(model, plan, _random_updates(model, [0, 1]))
+    _assert_same_decode(model, plan, random_updates(model, [0, 1]))
 
 
 @pytest.mark.parametrize("rope", ["commute", "post"])
 def test_updates_apply_before_a_merge_folds_the_weights(rope):
     model = make_tiny_model("llama")
     merged = calibrate(model, Recipe(kv_group_size=2, rope=rope), CHUNKS, progress=False)
-    _assert_same_decode(model, merged, _random_updates(model, [0, 1]))
+    _assert_same_decode(model, merged, random_updates(model, [0, 1]))
 
 
 def test_a_healed_commute_merge_still_saves_as_a_plain_checkpoint(tmp_path):
@@ -114,7 +114,7 @@ def test_a_healed_commute_merge_still_saves_as_a_plain_checkpoint(tmp_path):
 
     model = make_tiny_model("llama")
     merged = calibrate(model, Recipe(kv_group_size=2, rope="commute"), CHUNKS, progress=False)
-    tm = kvcompile.transform(model, merged.with_updates(_random_updates(model, [0, 1])))
+    tm = kvcompile.transform(model, merged.with_updates(random_updates(model, [0, 1])))
     tm.save_pretrained(tmp_path / "gqa")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gqa").eval()
     assert reloaded.config.num_key_value_heads == 1
@@ -124,19 +124,19 @@ def test_a_healed_commute_merge_still_saves_as_a_plain_checkpoint(tmp_path):
 
 def test_a_plan_with_updates_saves_loads_and_fingerprints_them(tmp_path):
     model = make_tiny_model("llama")
-    plan = _k_plan(model).with_updates(_random_updates(model, [1], ("query", "value")))
+    plan = _k_plan(model).with_updates(random_updates(model, [1], ("query", "value")))
     loaded = Plan.load(plan.save(tmp_path / "plan"))
     assert loaded.fingerprint() == plan.fingerprint() != _k_plan(model).fingerprint()
     assert sorted(loaded.updates[1].factors) == ["query", "value"]
     torch.testing.assert_close(loaded.updates[1].delta("value"), plan.updates[1].delta("value"))
-    other = _k_plan(model).with_updates(_random_updates(model, [1], ("query", "value"), seed=7))
+    other = _k_plan(model).with_updates(random_updates(model, [1], ("query", "value"), seed=7))
     assert other.fingerprint() != plan.fingerprint()
 
 
 def test_bad_updates_are_refused_by_layer_and_field():
     model = make_tiny_model("llama")
     plan = _k_plan(model)
-    update = _random_updates(model, [0])[0]
+    update = random_updates(model, [0])[0]
     b, a = update.factors["key"]
     with pytest.raises(PlanError, match=r"layer 0, field updates: key.b spans 64 head channels.* 2 heads of 16"):
         kvcompile.transform(model, plan.with_updates({0: LayerUpdate({"key": (torch.cat([b, b]), a)})}))
@@ -150,9 +150,24 @@ def test_bad_updates_are_refused_by_layer_and_field():
 
 def test_the_compile_backend_refuses_a_plan_with_updates():
     model = make_tiny_model("llama")
-    plan = _k_plan(model).with_updates(_random_updates(model, [0]))
+    plan = _k_plan(model).with_updates(random_updates(model, [0]))
     with pytest.raises(PlanError, match="field updates: .*kvcompile.transform"):
         kvcompile.cache_for(model, plan, batch_size=1, max_cache_len=32)
     compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": False})
     with pytest.raises(Exception, match="field updates"):
         compiled(PROMPT)
+
+
+def test_a_plan_stored_in_bfloat16_updates_float32_weights_in_float32(tmp_path):
+    model = make_tiny_model("llama")
+    merged = calibrate(model, Recipe(kv_group_size=2, rope="commute"), CHUNKS, progress=False)
+    plan = merged.with_updates(random_updates(model, [0, 1]))
+    small = Plan.load(plan.with_float_dtype(torch.bfloat16).save(tmp_path / "bf16"))
+    assert small.updates[0].factors["key"][0].dtype == torch.bfloat16 == small.merges[1].key_down.dtype
+    assert small.fingerprint() not in (plan.fingerprint(), plan.with_float_dtype(torch.float16).fingerprint())
+    assert small.updates[0].delta("key").dtype == torch.float32
+    # the same plan with its tensors rounded to bfloat16, computed in float32
+    rounded = plan.with_float_dtype(torch.bfloat16).with_float_dtype(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(kvcompile.transform(model, small)(PROMPT).logits,
+                                   kvcompile.transform(model, rounded)(PROMPT).logits, atol=1e-5, rtol=1e-5)
