@@ -289,21 +289,11 @@ class Plan:
 
     def with_merges(self, merges: Mapping[int, LayerMerge]) -> "Plan":
         """This plan with KV-head merges for some layers (its K channels then index merged heads)."""
-        for layer, merge in merges.items():
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise PlanError(f"merge layer key {layer!r}: layer indices must be ints")
-            if not isinstance(merge, LayerMerge):
-                raise PlanError(f"layer {layer}, field merges: expected a LayerMerge, got {type(merge).__name__}")
-        return replace(self, merges=dict(sorted({**self.merges, **merges}.items())))
+        return replace(self, merges=_joined_layers(self.merges, merges, "merges", LayerMerge))
 
     def with_updates(self, updates: Mapping[int, LayerUpdate]) -> "Plan":
         """This plan with low-rank updates of some layers' attention projections (healing)."""
-        for layer, update in updates.items():
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise PlanError(f"update layer key {layer!r}: layer indices must be ints")
-            if not isinstance(update, LayerUpdate):
-                raise PlanError(f"layer {layer}, field updates: expected a LayerUpdate, got {type(update).__name__}")
-        return replace(self, updates=dict(sorted({**self.updates, **updates}.items())))
+        return replace(self, updates=_joined_layers(self.updates, updates, "updates", LayerUpdate))
 
     def with_float_dtype(self, dtype: torch.dtype) -> "Plan":
         """This plan with its merge maps and projection updates stored in `dtype` (e.g. bfloat16, to
@@ -607,6 +597,16 @@ class Plan:
         if name not in cls.list_builtin():
             raise PlanError(f"no built-in plan {name!r}; built-in plans: {', '.join(cls.list_builtin()) or 'none'}")
         return cls.load(_BUILTIN / name)
+
+
+def _joined_layers(old: Mapping[int, Any], new: Mapping[int, Any], field_name: str, kind: type) -> dict[int, Any]:
+    """`old` with `new`'s layers added or replaced, by layer; PlanError naming a bad key or entry."""
+    for layer, entry in new.items():
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise PlanError(f"field {field_name}: layer key {layer!r}: layer indices must be ints")
+        if not isinstance(entry, kind):
+            raise PlanError(f"layer {layer}, field {field_name}: expected a {kind.__name__}, got {type(entry).__name__}")
+    return dict(sorted({**old, **new}.items()))
 
 
 def _parse_head(layer: int, head: int, ids: Sequence[int]) -> tuple[int, ...]:

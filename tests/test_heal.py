@@ -229,3 +229,13 @@ def test_chunks_too_short_for_a_pruned_middle_are_refused(model, tokenizer):
     assert healing.default_chunk_tokens(plan) == 4 * (64 + 256 + 128)
     with pytest.raises(RecipeError, match=r"a chunk of 512 tokens prefills 256, which the plan's windows .* hold whole"):
         kvcompile.heal(model, plan, TRAINING_TEXT, tokenizer=tokenizer, **{**SETTINGS, "chunk_tokens": 512})
+
+
+def test_the_student_of_a_plan_with_some_updates_is_what_transform_runs(model, merged, captured):
+    from tests.test_update_projections import random_updates
+
+    plan = merged.with_updates(random_updates(model, [1], ("key", "output")))
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        transformed = kvcompile.transform(model, plan, program=captured)(ids).logits
+    torch.testing.assert_close(_student_logits(model, plan, ids, 40), transformed, atol=1e-4, rtol=0)

@@ -240,7 +240,8 @@ class _UpdatedWeight(torch.nn.Module):
         self.weight, self.updates = weight, updates
 
     def forward(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.weight.with_deltas(tensor, {name: self.updates.delta(name) for name in self.weight.parts})
+        names = [name for name in self.weight.parts if name in self.updates.names]
+        return self.weight.with_deltas(tensor, {name: self.updates.delta(name) for name in names})
 
 
 class _Student:
