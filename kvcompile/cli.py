@@ -478,9 +478,25 @@ def _run_onnx_latency(args: argparse.Namespace) -> int:
 
 def _run_plans(args: argparse.Namespace) -> int:
     for name in Plan.list_builtin():
-        meta = Plan.load_builtin(name).meta
-        print(f"{name}  {meta.get('method', '?')}, {meta.get('sparsity', 0):.0%} K sparsity")
+        print(f"{name}  {_describe(Plan.load_builtin(name))}")
     return 0
+
+
+def _describe(plan: Plan) -> str:
+    """What a plan does, in a few words: K sparsity and windows, merges, healing."""
+    parts = []
+    if plan.k_channels:
+        parts.append(f"{plan.meta.get('method', '?')}, {plan.meta.get('sparsity', 0):.0%} K sparsity")
+        if plan.windowed:
+            parts.append(f"windows {plan.sink}/{plan.recent}")
+    if plan.merges:
+        merge = next(iter(plan.merges.values()))
+        parts.append(f"{merge.rope} merge of KV heads {merge.group_size} -> {merge.heads_per_group} in "
+                     f"{len(plan.merges)} layers")
+    if "heal" in plan.meta:
+        record = plan.meta["heal"]
+        parts.append(f"healed ({record['steps']} steps, KL {record['initial_loss']:.3f} -> {record['final_loss']:.3f})")
+    return ", ".join(parts)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -135,7 +135,9 @@ def test_leank_calibrate_then_eval_with_and_without_windows_then_importance(
 
 def test_builtin_plans_are_listed_and_load_by_name(no_model, capsys):
     assert cli.main(["plans"]) == 0
-    assert "smollm2-135m-instruct/leank-k70  leank, 70% K sparsity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct/leank-k70  leank, 70% K sparsity, windows 64/256\n" in out
+    assert "smollm2-135m-instruct/commute-3to2-healed  commute merge of KV heads 3 -> 2 in 30 layers, healed (300 steps" in out
     assert cli.main(["importance", "smollm2-135m-instruct/leank-k50"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1 + 30
 
