@@ -151,3 +151,18 @@ def test_pipeline_and_streamed_generate_give_the_dense_models_text_on_smollm2(sm
     with masked_attention(model, plan.k_channels, Windows(plan.sink, plan.recent, plan.buffer)):
         want = model.generate(prompt, **beams)
     assert torch.equal(kvcompile.transform(model, plan).generate(prompt, **beams), want)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct/commute-3to2-healed", "smollm2-135m-instruct/leank-k70-healed"])
+def test_shipped_healed_plans_compute_as_the_model_with_their_updates_in_its_weights(model_and_prompt, name):
+    from tests.test_update_projections import with_updated_weights
+
+    model, prompt = model_and_prompt
+    plan = kvcompile.Plan.load_builtin(name)
+    without_updates = kvcompile.Plan.from_k_channels(plan.k_channels, model=plan.model, sink=plan.sink,
+                                                      recent=plan.recent).with_merges(plan.merges)
+    changed = with_updated_weights(model, plan.updates)
+    with torch.no_grad():
+        got = kvcompile.transform(model, plan)(prompt).logits
+        want = kvcompile.transform(changed, without_updates)(prompt).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

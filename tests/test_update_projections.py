@@ -41,7 +41,7 @@ def _attention(model, layer):
     return layers[layer].self_attn
 
 
-def _with_updated_weights(model, updates):
+def with_updated_weights(model, updates):
     """A copy of `model` whose attention weights carry `updates`, written from transformers' own
     module layout (the fused qkv rows of Phi-3 are q, then k, then v)."""
     changed = copy.deepcopy(model)
@@ -75,7 +75,7 @@ def _decode_logits(tm, steps=6):
 def _assert_same_decode(model, plan, updates):
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     got = _decode_logits(kvcompile.transform(model, plan.with_updates(updates)))
-    want = _decode_logits(kvcompile.transform(_with_updated_weights(model, updates), plan))
+    want = _decode_logits(kvcompile.transform(with_updated_weights(model, updates), plan))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
