@@ -41,6 +41,7 @@ from typing import Sequence
 
 import torch
 import torch.fx
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from kvcompile.capture import program_for
@@ -353,13 +354,19 @@ class _PlannedAttention(torch.nn.Module):
             v = merge_heads_reference(v, groups, maps["value_down"].to(v.dtype))
             q = torch.einsum("bhsd,hde->bhse", q, query_maps.to(q.dtype))
         keys, values = k.index_select(1, owner), v.index_select(1, owner)  # one KV head per query head
-        scores = q @ keys.transpose(-1, -2)
-        if self.kept is not None:
-            scores = self._decode_scores(scores, q, keys, owner)
-        out = masked_softmax_attention(scores * scale, values, mask, is_causal)
+        # the (S, T) scores are recomputed in the backward pass rather than kept for it: a layer then
+        # holds its q, k, v, and chunks as long as the contexts evaluated fit
+        out = torch.utils.checkpoint.checkpoint(self._attend, q, keys, values, owner, mask, scale, is_causal,
+                                                use_reentrant=False)
         if self.maps is not None:
             out = torch.einsum("bhse,hed->bhsd", out, output_maps.to(out.dtype))
         return out
+
+    def _attend(self, q, keys, values, owner, mask, scale: float, is_causal: bool):
+        scores = q @ keys.transpose(-1, -2)
+        if self.kept is not None:
+            scores = self._decode_scores(scores, q, keys, owner)
+        return masked_softmax_attention(scores * scale, values, mask, is_causal)
 
     def _decode_scores(self, scores, q, keys, owner):
         """Scores of the decode call's queries (the chunk past the prompt): middle keys (all keys
