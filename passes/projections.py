@@ -99,7 +99,7 @@ def swap_parameter(gm: torch.fx.GraphModule, linear: torch.fx.Node, index: int, 
     old = linear.args[index].target
     origins = gm.meta.setdefault(_ORIGINS_KEY, {})
     origin = origins.get(old, old.removeprefix(USER_MODEL_PREFIX))
-    name = f"{prefix}_{origin.replace('.', '_')}"
+    name = f"{prefix}_{(USER_MODEL_PREFIX + origin).replace('.', '_')}"
     linear.update_arg(index, add_constant(gm, name, tensor.detach()))
     origins[name] = origin
     gm.meta.setdefault(REPLACED_PARAMETERS_KEY, {})[origin] = getattr(gm, name)
