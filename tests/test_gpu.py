@@ -169,3 +169,15 @@ def test_transformers_generate_on_the_static_cache_with_cuda_graphs():
         del model.forward
         torch._dynamo.reset()
     assert torch.equal(got, want)
+
+
+def test_a_plan_with_updates_on_the_cpu_updates_a_model_on_cuda():
+    from tests.test_update_projections import random_updates
+
+    model = make_tiny_model("llama")
+    plan = PRUNE.with_updates(random_updates(model, [0, 1]))  # its factors stay on the CPU
+    prompt = _prompt(2)
+    with torch.no_grad():
+        want = kvcompile.transform(model, plan)(prompt).logits
+        got = kvcompile.transform(model.cuda(), plan)(prompt.cuda()).logits
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
