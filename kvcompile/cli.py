@@ -203,18 +203,18 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 def _healing_options(parser, prefix: str, steps: int | None) -> None:
     """heal()'s settings, as `kvcompile heal` names them (--steps, ...) and `calibrate` (--heal-steps, ...)."""
-    parser.add_argument(f"{prefix}steps", dest="heal_steps", type=_positive_int, default=steps,
+    parser.add_argument(f"{prefix}steps", dest="heal_steps", metavar="N", type=_positive_int, default=steps,
                         help="AdamW steps" + (f" (default {steps})" if steps else " (default: no healing; train on a GPU)"))
-    parser.add_argument(f"{prefix}lr", dest="heal_lr", type=_positive_float, default=1e-3, help="(default 1e-3)")
-    parser.add_argument(f"{prefix}rank", dest="heal_rank", type=_positive_or_zero_int, default=16,
+    parser.add_argument(f"{prefix}lr", dest="heal_lr", metavar="LR", type=_positive_float, default=1e-3, help="(default 1e-3)")
+    parser.add_argument(f"{prefix}rank", dest="heal_rank", metavar="R", type=_positive_or_zero_int, default=16,
                         help="rank of the projection updates of the layers the plan touches; 0: merge maps only "
                              "(default 16)")
-    parser.add_argument(f"{prefix}batch-size", dest="heal_batch_size", type=_positive_int, default=8,
+    parser.add_argument(f"{prefix}batch-size", dest="heal_batch_size", metavar="N", type=_positive_int, default=8,
                         help="chunks of calibration text a step (default 8)")
-    parser.add_argument(f"{prefix}chunk-tokens", dest="heal_chunk_tokens", type=_positive_int,
+    parser.add_argument(f"{prefix}chunk-tokens", dest="heal_chunk_tokens", metavar="TOKENS", type=_positive_int,
                         help="tokens a chunk (a plan that prunes K channels decodes its second half; default 512, or "
                              "4 x (sink + recent + buffer) for a windowed one)")
-    parser.add_argument(f"{prefix}seed", dest="heal_seed", type=_positive_or_zero_int, default=0,
+    parser.add_argument(f"{prefix}seed", dest="heal_seed", metavar="SEED", type=_positive_or_zero_int, default=0,
                         help="the order of the text's chunks and the updates' start (default 0)")
 
 
