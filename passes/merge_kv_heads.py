@@ -29,7 +29,7 @@ from kvcompile.plan import LayerMerge, Plan
 from kvcompile.rope import RopeLayout, apply_rope
 
 from .graph import PassError, add_constant, require_canonical
-from .projections import fetch, head_segments, swap_parameter
+from .projections import fetch, head_segments, head_sources, swap_parameter
 from .sites import LAYOUT_OPS, AttentionSite, find_attention_sites
 
 aten = torch.ops.aten
@@ -135,16 +135,11 @@ class _LayerMerger:
 
         `new_rows[part]` maps that part's old rows to its new ones; parts not named keep theirs.
         """
-        site = self.site
-        parts = {
-            "query": (site.q_proj, site.query_pre_rope),
-            "key": (site.k_proj, site.key_pre_rope),
-            "value": (site.v_proj, site.new_value),
-        }
+        sources = head_sources(self.site)
         for part in new_rows:
-            self._check_foldable(*parts[part], part)
-            self._free_head_counts(*parts[part])
-        segments = head_segments(self.gm, site)
+            self._check_foldable(*sources[part], part)
+            self._free_head_counts(*sources[part])
+        segments = head_segments(self.gm, self.site)
         # In q, k, v order (a set's order follows node ids and would reorder the parameters each run).
         for linear in dict.fromkeys(segment.linear for segment in segments.values()):
             parts = sorted((p for p in segments if segments[p].linear is linear), key=lambda p: segments[p].start)

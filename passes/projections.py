@@ -44,11 +44,16 @@ def segment(gm: torch.fx.GraphModule, linear: torch.fx.Node, source: torch.fx.No
     return Segment(linear, None, 0, out_features)
 
 
+def head_sources(site: AttentionSite) -> dict[str, tuple[torch.fx.Node, torch.fx.Node]]:
+    """(linear layer, the heads it yields before RoPE) of the query, key and value projections, by
+    the plan's PROJECTIONS names."""
+    return {"query": (site.q_proj, site.query_pre_rope), "key": (site.k_proj, site.key_pre_rope),
+            "value": (site.v_proj, site.new_value)}
+
+
 def head_segments(gm: torch.fx.GraphModule, site: AttentionSite) -> dict[str, Segment]:
-    """The query, key and value projections' segments (the plan's PROJECTIONS names)."""
-    return {"query": segment(gm, site.q_proj, site.query_pre_rope),
-            "key": segment(gm, site.k_proj, site.key_pre_rope),
-            "value": segment(gm, site.v_proj, site.new_value)}
+    """The query, key and value projections' segments."""
+    return {name: segment(gm, linear, source) for name, (linear, source) in head_sources(site).items()}
 
 
 @dataclass
@@ -59,6 +64,12 @@ class ProjectionWeight:
     linear: torch.fx.Node
     parts: dict[str, tuple[int, int]]
     columns: bool
+
+    def part_shapes(self, weight: torch.Tensor) -> dict[str, tuple[int, int]]:
+        """(out, in) of each projection's share of `weight`: the shape its delta has."""
+        rows, columns = weight.shape
+        return {name: (rows, end - start) if self.columns else (end - start, columns)
+                for name, (start, end) in self.parts.items()}
 
     def with_deltas(self, weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
         """`weight` with `deltas[name]` added to the rows (columns) of each projection named."""

@@ -24,11 +24,10 @@ def update_projections(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphMo
             if not deltas:
                 continue
             tensor = fetch(gm, weight.linear.args[1].target)
+            shapes = weight.part_shapes(tensor)
             for name, delta in deltas.items():
-                start, end = weight.parts[name]
-                want = (tensor.shape[0], end - start) if weight.columns else (end - start, tensor.shape[1])
-                if tuple(delta.shape) != want:
+                if tuple(delta.shape) != shapes[name]:
                     raise PassError(f"layer {site.layer} ({site.module_path}), field updates: the {name} update is "
-                                    f"{tuple(delta.shape)}, the model's {name} projection weight {want}")
+                                    f"{tuple(delta.shape)}, the model's {name} projection weight {shapes[name]}")
             swap_parameter(gm, weight.linear, 1, weight.with_deltas(tensor, deltas), "updated")
     return gm

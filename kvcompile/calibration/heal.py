@@ -285,11 +285,8 @@ class _Student:
             if site.layer not in touched:
                 continue
             weights = projection_weights(gm, site)
-            sizes = {}
-            for weight in weights:
-                rows, columns = fetch(gm, weight.linear.args[1].target).shape
-                for name, (start, end) in weight.parts.items():
-                    sizes[name] = (rows, end - start) if weight.columns else (end - start, columns)
+            sizes = {name: shape for weight in weights
+                     for name, shape in weight.part_shapes(fetch(gm, weight.linear.args[1].target)).items()}
             start = self.plan.updates.get(site.layer)
             names = PROJECTIONS if rank else list(start.factors)
             updates = self.updates[site.layer] = _ProjectionUpdates(
