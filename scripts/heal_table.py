@@ -43,6 +43,10 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, help="tokens a chunk (default: heal's)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--ppl-windows", type=int, default=2, help="perplexity windows per length")
+    parser.add_argument("--score-last", type=int, default=32, help="scored tokens at the end of each window")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="PLAN",
+                        help="more rows: saved plan directories or built-in names (e.g. an earlier healing)")
     parser.add_argument("--tasks", nargs="+", default=["passkey"])
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +92,10 @@ def main() -> None:
     methods = [evaluate.Method("dense")]
     for name in args.plans:
         methods += [evaluate.Method(name, unhealed[name]), evaluate.Method(f"{name} healed", healed[name])]
-    settings = evaluate.EvalSettings(lengths=tuple(args.lengths), samples=args.samples, tasks=tuple(args.tasks))
+    methods += [evaluate.Method(spec, kvcompile.Plan.load(spec) if Path(spec).exists() else kvcompile.Plan.load_builtin(spec))
+                for spec in args.compare]
+    settings = evaluate.EvalSettings(lengths=tuple(args.lengths), samples=args.samples, tasks=tuple(args.tasks),
+                                     ppl_windows=args.ppl_windows, score_last=args.score_last)
     partial = lambda report: (args.out / "heal.json").write_text(json.dumps(report, indent=2) + "\n")
     report = evaluate.evaluate(model, tokenizer, methods, settings, model_name=DEFAULT_MODEL_NAME, program=program,
                                on_method=partial)
