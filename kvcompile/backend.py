@@ -30,7 +30,7 @@ import kvcompile.kernels  # noqa: F401  (registers the ops the rewritten graphs 
 from .passes.cache_sites import cache_site_plans
 from .pipeline import HF_GRAPH, run_stage
 from .plan import Plan, PlanError
-from .static_cache import check_compilable, plan_of_cache
+from .static_cache import plan_of_cache
 
 BACKEND_NAME = "kvcompile"
 ENTRY_POINT_GROUP = "torch_dynamo_backends"
@@ -54,7 +54,6 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
             "past_key_values=kvcompile.cache_for(model, plan, ...), got "
             f"{type(plan).__name__ if plan is not None else 'no plan'}"
         )
-    check_compilable(plan)
     gm = run_stage(HF_GRAPH, gm, plan)
     if not use_inductor:
         return gm.forward

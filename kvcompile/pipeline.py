@@ -34,6 +34,7 @@ from .passes import (
     prune_k_channels_decode,
     prune_k_channels_prefill,
     update_projections,
+    update_projections_at_cache_sites,
     write_cache_in_place,
 )
 from .plan import Plan
@@ -58,8 +59,9 @@ IN_PLACE = PhaseStages(PREFILL + (attend_with_prefill_mask,), DECODE + (write_ca
 # ONNX export: the runtime's decode, its cache writes returned (onnxruntime binds them to the inputs' memory).
 CACHE_WRITES_AS_OUTPUTS = (cache_writes_as_outputs,)
 # The torch.compile backend, on the torch-level graphs dynamo captures from a transformers forward:
-# sites on a StaticCompressedCache, then attention on transformers' own cache.
-HF_GRAPH = (lower_cache_sites, plan_attention_in_hf_graph)
+# sites on a StaticCompressedCache (the plan's projection updates, then its cache and attention),
+# then attention on transformers' own cache.
+HF_GRAPH = (update_projections_at_cache_sites, lower_cache_sites, plan_attention_in_hf_graph)
 
 
 @dataclass

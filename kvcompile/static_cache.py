@@ -37,7 +37,7 @@ import kvcompile.kernels  # noqa: F401  (registers kvcompile::cache_site)
 from kvcompile.passes.cache_sites import site_constants, window_ring, windowed_layer
 
 from .layout import FULL, MIDDLE, RING, WINDOW, entry_region, layer_entries
-from .plan import ModelShape, Plan, PlanError
+from .plan import ModelShape, Plan
 
 
 class StaticCompressedLayer(CacheLayerMixin):
@@ -213,18 +213,9 @@ def cache_for(model: torch.nn.Module, plan: Plan, *, batch_size: int, max_cache_
     from .runtime import checked_model_shape
 
     shape = checked_model_shape(model, plan)
-    check_compilable(plan)
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     param = next(model.parameters())
     return StaticCompressedCache(plan, shape, batch_size, max_cache_len, param.dtype, param.device)
 
-
-def check_compilable(plan: Plan) -> None:
-    """Refuse what the torch.compile backend does not run: it computes with the model's own
-    projection weights, so a plan updating them (a healed plan) runs through `transform`."""
-    if plan.updates:
-        raise PlanError(f"field updates: the plan updates the attention projections of layers {sorted(plan.updates)} "
-                        "(a healed plan), and the torch.compile backend runs the model's own weights: use "
-                        "kvcompile.transform(model, plan), or save a healed commute merge with save_pretrained")

@@ -1,6 +1,7 @@
 """Graph passes over captured explicit-cache programs. Each module holds one pass; `graph` holds
 what they share, `manager` runs them. kvcompile/pipeline.py says which run in which order."""
 
+from .cache_site_updates import update_projections_at_cache_sites
 from .cache_sites import lower_cache_sites
 from .cache_writes_as_outputs import cache_writes_as_outputs
 from .cache_encoder import NotEncodable, extract_cache_encoder
@@ -35,5 +36,6 @@ __all__ = [
     "prune_k_channels_decode",
     "prune_k_channels_prefill",
     "update_projections",
+    "update_projections_at_cache_sites",
     "write_cache_in_place",
 ]

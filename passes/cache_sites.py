@@ -74,12 +74,14 @@ def windowed_layer(plan: Plan, layer: int) -> bool:
 def site_constant_names(plan: Plan, layer: int) -> list[str]:
     """The tensors a layer's lowered site reads besides its entries, in the order its cache passes
     them: every head and channel (for entries written whole), kept-channel indices per width group,
-    a windowed layer's middle value heads, a merge's maps."""
+    a windowed layer's middle value heads, a merge's maps, the factors of its projection updates
+    (cache_site_updates.py)."""
     names = ["all_heads", "all_channels"]
     for group in k_groups(plan, layer) if layer in plan.k_channels else ():
         names += [f"heads.w{group.width}", f"channels.w{group.width}"]
     names += ["value_heads"] if windowed_layer(plan, layer) else []
-    return names + list(_MERGE_CONSTANTS if layer in plan.merges else ())
+    names += list(_MERGE_CONSTANTS if layer in plan.merges else ())
+    return names + [f"update.{name}" for name in (plan.updates[layer].tensors() if layer in plan.updates else ())]
 
 
 def site_constants(plan: Plan, layer: int, shape: ModelShape, dtype: torch.dtype,
@@ -107,6 +109,8 @@ def site_constants(plan: Plan, layer: int, shape: ModelShape, dtype: torch.dtype
             output_order=torch.tensor(order, dtype=torch.int64).argsort(),
             output_up=torch.stack([head_up(merge, merge.value_up, j // per_kv, d) for j in range(shape.num_heads)]),
         )
+    if layer in plan.updates:
+        constants.update({f"update.{name}": factor for name, factor in plan.updates[layer].tensors().items()})
     assert list(constants) == site_constant_names(plan, layer)
     return {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
             for name, t in constants.items()}

@@ -15,7 +15,8 @@ dense, as LeanK prefills.
 
 HF's cache keeps the model's layout (full-width keys of every head), so on it this pass changes what
 attention computes, never what the cache holds: the plan's outputs without its memory. That rules
-out plans that merge heads or keep windows, which need the compressed cache.
+out plans that merge heads or keep windows, which need the compressed cache, and plans that update
+projections, whose factors the compressed cache carries (cache_site_updates.py).
 
 The plan is checked by `Plan.validate` against the shape the graph shows (layers, heads, head dim);
 the graph does not say which model type it came from.
@@ -78,6 +79,12 @@ def check_plan_for_hf_graphs(plan: Plan) -> None:
         raise PlanError(
             f"fields sink={plan.sink}, recent={plan.recent}: windowed plans need the cache regions of "
             "kvcompile.transform(model, plan); the torch.compile backend takes plans without windows"
+        )
+    if plan.updates:
+        raise PlanError(
+            f"field updates: the plan updates the attention projections of layers {sorted(plan.updates)} (a healed "
+            "plan), whose factors ride on the compressed cache: pass past_key_values=kvcompile.cache_for(model, plan, "
+            "batch_size=..., max_cache_len=...)"
         )
 
 

@@ -9,6 +9,7 @@ from kvcompile import Plan
 from kvcompile.capture import CACHE_NAME
 from kvcompile.plan import LayerMerge
 from tests.masked_reference import decode, masked_reference_decode
+from tests.test_update_projections import random_updates
 from tests.tiny_models import ARCHITECTURES, make_tiny_model, slow_unless
 
 STEPS = 12
@@ -131,6 +132,8 @@ def _merge_both_heads():
         (Plan.from_k_channels({5: [[0], [1]]}), "plan layer 5: model has 2 layers (0..1)"),
         (PRUNE.with_windows(sink=4, recent=8), "fields sink=4, recent=8"),
         (PRUNE.with_merges({0: _merge_both_heads()}), "field merges"),
+        (PRUNE.with_updates(random_updates(make_tiny_model("llama"), [1])),
+         "field updates: the plan updates the attention projections of layers [1]"),
     ],
 )
 def test_bad_plans_are_named(plan, message):

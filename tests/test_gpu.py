@@ -111,8 +111,13 @@ def _assert_as_close_as_the_runtime(got, want, fp32_truth):
 def _plan(kind: str) -> kvcompile.Plan:
     from tests.test_padded_batches import K_CHANNELS
 
-    windows = {"sink": 2, "recent": 4, "buffer": 4} if kind == "windowed" else {}
-    return kvcompile.Plan.from_k_channels(K_CHANNELS, **windows)
+    from tests.test_update_projections import random_updates
+
+    windows = {"sink": 2, "recent": 4, "buffer": 4} if kind in ("windowed", "healed") else {}
+    plan = kvcompile.Plan.from_k_channels(K_CHANNELS, **windows)
+    if kind == "healed":  # the factors stay on the CPU: the cache moves them to the model's device
+        plan = plan.with_updates(random_updates(make_tiny_model("llama", num_layers=3), range(3), rank=2))
+    return plan
 
 
 def _forced_logits(tm, ids, mask, tokens):
@@ -125,7 +130,7 @@ def _forced_logits(tm, ids, mask, tokens):
     return torch.stack(history, dim=1), out.past_key_values
 
 
-@pytest.mark.parametrize("kind", ["pruned", "windowed"])
+@pytest.mark.parametrize("kind", ["pruned", "windowed", "healed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, dtype):
     """torch.compile(backend="kvcompile", mode="reduce-overhead") on kvcompile.cache_for: the Triton

@@ -149,16 +149,6 @@ def test_bad_updates_are_refused_by_layer_and_field():
         kvcompile.transform(model, plan.with_updates({1: LayerUpdate({"key": (b, a[:, :10])})}))
 
 
-def test_the_compile_backend_refuses_a_plan_with_updates():
-    model = make_tiny_model("llama")
-    plan = _k_plan(model).with_updates(random_updates(model, [0]))
-    with pytest.raises(PlanError, match="field updates: .*kvcompile.transform"):
-        kvcompile.cache_for(model, plan, batch_size=1, max_cache_len=32)
-    compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": False})
-    with pytest.raises(Exception, match="field updates"):
-        compiled(PROMPT)
-
-
 def test_a_plan_stored_in_bfloat16_updates_float32_weights_in_float32(tmp_path):
     model = make_tiny_model("llama")
     merged = calibrate(model, Recipe(kv_group_size=2, rope="commute"), CHUNKS, progress=False)
