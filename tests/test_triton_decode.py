@@ -166,6 +166,16 @@ def test_default_splits(group_size):
     _assert_fp32_close(_pruned_triton(x), _pruned_reference(x))
 
 
+def test_a_combine_in_several_rounds(monkeypatch):
+    # two slots a round (the device's default takes up to 32 of batch 1's slots a round): five
+    # splits combine in three rounds, the last one partial
+    monkeypatch.setattr(triton_decode, "_COMBINE_ELEMENTS", 2 * 4 * D)  # slots x query heads (3 -> 4) x D
+    x = _to(_windowed_inputs(PLANS["mixed"], 3, 2, 33, 90))
+    _assert_fp32_close(_windowed_triton(x, block_tokens=16, splits=5), _windowed_reference(x))
+    x = _to(_pruned_inputs(PLANS["no-streaming"], 3, 2, 95))
+    _assert_fp32_close(_pruned_triton(x, block_tokens=16, splits=5), _pruned_reference(x))
+
+
 def test_strided_inputs_and_other_value_dim():
     # every input a strided view of a larger buffer (as a fused qkv projection or a preallocated
     # cache would give), and a value head dim other than the key's
