@@ -70,15 +70,7 @@ def _add_low_rank_branches(graph: torch.fx.Graph, linear: torch.fx.Node, parts) 
 def _projection_behind(heads: torch.fx.Node, layer: int, name: str, rows: int):
     """(the linear layer `heads` come from, its output rows [start, end) that hold them, or None
     when they are the whole output): the nearest linear layer on every path back from `heads`."""
-    found, seen, queue = {}, {heads}, deque([heads])
-    while queue:
-        node = queue.popleft()
-        for source in node.all_input_nodes:
-            if _is_linear(source):
-                found[source] = node  # the node that reads it, on the way to `heads`
-            elif source not in seen:
-                seen.add(source)
-                queue.append(source)
+    found = _nearest_linear_layers(heads, lambda node: node.all_input_nodes)
     if len(found) != 1:
         raise PlanError(f"layer {layer}, field updates: the {name} heads come from {len(found)} linear layers in the "
                         "graph dynamo captured, not one: kvcompile cannot tell which projection the update is of")
@@ -111,19 +103,23 @@ def _sliced_rows(reader: torch.fx.Node, linear: torch.fx.Node, out_features: int
 
 def _output_projection(site: CacheSite) -> torch.fx.Node:
     """The nearest linear layer on every path on from the site's attention: its output projection."""
-    found, seen, queue = set(), {site.attention}, deque([site.attention])
-    while queue:
-        for user in queue.popleft().users:
-            if _is_linear(user):
-                found.add(user)
-            elif user not in seen:
-                seen.add(user)
-                queue.append(user)
+    found = _nearest_linear_layers(site.attention, lambda node: node.users)
     if len(found) != 1:
         raise PlanError(f"layer {site.layer}, field updates: the attention's output reaches {len(found)} linear layers "
                         "in the graph dynamo captured, not one: kvcompile cannot tell which is the output projection")
-    return found.pop()
+    return next(iter(found))
 
 
-def _is_linear(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _LINEAR
+def _nearest_linear_layers(start: torch.fx.Node, neighbours) -> dict[torch.fx.Node, torch.fx.Node]:
+    """The linear layers first met on each path from `start` through `neighbours` (a node's inputs,
+    or its users), each with the node it was met from."""
+    found, seen, queue = {}, {start}, deque([start])
+    while queue:
+        node = queue.popleft()
+        for other in neighbours(node):
+            if other.op == "call_function" and other.target in _LINEAR:
+                found[other] = node
+            elif other not in seen:
+                seen.add(other)
+                queue.append(other)
+    return found
