@@ -95,12 +95,14 @@ def test_leank_plan_decodes_a_tokenizers_padded_batch_like_each_prompt_alone(smo
         torch.testing.assert_close(out.logits[i, -1], tm(alone).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_leank_plan_through_the_backend_and_generate_on_smollm2(smollm2):
-    """The shipped windowed plan on its compressed transformers cache: transformers' generate of a
-    left-padded batch of real text under the kvcompile backend gives transform's tokens, and the cache
-    holds the plan's bytes for each row's own length."""
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct/leank-k50", "smollm2-135m-instruct/leank-k70-healed",
+                                  "smollm2-135m-instruct/commute-3to2-healed"])
+def test_shipped_plans_through_the_backend_and_generate_on_smollm2(smollm2, name):
+    """The shipped windowed and healed plans on their compressed transformers cache: transformers'
+    generate of a left-padded batch of real text under the kvcompile backend gives transform's
+    tokens, and the cache holds the plan's bytes for each row's own length."""
     model, tokenizer = smollm2
-    plan = kvcompile.Plan.load_builtin("smollm2-135m-instruct/leank-k50")
+    plan = kvcompile.Plan.load_builtin(name)
     ids = tokenizer(evaluation_text()[:12000]).input_ids
     rows = [ids[:300], ids[1000:1444], ids[2000:2452]]
     tokenizer.padding_side = "left"
