@@ -216,12 +216,18 @@ def _healing_options(parser, prefix: str, steps: int | None) -> None:
                              "4 x (sink + recent + buffer) for a windowed one)")
     parser.add_argument(f"{prefix}seed", dest="heal_seed", metavar="SEED", type=_positive_or_zero_int, default=0,
                         help="the order of the text's chunks and the updates' start (default 0)")
+    parser.add_argument(f"{prefix}tasks", dest="heal_tasks", metavar="TASK", nargs="+", default=[],
+                        choices=evaluate.tasks.TASKS, help="also distill on retrieval prompts of these tasks, scored "
+                        f"at their answers ({', '.join(evaluate.tasks.TASKS)}; default none)")
+    parser.add_argument(f"{prefix}task-share", dest="heal_task_share", metavar="SHARE", type=_fraction, default=0.25,
+                        help="share of the chunks that are retrieval prompts, with tasks (default 0.25)")
 
 
 def _heal(args: argparse.Namespace, model, tokenizer, plan: Plan, checkpoint: Path) -> Plan:
     return heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
                 rank=args.heal_rank, batch_size=args.heal_batch_size, chunk_tokens=args.heal_chunk_tokens,
-                seed=args.heal_seed, checkpoint_dir=checkpoint, progress=args.progress)
+                seed=args.heal_seed, tasks=args.heal_tasks, task_share=args.heal_task_share, checkpoint_dir=checkpoint,
+                progress=args.progress)
 
 
 def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:

@@ -95,11 +95,13 @@ def test_heal_a_saved_k_channel_plan(monkeypatch, tiny_model, byte_tokenizer, ca
     assert cli.main(["calibrate", str(tmp_path / "pruned"), "--k-sparsity", "0.5", "--align", "4", "--calib-tokens", "512",
                      "--device", "cpu", "--no-progress"]) == 0
     assert cli.main(["heal", str(tmp_path / "pruned"), str(tmp_path / "healed"), "--steps", "2", "--rank", "4",
-                     "--batch-size", "2", "--chunk-tokens", "64", "--device", "cpu", "--no-progress"]) == 0
+                     "--batch-size", "2", "--chunk-tokens", "384", "--tasks", "passkey", "--task-share", "0.5",
+                     "--device", "cpu", "--no-progress"]) == 0
     pruned, healed = Plan.load(tmp_path / "pruned"), Plan.load(tmp_path / "healed")
     assert healed.k_channels == pruned.k_channels and sorted(healed.updates) == sorted(pruned.k_channels)
     record = healed.meta["heal"]
-    assert (record["rank"], record["batch_size"], record["chunk_tokens"]) == (4, 2, 64)
+    assert (record["rank"], record["batch_size"], record["chunk_tokens"]) == (4, 2, 384)
+    assert (record["tasks"], record["task_share"]) == (["passkey"], 0.5)
     assert f"healed from {pruned.fingerprint()}" in capsys.readouterr().err
     assert (tmp_path / "healed" / "checkpoint" / "state.json").is_file()
 

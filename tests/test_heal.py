@@ -2,6 +2,8 @@
 removes on held-out text, the student against the compiled programs, the user's model untouched,
 resuming, the plain checkpoint of a healed commute merge, and bad inputs."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -182,6 +184,11 @@ def other_models_plan(tokenizer):
         (dict(rank=-1), RecipeError, "rank must be a non-negative int"),
         (dict(batch_size=0), RecipeError, "batch_size must be a positive int"),
         (dict(plan="other model"), kvcompile.PlanError, "made for another model"),
+        (dict(tasks=["needle"]), RecipeError, r"unknown tasks \['needle'\]"),
+        (dict(tasks=["passkey"], task_share=1.0), RecipeError, r"task_share must be a share of the chunks in \(0, 1\)"),
+        (dict(tasks=["passkey"], texts=[torch.randint(0, 256, (1, 128))]), RecipeError,
+         "tasks build retrieval prompts from string texts"),
+        (dict(tasks=["passkey"]), RecipeError, "tasks need longer chunks than chunk_tokens=128"),
     ],
 )
 def test_bad_inputs_are_clear_errors(model, tokenizer, merged, other_models_plan, change, error, message):
@@ -239,3 +246,41 @@ def test_the_student_of_a_plan_with_some_updates_is_what_transform_runs(model, m
     with torch.no_grad():
         transformed = kvcompile.transform(model, plan, program=captured)(ids).logits
     torch.testing.assert_close(_student_logits(model, plan, ids, 40), transformed, atol=1e-4, rtol=0)
+
+
+def test_retrieval_prompts_join_at_their_share_and_are_scored_at_their_answers(model, tokenizer, merged, captured):
+    from kvcompile.evaluation.tasks import make_samples
+
+    settings = dict(steps=6, lr=1e-2, rank=4, batch_size=4, chunk_tokens=384, tasks=("passkey",), progress=False)
+    plan_settings = healing._Settings(6, 1e-2, 0, 0.1, 384, 2048, 4, 4, ("passkey",), 0.25)
+    chunks = healing.task_chunks(plan_settings, tokenizer, TRAINING_TEXT[0])
+    samples = make_samples("passkey", tokenizer, 384, 6, 0, haystack_text=TRAINING_TEXT[0])
+    assert len(chunks) == 6  # a quarter of 24 draws, each its own prompt
+    for chunk, sample in zip(chunks, samples):
+        answer = sample.answer_ids(tokenizer)
+        assert torch.equal(chunk.ids, torch.cat([sample.prompt_ids, answer], dim=1)[:, -384:])
+        assert chunk.scored_tail == answer.shape[1] + 1
+
+    text = [healing._Chunk(torch.zeros(1, 8, dtype=torch.long)) for _ in range(5)]
+    order = healing._chunk_order(text + chunks, plan_settings)
+    assert [draw for draw, i in enumerate(order) if i >= len(text)] == [3, 7, 11, 15, 19, 23]
+    assert sorted(i for i in order if i >= len(text)) == list(range(5, 11))
+    without_tasks = healing._chunk_order(text, healing._Settings(6, 1e-2, 0, 0.1, 384, 2048, 4, 4))
+    assert [i for i in order if i < len(text)] == without_tasks[:18]  # text draws as a run without tasks
+
+    healed = kvcompile.heal(model, merged, TRAINING_TEXT, tokenizer=tokenizer, program=captured, **settings)
+    record = healed.meta["heal"]
+    assert record["tasks"] == ["passkey"] and record["task_share"] == 0.25
+    assert math.isfinite(record["final_loss"]) and healed.fingerprint() != merged.fingerprint()
+
+
+def test_a_scored_loss_averages_each_rows_scored_positions():
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(3, 5, 7, generator=generator), torch.randn(3, 5, 7, generator=generator)
+    scored = torch.tensor([[True] * 5, [False, False, False, True, True], [False, False, False, False, True]])
+    per_position = torch.stack([healing.distillation_loss(teacher[:, j], student[:, j]) for j in range(5)])
+    rows = [torch.stack([healing.distillation_loss(teacher[b, j], student[b, j]) for j in range(5) if scored[b, j]])
+            for b in range(3)]
+    want = torch.stack([row.mean() for row in rows]).mean()
+    torch.testing.assert_close(healing.distillation_loss(teacher, student, scored), want)
+    torch.testing.assert_close(healing.distillation_loss(teacher, student), per_position.mean())

@@ -26,6 +26,11 @@ call (middle keys scored with the kept channels, streaming heads blind to them, 
 channels the whole chunk is the prompt. tests/test_heal.py checks the healed plan's `transform`
 logits against this student.
 
+With `tasks`, a share of the chunks are retrieval prompts (evaluation/tasks.py's, their haystack
+cut from the calibration text) ending in their ideal answers, and such a chunk is scored on its
+answer alone: KL over prose is mostly about the next word, and a plan can keep that while losing
+the long-range lookups a retrieval answer needs (LeanK trains its masks on the same prompts).
+
 Deterministic from `seed` (the order of the chunks and the updates' `a` factors; the maps start
 from the plan's) on one device, and resumable: with `checkpoint_dir`, the trained tensors and
 AdamW's moments are saved every `checkpoint_every` steps (training.py) and a run with the same
@@ -77,6 +82,21 @@ class _Settings:
     calib_tokens: int
     rank: int
     batch_size: int
+    tasks: tuple[str, ...] = ()
+    task_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Token ids (1, n) the student and the teacher read, and how many of its last positions the
+    loss scores (None: every position; a retrieval prompt: the positions predicting its answer)."""
+
+    ids: torch.Tensor
+    scored_tail: int | None = None
+
+    def cut(self, length: int) -> torch.Tensor:
+        """`length` tokens of it: the first ones, or for a chunk scored at its tail the last ones."""
+        return self.ids[:, :length] if self.scored_tail is None else self.ids[:, -length:]
 
 
 def heal(
@@ -93,6 +113,8 @@ def heal(
     calib_tokens: int = 65536,
     rank: int = 16,
     batch_size: int = 1,
+    tasks: Sequence[str] = (),
+    task_share: float = 0.25,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
@@ -105,7 +127,9 @@ def heal(
     chunks of `chunk_tokens`, `calib_tokens` in all; or token-id tensors, each a chunk), `batch_size`
     chunks a step (cut to the shortest of them). `chunk_tokens` None: 512, or for a windowed plan that
     prunes K channels enough that each chunk's decode half reads a pruned middle
-    (`default_chunk_tokens`).
+    (`default_chunk_tokens`). `tasks` (names of evaluation/tasks.py's TASKS, with string texts):
+    `task_share` of the chunks a step draws are retrieval prompts of `chunk_tokens` tokens ending in
+    their answers, scored at the answer (see the module docstring).
 
     `model` is not modified. The result's meta records the healing (`meta["heal"]`: settings,
     calibration tokens, first and last step's KL). `checkpoint_dir`: save the run there every
@@ -113,7 +137,8 @@ def heal(
     `kvcompile.capture(model)`, saves tracing the model again.
     """
     chunk_tokens = default_chunk_tokens(plan) if chunk_tokens is None else chunk_tokens
-    settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens, rank, batch_size)
+    settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens, rank, batch_size,
+                         tuple(tasks), task_share if tasks else 0.0)
     _check_settings(settings, checkpoint_every)
     shape = checked_model_shape(model, plan)
     if not plan.merges and not rank:
@@ -126,8 +151,14 @@ def heal(
     chunks = calibration_chunks(texts, tokenizer, calib_tokens, chunk_tokens)
     if isinstance(texts[0], str):  # the text's short last chunk would cut every batch it joins
         chunks = [chunk for chunk in chunks if chunk.shape[1] == chunk_tokens] or chunks
-    check_token_ids(chunks, model.config.vocab_size)
-    _check_chunks_reach_the_middle(plan, chunks)
+    chunks = [_Chunk(chunk) for chunk in chunks]
+    if settings.tasks:
+        if not isinstance(texts[0], str) or tokenizer is None:
+            raise RecipeError("heal: tasks build retrieval prompts from string texts with tokenizer=; token-id chunks "
+                              "cannot say where an answer is")
+        chunks += task_chunks(settings, tokenizer, "\n\n".join(texts))
+    check_token_ids([chunk.ids for chunk in chunks], model.config.vocab_size)
+    _check_chunks_reach_the_middle(plan, [chunk.ids for chunk in chunks])
     captured = program_for(model, program, shape)
     canonical_program(captured, plan)  # the plan's own merge pass: a merge it cannot fold fails here, by layer
     trainer = _Trainer(canonical_program(captured, _DENSE), plan, shape, chunks, settings)
@@ -137,7 +168,8 @@ def heal(
                                             "settings": asdict(settings)})
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint)
     trainer.run(checkpoint, checkpoint_every, progress)
-    record = {**asdict(settings), "calibration_tokens": sum(chunk.numel() for chunk in chunks),
+    record = {**asdict(settings), "tasks": list(settings.tasks),  # as the saved plan's JSON reads back
+              "calibration_tokens": sum(chunk.ids.numel() for chunk in chunks),
               "initial_loss": trainer.initial_loss, "final_loss": trainer.final_loss, "healed_from": plan.fingerprint()}
     healed = plan.with_merges(trainer.student.healed_merges()).with_updates(trainer.student.healed_updates())
     return replace(healed, meta={**plan.meta, "heal": record})
@@ -179,6 +211,42 @@ def _check_settings(settings: _Settings, checkpoint_every: int) -> None:
         raise RecipeError(f"heal: seed must be an int, got {settings.seed!r}")
     if not is_count(settings.rank):
         raise RecipeError(f"heal: rank must be a non-negative int, got {settings.rank!r}")
+    from kvcompile.evaluation.tasks import TASKS
+
+    unknown = [task for task in settings.tasks if task not in TASKS]
+    if unknown:
+        raise RecipeError(f"heal: unknown tasks {unknown}; expected some of {list(TASKS)}")
+    if settings.tasks and not (isinstance(settings.task_share, (int, float)) and 0 < settings.task_share < 1):
+        raise RecipeError(f"heal: task_share must be a share of the chunks in (0, 1), got {settings.task_share!r}")
+
+
+def task_chunks(settings: _Settings, tokenizer, haystack_text: str) -> list[_Chunk]:
+    """A retrieval prompt for each chunk a step will draw from them (so none repeats), cycling over
+    the tasks: prompt and ideal answer, the last `chunk_tokens` tokens of them, scored on the answer
+    (the position before each answer token, and the one after the last)."""
+    from kvcompile.evaluation import tasks
+
+    draws = sum(_is_task_draw(i, settings.task_share) for i in range(settings.steps * settings.batch_size))
+    if not draws:  # a run too short for its share to reach one chunk
+        return []
+    per_task = math.ceil(draws / len(settings.tasks))
+    try:
+        samples = [tasks.make_samples(task, tokenizer, settings.chunk_tokens, per_task, settings.seed,
+                                      haystack_text=haystack_text) for task in settings.tasks]
+    except ValueError as error:
+        raise RecipeError(f"heal: tasks need longer chunks than chunk_tokens={settings.chunk_tokens} ({error})") from None
+    chunks = []
+    for sample in (by_task[i] for i in range(per_task) for by_task in samples):
+        answer = sample.answer_ids(tokenizer)
+        ids = torch.cat([sample.prompt_ids, answer], dim=1)[:, -settings.chunk_tokens:]
+        chunks.append(_Chunk(ids, scored_tail=answer.shape[1] + 1))
+    return chunks[:draws]
+
+
+def _is_task_draw(draw: int, share: float) -> bool:
+    """Whether chunk draw `draw` (counted over the whole run) takes a retrieval prompt: `share` of
+    the draws, spread evenly."""
+    return math.floor((draw + 1) * share) > math.floor(draw * share)
 
 
 # -- the student ----------------------------------------------------------------------------------
@@ -393,11 +461,16 @@ def _logits(program: torch.fx.GraphModule, shape: ModelShape, ids: torch.Tensor)
     return call_program(program, ids, positions, empty)[0]
 
 
-def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, averaged over positions (nats)."""
+def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                      scored: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions (nats): averaged over positions, or
+    with `scored` (B, S) bool, over each row's scored positions and then over rows."""
     teacher = teacher_logits.float().log_softmax(dim=-1)
     student = student_logits.float().log_softmax(dim=-1)
-    return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    if scored is None:
+        return kl.mean()
+    return ((kl * scored).sum(dim=-1) / scored.sum(dim=-1)).mean()
 
 
 def prompt_length(plan: Plan, chunk_length: int) -> int:
@@ -410,14 +483,14 @@ def prompt_length(plan: Plan, chunk_length: int) -> int:
 
 
 class _Trainer:
-    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, chunks: list[torch.Tensor],
+    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, chunks: list[_Chunk],
                  settings: _Settings):
         self.dense, self.plan, self.shape, self.settings = dense, plan, shape, settings
         self.student = _Student(dense, plan, shape, settings.rank, settings.seed)
         self.trained = self.student.parameters()
         self.device = self.student.device
         self.chunks = chunks
-        self.order = _chunk_order(len(chunks), settings.steps * settings.batch_size, settings.seed)
+        self.order = _chunk_order(chunks, settings)
         self.optimizer = torch.optim.AdamW(list(self.trained.values()), lr=settings.lr, weight_decay=0.0)
         self.step, self.initial_loss, self.final_loss = 0, None, None
 
@@ -443,12 +516,16 @@ class _Trainer:
             group["lr"] = self.settings.lr * warmup_decay(self.step, self.settings.steps, self.settings.warmup)
         size = self.settings.batch_size
         batch = [self.chunks[i] for i in self.order[self.step * size : (self.step + 1) * size]]
-        length = min(chunk.shape[1] for chunk in batch)
-        ids = torch.cat([chunk[:, :length] for chunk in batch]).to(self.device)
+        length = min(chunk.ids.shape[1] for chunk in batch)
+        ids = torch.cat([chunk.cut(length) for chunk in batch]).to(self.device)
+        scored = None
+        if any(chunk.scored_tail is not None for chunk in batch):
+            positions = torch.arange(length, device=self.device)
+            scored = torch.stack([positions >= length - (chunk.scored_tail or length) for chunk in batch])
         with torch.no_grad():
             teacher = _logits(self.dense, self.shape, ids)
         student = self.student.logits(ids, prompt_length(self.plan, ids.shape[1]))
-        loss = distillation_loss(teacher, student)
+        loss = distillation_loss(teacher, student, scored)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.trained.values()))  # the model's own weights get no gradient
         self.optimizer.step()
@@ -466,9 +543,24 @@ class _Trainer:
         self.step, (self.initial_loss, self.final_loss) = step, losses
 
 
-def _chunk_order(chunks: int, draws: int, seed: int) -> list[int]:
-    """The chunks the steps train on, in order: a fresh permutation of all chunks per pass over them,
-    drawn from `seed`, so a resumed run sees what the uninterrupted one does."""
-    generator = torch.Generator().manual_seed(seed)
-    passes = math.ceil(draws / chunks)
-    return torch.cat([torch.randperm(chunks, generator=generator) for _ in range(passes)])[:draws].tolist()
+def _chunk_order(chunks: list[_Chunk], settings: _Settings) -> list[int]:
+    """The chunks the steps train on, in order: retrieval prompts at the draws `_is_task_draw`
+    picks, text chunks at the others, each kind a fresh permutation of its chunks per pass over
+    them, drawn from the seed, so a resumed run sees what the uninterrupted one does."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    draws = settings.steps * settings.batch_size
+    is_task = [bool(settings.tasks) and _is_task_draw(i, settings.task_share) for i in range(draws)]
+    drawn = {}
+    for kind in (False, True):  # text first: a run without tasks draws what it always drew
+        indices = [i for i, chunk in enumerate(chunks) if (chunk.scored_tail is not None) == kind]
+        drawn[kind] = iter(_permutations(indices, is_task.count(kind), generator))
+    return [next(drawn[kind]) for kind in is_task]
+
+
+def _permutations(indices: list[int], count: int, generator: torch.Generator) -> list[int]:
+    """`count` of `indices`: a fresh permutation of all of them per pass."""
+    if not count:
+        return []
+    passes = math.ceil(count / len(indices))
+    order = torch.cat([torch.randperm(len(indices), generator=generator) for _ in range(passes)])[:count]
+    return [indices[j] for j in order.tolist()]

@@ -160,7 +160,7 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.training.lr * warmup_decay(self.step, steps, self.training.warmup)
         sample = self.samples[self.step % len(self.samples)]
-        answer = self.tokenizer(sample.ideal_answer, add_special_tokens=False, return_tensors="pt").input_ids
+        answer = sample.answer_ids(self.tokenizer)
         device = self.factors.device
         prompt, answer = sample.prompt_ids.to(device), answer.to(device)
         with torch.no_grad():

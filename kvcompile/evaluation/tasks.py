@@ -53,6 +53,10 @@ class Sample:
     ideal_answer: str  # a perfect reply's continuation of the prompt; training targets it
     max_new_tokens: int  # enough for the answer
 
+    def answer_ids(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """The ideal answer's token ids (1, n), as they follow the prompt."""
+        return tokenizer(self.ideal_answer, add_special_tokens=False, return_tensors="pt").input_ids
+
 
 @dataclass(frozen=True)
 class _Puzzle:
