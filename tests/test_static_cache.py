@@ -105,6 +105,7 @@ def test_a_healed_plan_through_inductor_matches_transform():
     for got, want in zip(got_logits, want_logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_tokens, want_tokens)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the prompt's and decode's
 
 
 def test_inductor_and_transformers_generate_with_a_padded_batch():
