@@ -4,6 +4,7 @@ asked length; the numbers themselves are a benchmark's, not a test's."""
 import pytest
 import torch
 
+import kvcompile
 from kvcompile import Plan, PlanError
 from kvcompile.benchmarks import throughput
 from tests.tiny_models import make_tiny_model
@@ -30,6 +31,32 @@ def test_every_method_decodes_and_the_report_compares_with_dense():
     assert report["byte_ideal_speedup"] == round(report["bytes_per_step"]["dense"] / report["bytes_per_step"]["transformed"], 3)
     assert "batch 2 x context 40" in throughput.format_row(report)
     torch._dynamo.reset()
+
+
+def test_a_healed_merge_decodes_too():
+    """A plan whose cache is no function of the dense model's (merged heads, projection updates) gets
+    its random cache in its own layout."""
+    from tests.test_static_cache import PLANS
+
+    torch._dynamo.reset()
+    plan = PLANS["healed-windowed-merged-post-pruned"]("llama")
+    report = throughput.run(make_tiny_model("llama"), plan, batch=2, context=40, steps=2, warmup=3, repeats=1,
+                            methods=("dense", "transformed", "compiled"))
+    assert not report["failed"] and set(report["tokens_per_s"]) == {"dense", "transformed", "compiled"}
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["windowed-merged-post-pruned", "merged-commute"])
+def test_the_random_compressed_cache_has_a_prefills_layout(kind):
+    from tests.test_static_cache import PLANS, _prompt
+
+    model, plan = make_tiny_model("llama"), PLANS[kind]("llama")
+    shape = throughput.ModelShape.from_config(model.config)
+    prefilled = kvcompile.transform(model, plan, cuda_graphs=False)(_prompt(batch=2, length=40), max_cache_len=50)
+    want = prefilled.past_key_values
+    got = throughput.random_compressed_cache(plan, shape, 2, 40, 50, torch.float32, torch.device("cpu"))
+    assert {name: t.shape for name, t in got.buffers.items()} == {name: t.shape for name, t in want.buffers.items()}
+    assert got.row_lengths == want.row_lengths == [40, 40] and got.nbytes == want.nbytes
 
 
 def test_plan_is_checked_against_the_model_first():

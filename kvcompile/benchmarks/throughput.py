@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
+from kvcompile.cache import CompressedKVCache
 from kvcompile.capture import CACHE_NAME, capture, dynamic_cache_holding
+from kvcompile.layout import MIDDLE, entry_region, layer_entries
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.runtime import transform
 from kvcompile.static_cache import cache_for
@@ -82,6 +84,23 @@ def random_dense_cache(shape: ModelShape, batch: int, context: int, dtype, devic
          torch.randn(size, generator=generator, dtype=dtype, device=device))
         for _ in range(shape.num_layers)
     ]  # fmt: skip
+
+
+def random_compressed_cache(plan: Plan, shape: ModelShape, batch: int, context: int, capacity: int, dtype, device,
+                            seed: int = 0) -> CompressedKVCache:
+    """The runtime's cache under `plan` holding `context` standard-normal tokens per row, written as a
+    prefill writes its outputs (`CompressedKVCache.write_prompt`): the layout of any plan, merged heads
+    and healed projections included, whose caches are no function of a dense cache."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    present = {
+        name: torch.randn(batch, heads, context, width, generator=generator, dtype=dtype, device=device)
+        for layer in range(shape.num_layers)
+        for name, (heads, width) in layer_entries(plan, layer, shape).items()
+        if entry_region(plan, shape, name) != MIDDLE  # a windowed layer's middle: cut from its window's tokens
+    }
+    cache = CompressedKVCache(plan, shape)
+    cache.write_prompt(present, None, capacity)
+    return cache
 
 
 def _synchronize(device: torch.device) -> None:
@@ -173,17 +192,19 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
 def _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats,
                   captured) -> list[float]:  # fmt: skip
     capacity = context + warmup + steps * (STABILIZING_BLOCKS + repeats)
-    layers = random_dense_cache(shape, batch, context, dtype, device)
     if method in ("transformed", "dense-twin"):
-        runner = transform(model, plan if method == "transformed" else keep_everything_plan(shape), program=captured)
-        cache = runner.encode_dense_cache([k for k, _ in layers], [v for _, v in layers], max_cache_len=capacity)
-    elif method == "static-compiled":
-        runner, cache = _static_compiled(model, layers, capacity)
+        method_plan = plan if method == "transformed" else keep_everything_plan(shape)
+        runner = transform(model, method_plan, program=captured)
+        cache = random_compressed_cache(method_plan, shape, batch, context, capacity, dtype, device)
     elif method == "compiled":
         runner, cache = _compiled_on_static_cache(model, plan, batch, context, capacity)
     else:
-        runner, cache = model, dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
-    del layers
+        layers = random_dense_cache(shape, batch, context, dtype, device)
+        if method == "static-compiled":
+            runner, cache = _static_compiled(model, layers, capacity)
+        else:
+            runner, cache = model, dynamic_cache_holding([k for k, _ in layers], [v for _, v in layers])
+        del layers
     return _decode_rates(runner, cache, batch, model.config.vocab_size, device, warmup, steps, repeats)
 
 
