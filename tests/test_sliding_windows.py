@@ -211,6 +211,29 @@ def test_compiled_on_the_static_cache_matches_transform(arch):
     assert {entry.shape[2] for layer in sliding for entry in cache.layers[layer].entries.values()} == {WINDOW}
 
 
+@pytest.mark.parametrize("arch", slow_unless(list(HYBRIDS), default=("cohere2",)))
+def test_a_healed_plan_compiled_on_the_static_cache_matches_transform(arch):
+    """Projection updates in every layer under the backend on the hybrids: QK-norm (Gemma-3), the
+    attention beside the MLP on one normed input (Cohere2), sliding layers from max_window_layers
+    (Qwen2): the low-rank branches land on the attention's own projections."""
+    from tests.test_backend import _greedy
+    from tests.test_static_cache import STEPS as COMPILED_STEPS, _compiled_greedy
+    from tests.test_update_projections import random_updates
+
+    model, program = _model(arch)
+    plan = Plan.from_k_channels(K_CHANNELS).with_updates(random_updates(model, range(model.config.num_hidden_layers)))
+    prompt = _prompt(2, 9, seed=9)
+    torch._dynamo.reset()
+    try:
+        got_logits, got_tokens, _ = _compiled_greedy(model, plan, prompt)
+    finally:
+        torch._dynamo.reset()
+    want_logits, want_tokens = _greedy(kvcompile.transform(model, plan, program=program), prompt, steps=COMPILED_STEPS)
+    for got, want in zip(got_logits, want_logits):  # the tolerance of tests/test_static_cache.py's healed plans
+        torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    assert torch.equal(got_tokens, want_tokens)
+
+
 def test_windowed_plans_and_the_onnx_export_leave_sliding_layers_alone(tmp_path):
     model, program = _mistral()
     with pytest.raises(PlanError, match=r"layer 0, fields sink/recent: layer 0 attends a sliding window of 4 tokens"):
