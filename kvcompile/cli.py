@@ -501,7 +501,9 @@ def _describe(plan: Plan) -> str:
                      f"{len(plan.merges)} layers")
     if "heal" in plan.meta:
         record = plan.meta["heal"]
-        parts.append(f"healed ({record['steps']} steps, KL {record['initial_loss']:.3f} -> {record['final_loss']:.3f})")
+        tasks = f", {record['task_share']:.0%} retrieval prompts ({' '.join(record['tasks'])})" if record.get("tasks") else ""
+        parts.append(f"healed ({record['steps']} steps{tasks}, KL {record['initial_loss']:.3f} -> "
+                     f"{record['final_loss']:.3f})")
     return ", ".join(parts)
 
 

@@ -102,6 +102,7 @@ def test_heal_a_saved_k_channel_plan(monkeypatch, tiny_model, byte_tokenizer, ca
     record = healed.meta["heal"]
     assert (record["rank"], record["batch_size"], record["chunk_tokens"]) == (4, 2, 384)
     assert (record["tasks"], record["task_share"]) == (["passkey"], 0.5)
+    assert "healed (2 steps, 50% retrieval prompts (passkey), KL" in cli._describe(healed)
     assert f"healed from {pruned.fingerprint()}" in capsys.readouterr().err
     assert (tmp_path / "healed" / "checkpoint" / "state.json").is_file()
 
