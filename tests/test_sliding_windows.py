@@ -51,6 +51,9 @@ def _prompt(batch, length, seed=0):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+PROMPT = _prompt(2, 9, seed=9)  # the compiled-backend cases' prompt
+
+
 def _sliding_layers(shape):
     return [layer for layer in range(shape.num_layers) if shape.window(layer) is not None]
 
@@ -190,22 +193,11 @@ def test_merged_heads_keep_their_window_too(tmp_path):
 def test_compiled_on_the_static_cache_matches_transform(arch):
     """The kvcompile backend on a StaticCompressedCache, whose sliding layers are rings of window
     slots: transform's logits and tokens, the plan's bytes."""
-    from tests.test_backend import _greedy
-    from tests.test_static_cache import STEPS as COMPILED_STEPS, _compiled_greedy
+    from tests.test_static_cache import STEPS as COMPILED_STEPS
 
-    model, program = _model(arch)
     plan = Plan.from_k_channels({0: K_CHANNELS[0]})  # layer 0's ring pruned, layer 1's whole
-    prompt = _prompt(2, 9, seed=9)
-    torch._dynamo.reset()
-    try:
-        got_logits, got_tokens, cache = _compiled_greedy(model, plan, prompt)
-    finally:
-        torch._dynamo.reset()
-    want_logits, want_tokens = _greedy(kvcompile.transform(model, plan, program=program), prompt, steps=COMPILED_STEPS)
-    for got, want in zip(got_logits, want_logits):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got_tokens, want_tokens)
-    length = prompt.shape[1] + COMPILED_STEPS
+    cache = _compiled_matches_transform(arch, plan, atol=1e-5, rtol=1e-5)
+    length = PROMPT.shape[1] + COMPILED_STEPS
     assert cache.nbytes == plan.cache_nbytes(cache.shape, torch.float32, 2, length)
     sliding = _sliding_layers(cache.shape)
     assert {entry.shape[2] for layer in sliding for entry in cache.layers[layer].entries.values()} == {WINDOW}
@@ -216,22 +208,30 @@ def test_a_healed_plan_compiled_on_the_static_cache_matches_transform(arch):
     """Projection updates in every layer under the backend on the hybrids: QK-norm (Gemma-3), the
     attention beside the MLP on one normed input (Cohere2), sliding layers from max_window_layers
     (Qwen2): the low-rank branches land on the attention's own projections."""
-    from tests.test_backend import _greedy
-    from tests.test_static_cache import STEPS as COMPILED_STEPS, _compiled_greedy
     from tests.test_update_projections import random_updates
 
-    model, program = _model(arch)
+    model, _ = _model(arch)
     plan = Plan.from_k_channels(K_CHANNELS).with_updates(random_updates(model, range(model.config.num_hidden_layers)))
-    prompt = _prompt(2, 9, seed=9)
+    _compiled_matches_transform(arch, plan, atol=3e-5, rtol=1e-4)  # tests/test_static_cache.py's healed tolerance
+
+
+def _compiled_matches_transform(arch, plan, **tolerance):
+    """The backend on `plan`'s StaticCompressedCache decodes PROMPT greedily to transform's logits
+    (within `tolerance`) and tokens; returns the cache."""
+    from tests.test_backend import _greedy
+    from tests.test_static_cache import STEPS as COMPILED_STEPS, _compiled_greedy
+
+    model, program = _model(arch)
     torch._dynamo.reset()
     try:
-        got_logits, got_tokens, _ = _compiled_greedy(model, plan, prompt)
+        got_logits, got_tokens, cache = _compiled_greedy(model, plan, PROMPT)
     finally:
         torch._dynamo.reset()
-    want_logits, want_tokens = _greedy(kvcompile.transform(model, plan, program=program), prompt, steps=COMPILED_STEPS)
-    for got, want in zip(got_logits, want_logits):  # the tolerance of tests/test_static_cache.py's healed plans
-        torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    want_logits, want_tokens = _greedy(kvcompile.transform(model, plan, program=program), PROMPT, steps=COMPILED_STEPS)
+    for got, want in zip(got_logits, want_logits):
+        torch.testing.assert_close(got, want, **tolerance)
     assert torch.equal(got_tokens, want_tokens)
+    return cache
 
 
 def test_windowed_plans_and_the_onnx_export_leave_sliding_layers_alone(tmp_path):
