@@ -273,7 +273,7 @@ def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     settings = _evaluation_settings(args)
-    plans = [(Path(spec).name, _load_plan(spec)) for spec in args.plan]  # fail on a bad plan before loading the model
+    plans = [(Path(spec).name, Plan.load_path_or_builtin(spec)) for spec in args.plan]  # fail on a bad plan before loading the model
     baseline_windows = tuple(args.baseline_windows or _shared_windows(plans))
     start = time.perf_counter()
     with _cpu_threads(args.device):
@@ -392,7 +392,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_heal(args: argparse.Namespace) -> int:
-    plan = _load_plan(args.plan)
+    plan = Plan.load_path_or_builtin(args.plan)
     start = time.perf_counter()
     model, tokenizer = _load(args)
     healed = _heal(args, model.to(args.device), tokenizer, plan, args.checkpoint or args.output / "checkpoint")
@@ -405,7 +405,7 @@ def _run_heal(args: argparse.Namespace) -> int:
 
 
 def _run_importance(args: argparse.Namespace) -> int:
-    plan = _load_plan(args.plan)
+    plan = Plan.load_path_or_builtin(args.plan)
     print(importance.summary(plan))
     if args.png is not None:
         print(f"wrote {importance.plot(plan, args.png, title=f'{args.plan}: learned K-channel importance')}")
@@ -416,7 +416,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export.onnx import OnnxExportError, export_onnx
     from .export.onnx_runtime import MANIFEST
 
-    plan = _load_plan(args.plan)
+    plan = Plan.load_path_or_builtin(args.plan)
     try:
         check_replaceable_directory(args.output, MANIFEST)  # before the model loads
     except FileExistsError as err:
@@ -463,7 +463,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         model, _ = load_default_model(dtype) if args.model == "smollm2" else load_model(args.model, dtype)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-        plan = _load_plan(args.plan)
+        plan = Plan.load_path_or_builtin(args.plan)
     reports = [
         throughput.run(model, plan, batch, context, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
                        methods=tuple(args.methods))
@@ -477,7 +477,7 @@ def _run_onnx_latency(args: argparse.Namespace) -> int:
     from .benchmarks import onnx_latency
 
     model, _ = _load(args)
-    plans = {Path(spec).name: _load_plan(spec) for spec in args.plans}
+    plans = {Path(spec).name: Plan.load_path_or_builtin(spec) for spec in args.plans}
     report = onnx_latency.run(model, plans, tuple(args.contexts), reps=args.reps, threads=args.threads)
     return _print_report(onnx_latency.format_table(report), report, args.json)
 
@@ -573,15 +573,6 @@ def _check_writable(path: Path, option: str, folder: bool) -> None:
         raise SettingsError(f"{option} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise SettingsError(f"{option} {path}: folder {parent} is not writable")
-
-
-def _load_plan(spec: str) -> Plan:
-    """A plan from a directory, else a built-in plan of that name."""
-    if Path(spec).exists():
-        return Plan.load(spec)
-    if spec not in Plan.list_builtin():
-        raise PlanError(f"{spec}: no such plan directory, nor a built-in plan ({', '.join(Plan.list_builtin())})")
-    return Plan.load_builtin(spec)
 
 
 def _positive_int(value: str) -> int:

@@ -598,6 +598,15 @@ class Plan:
             raise PlanError(f"no built-in plan {name!r}; built-in plans: {', '.join(cls.list_builtin()) or 'none'}")
         return cls.load(_BUILTIN / name)
 
+    @classmethod
+    def load_path_or_builtin(cls, spec: str | Path) -> "Plan":
+        """A plan from a directory `spec`, else the built-in plan of that name."""
+        if Path(spec).exists():
+            return cls.load(spec)
+        if str(spec) not in cls.list_builtin():
+            raise PlanError(f"{spec}: no such plan directory, nor a built-in plan ({', '.join(cls.list_builtin())})")
+        return cls.load_builtin(str(spec))
+
 
 def _joined_layers(old: Mapping[int, Any], new: Mapping[int, Any], field_name: str, kind: type) -> dict[int, Any]:
     """`old` with `new`'s layers added or replaced, by layer; PlanError naming a bad key or entry."""

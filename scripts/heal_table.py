@@ -94,8 +94,7 @@ def main() -> None:
     methods = [evaluate.Method("dense")]
     for name in args.plans:
         methods += [evaluate.Method(name, unhealed[name]), evaluate.Method(f"{name} healed", healed[name])]
-    methods += [evaluate.Method(spec, kvcompile.Plan.load(spec) if Path(spec).exists() else kvcompile.Plan.load_builtin(spec))
-                for spec in args.compare]
+    methods += [evaluate.Method(spec, kvcompile.Plan.load_path_or_builtin(spec)) for spec in args.compare]
     settings = evaluate.EvalSettings(lengths=tuple(args.lengths), samples=args.samples, tasks=tuple(args.tasks),
                                      ppl_windows=args.ppl_windows, score_last=args.score_last)
     partial = lambda report: (args.out / "heal.json").write_text(json.dumps(report, indent=2) + "\n")
