@@ -226,7 +226,7 @@ def task_chunks(settings: _Settings, tokenizer, haystack_text: str) -> list[_Chu
     (the position before each answer token, and the one after the last)."""
     from kvcompile.evaluation import tasks
 
-    draws = sum(_is_task_draw(i, settings.task_share) for i in range(settings.steps * settings.batch_size))
+    draws = _task_draws(settings).count(True)
     if not draws:  # a run too short for its share to reach one chunk
         return []
     per_task = math.ceil(draws / len(settings.tasks))
@@ -243,10 +243,12 @@ def task_chunks(settings: _Settings, tokenizer, haystack_text: str) -> list[_Chu
     return chunks[:draws]
 
 
-def _is_task_draw(draw: int, share: float) -> bool:
-    """Whether chunk draw `draw` (counted over the whole run) takes a retrieval prompt: `share` of
-    the draws, spread evenly."""
-    return math.floor((draw + 1) * share) > math.floor(draw * share)
+def _task_draws(settings: _Settings) -> list[bool]:
+    """For each chunk the run draws, whether it is a retrieval prompt: `task_share` of the draws
+    (0 without tasks), spread evenly."""
+    share = settings.task_share
+    return [math.floor((draw + 1) * share) > math.floor(draw * share)
+            for draw in range(settings.steps * settings.batch_size)]
 
 
 # -- the student ----------------------------------------------------------------------------------
@@ -544,12 +546,11 @@ class _Trainer:
 
 
 def _chunk_order(chunks: list[_Chunk], settings: _Settings) -> list[int]:
-    """The chunks the steps train on, in order: retrieval prompts at the draws `_is_task_draw`
-    picks, text chunks at the others, each kind a fresh permutation of its chunks per pass over
-    them, drawn from the seed, so a resumed run sees what the uninterrupted one does."""
+    """The chunks the steps train on, in order: retrieval prompts at the draws `_task_draws` picks,
+    text chunks at the others, each kind a fresh permutation of its chunks per pass over them, drawn
+    from the seed, so a resumed run sees what the uninterrupted one does."""
     generator = torch.Generator().manual_seed(settings.seed)
-    draws = settings.steps * settings.batch_size
-    is_task = [bool(settings.tasks) and _is_task_draw(i, settings.task_share) for i in range(draws)]
+    is_task = _task_draws(settings)
     drawn = {}
     for kind in (False, True):  # text first: a run without tasks draws what it always drew
         indices = [i for i, chunk in enumerate(chunks) if (chunk.scored_tail is not None) == kind]
