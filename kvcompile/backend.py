@@ -14,8 +14,11 @@ there the backend needs the plan option, takes plans without merges or windows, 
 plan's outputs without its memory (passes/hf_graph_attention.py).
 
 Options: `plan` (a `kvcompile.Plan`), `inductor` (default True; False runs the rewritten graphs as
-they are, which is quicker to compile) and `mode` (as torch.compile's, for when options are given:
-torch.compile takes one of the two).
+they are, which is quicker to compile), `mode` (as torch.compile's, for when options are given:
+torch.compile takes one of the two) and `cuda_graphs`: who makes the CUDA graphs a mode such as
+"reduce-overhead" asks for, "inductor" (its CUDA graph trees, the default) or "kvcompile"
+(graphs.ReplayedCalls, for every graph of static shapes whose inputs are all on the GPU, such as
+the decode step; inductor's for the rest).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.fx
 
 import kvcompile.kernels  # noqa: F401  (registers the ops the rewritten graphs call)
 
+from .graphs import ReplayedCalls
 from .passes.cache_sites import cache_site_plans
 from .pipeline import HF_GRAPH, run_stage
 from .plan import Plan, PlanError
@@ -34,7 +38,8 @@ from .static_cache import plan_of_cache
 
 BACKEND_NAME = "kvcompile"
 ENTRY_POINT_GROUP = "torch_dynamo_backends"
-_OPTIONS = ("plan", "inductor", "mode")
+_OPTIONS = ("plan", "inductor", "mode", "cuda_graphs")
+CUDA_GRAPHS = ("inductor", "kvcompile")
 
 
 def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None,
@@ -44,6 +49,9 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
     plan = options.pop("plan", None)
     use_inductor = options.pop("inductor", True)
     mode = options.pop("mode", mode)
+    cuda_graphs = options.pop("cuda_graphs", "inductor")
+    if cuda_graphs not in CUDA_GRAPHS:
+        raise ValueError(f"kvcompile backend option cuda_graphs={cuda_graphs!r}: expected one of {list(CUDA_GRAPHS)}")
     if options:
         raise TypeError(f"unknown kvcompile backend options {sorted(options)}; expected some of {list(_OPTIONS)}")
     if plan is None:
@@ -54,13 +62,49 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
             "past_key_values=kvcompile.cache_for(model, plan, ...), got "
             f"{type(plan).__name__ if plan is not None else 'no plan'}"
         )
+    static = static_inputs(gm, example_inputs)
     gm = run_stage(HF_GRAPH, gm, plan)
     if not use_inductor:
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    patches = list_mode_options(mode) if mode else {}
+    replayed = (cuda_graphs == "kvcompile" and patches.get("triton.cudagraphs", False)
+                and _replayable(example_inputs, static))
+    if replayed:
+        patches = {**patches, "triton.cudagraphs": False}
+    compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+    return ReplayedCalls(compiled, static) if replayed else compiled
+
+
+def static_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list[bool] | None:
+    """Per input of dynamo's graph `gm`: does it keep its address from call to call (a weight, a
+    buffer, a tensor marked with `torch._dynamo.mark_static_address`, as the cache's are)? None
+    where an input is no tensor (a symbolic size) or its shape is symbolic."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return None
+    static = []
+    for node, value in zip(placeholders, example_inputs):
+        example = node.meta.get("example_value")
+        if not isinstance(value, torch.Tensor) or (
+            example is not None and not all(isinstance(size, int) for size in example.shape)
+        ):
+            return None
+        marked = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+        static.append(isinstance(value, torch.nn.Parameter) or marked is not None
+                      or getattr(value, "_dynamo_static_input_type", None) is not None)
+    return static
+
+
+def _replayable(example_inputs: list, static: list[bool] | None) -> bool:
+    """Can kvcompile replay this graph from CUDA graphs: static shapes, every input on a GPU, no gradients."""
+    return (
+        static is not None
+        and all(t.device.type == "cuda" for t in example_inputs)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in example_inputs))
+    )
 
 
 def _plan_of_the_cache(gm: torch.fx.GraphModule) -> Plan | None:

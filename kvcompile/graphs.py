@@ -21,11 +21,14 @@ automatic dynamic shapes give one program for all.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from .program import call_program
 
@@ -91,3 +94,112 @@ class GraphedDecode:
             logits = run()
         self._pool = graph.pool()
         return _Step(graph, inputs, logits)
+
+
+@dataclass
+class _Replay:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]  # the call's inputs as the graph reads them: its own copies of the per-step ones
+    outputs: object  # written by every replay
+
+
+class ReplayedCalls:
+    """Calls of a compiled graph, `fn(*inputs)` as dynamo calls a backend's, replayed from CUDA graphs:
+    what the torch.compile backend gives a static-shaped graph (a decode step) under
+    mode="reduce-overhead" with options={"cuda_graphs": "kvcompile"}, in place of inductor's CUDA
+    graph trees (the same compiled step captured by hand replayed faster than under them: the
+    backend's section of the README).
+
+    `static[i]` says input i keeps its address from call to call (the weights, the cache's buffers,
+    which dynamo marks): the graph reads it where it is, and its address is part of the graph's key.
+    The other inputs (tokens, positions, masks) are copied into the graph's own before each replay.
+    A key's first call runs `fn` as it is; the second runs it on the capture stream (what is made
+    lazily, such as cuBLAS's workspace, is made per stream), then captures it; later calls replay.
+    So every call runs its step once: a step that changes the cache in place is not run again to
+    warm up. A graph that writes into a per-step input is never captured (the write would land in the
+    graph's copy), nor one whose capture fails; their calls run `fn`. Outputs are returned as copies:
+    the next replay overwrites the graph's own.
+    """
+
+    def __init__(self, fn: Callable, static: Sequence[bool], kept: int = KEPT_GRAPHS):
+        self._fn, self._static, self.kept = fn, tuple(static), kept
+        self._boxed = getattr(fn, "_boxed_call", False)  # inductor's callables take one list of inputs
+        self._replays: OrderedDict[tuple, _Replay | None] = OrderedDict()  # None: run fn, never captured
+        self._seen: OrderedDict[tuple, None] = OrderedDict()  # keys called once
+        self._pool = None  # one memory pool for every graph's intermediates
+        self._stream: torch.cuda.Stream | None = None
+
+    def __call__(self, *inputs: torch.Tensor):
+        # dynamo guards the inputs' shapes, strides and dtypes; what it leaves free is where they are
+        key = tuple(t.data_ptr() if static else t.stride() for t, static in zip(inputs, self._static, strict=True))
+        if key in self._replays:
+            self._replays.move_to_end(key)
+            replay = self._replays[key]
+            return self._run(inputs) if replay is None else self._replay(replay, inputs)
+        if key not in self._seen:
+            self._seen[key] = None
+            while len(self._seen) > 4 * self.kept:
+                self._seen.popitem(last=False)
+            return self._run(inputs)
+        del self._seen[key]
+        outputs, self._replays[key] = self._run_and_capture(inputs)
+        while len(self._replays) > self.kept:
+            self._replays.popitem(last=False)
+        return outputs
+
+    @property
+    def captured(self) -> int:
+        """How many graphs it replays now."""
+        return sum(replay is not None for replay in self._replays.values())
+
+    def _run(self, inputs: Sequence[torch.Tensor]):
+        return self._fn(list(inputs)) if self._boxed else self._fn(*inputs)
+
+    def _replay(self, replay: _Replay, inputs: Sequence[torch.Tensor]):
+        for own, given, static in zip(replay.inputs, inputs, self._static):
+            if not static:
+                _unexpanded(own).copy_(_unexpanded(given))
+        replay.graph.replay()
+        return pytree.tree_map_only(torch.Tensor, torch.clone, replay.outputs)
+
+    def _run_and_capture(self, inputs: Sequence[torch.Tensor]) -> tuple[object, _Replay | None]:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
+        per_step = [t for t, static in zip(inputs, self._static) if not static]
+        before = [t.clone() for t in per_step]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = self._run(inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        pytree.tree_map_only(torch.Tensor, lambda t: t.record_stream(torch.cuda.current_stream()), outputs)
+        if any(not torch.equal(old, new) for old, new in zip(before, per_step)):
+            return outputs, None
+        if any(torch._debug_has_internal_overlap(_unexpanded(t)) != 0 for t in per_step):
+            return outputs, None  # no copy could fill it
+        own = [t if static else _copy_like(t) for t, static in zip(inputs, self._static)]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                captured = self._run(own)
+        except RuntimeError as err:
+            warnings.warn(f"kvcompile: this compiled graph runs without CUDA graphs, its capture failed: {err}",
+                          stacklevel=2)
+            return outputs, None
+        self._pool = graph.pool()
+        return outputs, _Replay(graph, own, captured)
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """`t` without its broadcast dimensions (stride 0, as `expand` makes): the part a copy can write."""
+    for dim in range(t.dim()):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
+def _copy_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` with its strides, broadcast dimensions included (the compiled code checks them)."""
+    copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    _unexpanded(copy).copy_(_unexpanded(t))
+    return copy

@@ -143,3 +143,4 @@ def test_bad_plans_are_named(plan, message):
 def test_missing_plan_and_unknown_options():
     assert "needs options={'plan': plan}" in _compile_error(None)
     assert "unknown kvcompile backend options ['fast']" in _compile_error(PRUNE, fast=True)
+    assert "cuda_graphs='mine': expected one of ['inductor', 'kvcompile']" in _compile_error(PRUNE, cuda_graphs="mine")

@@ -5,6 +5,7 @@ import torch
 
 import kvcompile
 from kvcompile.capture import CACHE_NAME
+from kvcompile.graphs import ReplayedCalls
 from tests.masked_reference import masked_reference_decode
 from tests.test_runtime import PRUNE, _prompt, _transformed_decode
 from tests.tiny_models import make_tiny_model
@@ -130,12 +131,13 @@ def _forced_logits(tm, ids, mask, tokens):
     return torch.stack(history, dim=1), out.past_key_values
 
 
+@pytest.mark.parametrize("cuda_graphs", ["inductor", "kvcompile"])
 @pytest.mark.parametrize("kind", ["pruned", "windowed", "healed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, dtype):
+def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, dtype, cuda_graphs):
     """torch.compile(backend="kvcompile", mode="reduce-overhead") on kvcompile.cache_for: the Triton
-    kernels (the window a ring) in CUDA graphs. Fed the same tokens for 70 steps, as close to the
-    op-by-op runtime as inductor's graphs of it are (test above)."""
+    kernels (the window a ring) in CUDA graphs, inductor's or kvcompile's. Fed the same tokens for 70
+    steps, as close to the op-by-op runtime as inductor's graphs of it are (test above)."""
     plan = _plan(kind)
     model = make_tiny_model("llama", num_layers=3, dtype=dtype).cuda()
     eager = kvcompile.transform(model, plan, cuda_graphs=False)
@@ -145,7 +147,8 @@ def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, d
     want, _ = _forced_logits(eager, ids, None, tokens)
     torch._dynamo.reset()
     cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=ids.shape[1] + tokens.shape[1])
-    compiled = torch.compile(model, backend="kvcompile", mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(model, backend="kvcompile", fullgraph=True,
+                             options={"mode": "reduce-overhead", "cuda_graphs": cuda_graphs})
     with torch.no_grad():
         compiled(ids, **{CACHE_NAME: cache})
         got = torch.stack([compiled(tokens[:, i : i + 1], **{CACHE_NAME: cache}).logits[:, -1].clone()
@@ -155,7 +158,44 @@ def test_compiled_on_the_static_cache_with_cuda_graphs_matches_transform(kind, d
     torch._dynamo.reset()
 
 
-def test_transformers_generate_on_the_static_cache_with_cuda_graphs():
+def test_replayed_calls_run_each_step_once_and_keep_what_they_returned():
+    """The backend's CUDA graphs of a step: a state tensor changed in place (as the cache is) moves
+    once per call, whether the call ran as it is, was captured or replayed; a per-step input given
+    broadcast (a position expanded over the batch) is copied in; returned tensors stay as returned."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(4, 4, device="cuda", generator=generator)
+    count = torch.zeros((), device="cuda")
+
+    def step(weight, count, x, position):
+        count.add_(1)
+        return (x @ weight + count + position,)
+
+    calls = ReplayedCalls(step, static=[True, True, False, False])
+    xs = [torch.randn(2, 4, device="cuda", generator=generator) for _ in range(6)]
+    outs = [calls(weight, count, x, torch.tensor([[10.0 * i]], device="cuda").expand(2, 1))[0] for i, x in enumerate(xs)]
+    assert count.item() == len(xs) and calls.captured == 1
+    for i, (x, out) in enumerate(zip(xs, outs)):
+        torch.testing.assert_close(out, x @ weight + (i + 1) + 10.0 * i)
+
+
+def test_replayed_calls_never_capture_a_step_that_writes_its_per_step_input():
+    weight = torch.randn(4, 4, device="cuda")
+
+    def step(weight, x):
+        x.mul_(2)
+        return (x @ weight,)
+
+    calls = ReplayedCalls(step, static=[True, False])
+    for _ in range(4):
+        x = torch.ones(2, 4, device="cuda")
+        out = calls(weight, x)[0]
+        assert torch.equal(x, torch.full_like(x, 2))
+        torch.testing.assert_close(out, x @ weight)
+    assert calls.captured == 0
+
+
+@pytest.mark.parametrize("cuda_graphs", ["inductor", "kvcompile"])
+def test_transformers_generate_on_the_static_cache_with_cuda_graphs(cuda_graphs):
     """A left-padded batch through transformers' generate, the forward compiled with CUDA graphs: the
     tokens of kvcompile.transform's generate."""
     from tests.test_padded_batches import _padded, _rows
@@ -166,7 +206,8 @@ def test_transformers_generate_on_the_static_cache_with_cuda_graphs():
     want = kvcompile.transform(model, plan).generate(ids, attention_mask=mask, max_new_tokens=40)
     torch._dynamo.reset()
     cache = kvcompile.cache_for(model, plan, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + 40)
-    model.forward = torch.compile(model.forward, backend="kvcompile", mode="reduce-overhead")
+    model.forward = torch.compile(model.forward, backend="kvcompile",
+                                  options={"mode": "reduce-overhead", "cuda_graphs": cuda_graphs})
     try:
         got = model.generate(input_ids=ids, attention_mask=mask, **{CACHE_NAME: cache}, max_new_tokens=40,
                              do_sample=False)

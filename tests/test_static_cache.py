@@ -218,3 +218,29 @@ def test_a_prompt_longer_than_the_cache_is_refused():
     compiled = torch.compile(model, backend="kvcompile", options={"plan": PRUNE, "inductor": False})
     with pytest.raises(ValueError, match="9 tokens do not fit the cache's max_cache_len of 8"):
         compiled(_prompt(length=9), **{CACHE_NAME: cache})
+
+
+def test_a_decode_graph_reads_weights_and_the_cache_in_place_and_copies_the_step_s_tokens():
+    """What CUDA graphs of the backend's decode step (graphs.ReplayedCalls) read where it is, and what
+    they copy into their own inputs before each replay: the inputs' classification, on the CPU."""
+    from kvcompile.backend import kvcompile_backend, static_inputs
+
+    model = make_tiny_model("llama")
+    cache = kvcompile.cache_for(model, PRUNE, batch_size=2, max_cache_len=40)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append((static_inputs(gm, example_inputs), list(example_inputs)))
+        return kvcompile_backend(gm, example_inputs, options={"plan": PRUNE, "inductor": False})
+
+    compiled = torch.compile(model, backend=recording_backend)
+    token = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        compiled(_prompt(), **{CACHE_NAME: cache})
+        compiled(token, **{CACHE_NAME: cache})
+    static, inputs = graphs[-1]  # the decode step's
+    kept = {t.data_ptr() for t in [*model.parameters(), *model.buffers(), cache.lengths, cache.positions]}
+    kept |= {t.data_ptr() for layer in cache.layers for t in [*layer.entries.values(), *layer.constants.values()]}
+    assert static == [t.data_ptr() in kept for t in inputs]
+    assert [t.data_ptr() for t, s in zip(inputs, static) if not s][0] == token.data_ptr()
+    assert sum(static) >= len(list(model.parameters())) + sum(len(layer.entries) for layer in cache.layers)

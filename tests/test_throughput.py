@@ -14,7 +14,7 @@ WINDOWED = Plan.from_k_channels({0: [[0, 1, 2, 3, 8, 9, 10, 11], [2, 5, 6, 12]],
 
 
 # static-compiled (inductor, CUDA graphs) is left to the CUDA benchmark runs: compiling it here costs minutes
-CPU_METHODS = ("dense", "dense-twin", "transformed", "compiled")
+CPU_METHODS = ("dense", "dense-twin", "transformed", "compiled", "compiled-own-graphs")
 
 
 def test_every_method_decodes_and_the_report_compares_with_dense():

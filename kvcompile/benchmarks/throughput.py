@@ -11,7 +11,9 @@ Ways to run one model, timed in the same process on caches of the same length:
 - ``transformed``: `kvcompile.transform(model, plan)` on the compressed cache;
 - ``compiled``: `torch.compile(model, backend="kvcompile", mode="reduce-overhead")` on the plan's
   compressed cache, `kvcompile.cache_for(model, plan)`: transformers' own forward, its attention
-  lowered by the backend, replayed from CUDA graphs.
+  lowered by the backend, replayed from inductor's CUDA graph trees;
+- ``compiled-own-graphs``: the same with the backend's option cuda_graphs="kvcompile": the decode
+  step replayed from CUDA graphs kvcompile captures (graphs.ReplayedCalls).
 
 The caches are filled with random keys and values instead of a prefill: decode speed depends on the
 cache's length and layout, not its contents, and a 32K-token prefill's logits alone would not fit
@@ -45,7 +47,7 @@ from kvcompile.static_cache import cache_for
 
 from .bench import LEANK_COUNTS
 
-METHODS = ("dense", "static-compiled", "dense-twin", "transformed", "compiled")
+METHODS = ("dense", "static-compiled", "dense-twin", "transformed", "compiled", "compiled-own-graphs")
 STABILIZING_BLOCKS = 5
 STABLE = 0.05  # two warm blocks this close in time: the method is warm
 
@@ -196,8 +198,9 @@ def _method_rates(method, model, plan, shape, batch, context, dtype, device, war
         method_plan = plan if method == "transformed" else keep_everything_plan(shape)
         runner = transform(model, method_plan, program=captured)
         cache = random_compressed_cache(method_plan, shape, batch, context, capacity, dtype, device)
-    elif method == "compiled":
-        runner, cache = _compiled_on_static_cache(model, plan, batch, context, capacity)
+    elif method in ("compiled", "compiled-own-graphs"):
+        cuda_graphs = "kvcompile" if method == "compiled-own-graphs" else "inductor"
+        runner, cache = _compiled_on_static_cache(model, plan, batch, context, capacity, cuda_graphs)
     else:
         layers = random_dense_cache(shape, batch, context, dtype, device)
         if method == "static-compiled":
@@ -246,15 +249,16 @@ def _static_compiled(model, layers, capacity: int):
     return step, cache
 
 
-def _compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capacity: int):
+def _compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capacity: int, cuda_graphs: str):
     """The plan's static compressed cache holding `context` random tokens per row, and a step running
-    the model compiled by the kvcompile backend on it (CUDA graphs on a GPU)."""
+    the model compiled by the kvcompile backend on it (on a GPU, CUDA graphs made by `cuda_graphs`)."""
     torch._dynamo.reset()
     device = next(model.parameters()).device
     cache = cache_for(model, plan, batch_size=batch, max_cache_len=capacity)
     cache.hold_random_tokens(context, torch.Generator(device=device).manual_seed(0))
     mode = "reduce-overhead" if device.type == "cuda" else None
-    compiled = torch.compile(model, backend="kvcompile", mode=mode, fullgraph=True)
+    compiled = torch.compile(model, backend="kvcompile", options={"mode": mode, "cuda_graphs": cuda_graphs},
+                             fullgraph=True)
     position = torch.tensor([context], device=device)
     # transformers before 5.2x computes positions from the cache's count unless given cache_position
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
@@ -275,7 +279,7 @@ def _bytes_per_step(model, plan: Plan, shape: ModelShape, dtype, batch: int, con
     planned = plan.cache_nbytes(shape, dtype, batch, context)
     dense = weights + dense_cache
     return {"dense": dense, "static-compiled": dense, "dense-twin": dense, "transformed": weights + planned,
-            "compiled": weights + planned}
+            "compiled": weights + planned, "compiled-own-graphs": weights + planned}
 
 
 def format_row(report: dict) -> str:
