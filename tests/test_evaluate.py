@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcompile import Plan
 from kvcompile.evaluation.evaluate import (QUICK, EvalSettings, Method, evaluate, figure, format_table, kv_bytes_per_token,
-                                          length_label, plot, wilson_interval)
+                                          length_label, paired_comparison, plot, wilson_interval)
 from tests import dense_scores
 from tests.tiny_models import byte_level_tokenizer
 
@@ -202,3 +202,27 @@ def test_without_retrieval_the_figure_shows_agreement(model, tokenizer, tmp_path
     plot(report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert [path.name for path in tmp_path.iterdir()] == ["plot.png"]  # written through a temporary file, renamed
+
+
+def test_each_prompt_s_outcome_is_kept_and_paired_against_the_first_row(report):
+    dense, pruned = _row(report, "dense"), _row(report, "one-channel")
+    for key, cell in pruned["accuracy"].items():
+        assert len(cell["outcomes"]) == cell["samples"] and sum(cell["outcomes"]) == cell["correct"]
+        only_dense, only_pruned, p_value = paired_comparison(dense["accuracy"][key]["outcomes"], cell["outcomes"])
+        assert only_dense - only_pruned == dense["accuracy"][key]["correct"] - cell["correct"]
+        assert f"-{only_dense}/+{only_pruned} p={p_value:.2f}" in format_table(report)
+
+
+@pytest.mark.parametrize("baseline, other, want", [
+    ([1] * 5 + [0] * 1 + [1] * 4, [0] * 5 + [1] * 1 + [1] * 4, (5, 1, 14 / 64)),  # 2 * (C(6,0) + C(6,1)) / 2^6
+    ([1] * 10, [0] * 10, (10, 0, 2 / 1024)),
+    ([1, 0, 1], [1, 0, 1], (0, 0, 1.0)),  # no discordant prompt: no evidence either way
+    ([1, 0, 1, 0], [0, 1, 0, 1], (2, 2, 1.0)),
+])
+def test_paired_comparison_is_mcnemar_s_exact_test(baseline, other, want):
+    assert paired_comparison(baseline, other) == pytest.approx(want)
+    only_baseline, only_other, p_value = want
+    assert paired_comparison(other, baseline) == pytest.approx((only_other, only_baseline, p_value))
+    with pytest.raises(ValueError, match="same prompts: 3 against 2"):
+        paired_comparison([1, 0, 1], [1, 0])
+

@@ -206,7 +206,7 @@ class _Runner:
 
 @torch.no_grad()
 def _retrieval(runner: _Runner, row: Row, inputs: _LengthInputs, tokenizer, settings: EvalSettings, progress: bool):
-    correct = dict.fromkeys(settings.tasks, 0)
+    outcomes = {task: [] for task in settings.tasks}  # per prompt, in order: 1 answered, 0 not
     for index, sample in enumerate(tqdm(inputs.samples, desc=f"{row.name}: retrieval @{inputs.length}", unit="prompt",
                                         disable=not progress or not inputs.samples)):
         prompt = sample.prompt_ids.to(inputs.device)
@@ -219,13 +219,15 @@ def _retrieval(runner: _Runner, row: Row, inputs: _LengthInputs, tokenizer, sett
                 break
             logits, cache = runner.step(token, cache)
         answer = tokenizer.decode(torch.cat(generated, dim=1)[0], skip_special_tokens=True)
-        correct[sample.task] += tasks.score(sample, answer)
-    for task, hits in correct.items():
+        outcomes[sample.task].append(int(tasks.score(sample, answer)))
+    for task, answered in outcomes.items():
+        hits = sum(answered)
         row.accuracy[f"{task}@{inputs.length}"] = {
             "correct": hits,
             "samples": settings.samples,
             "accuracy": hits / settings.samples,
             "ci95": wilson_interval(hits, settings.samples),
+            "outcomes": answered,
         }
 
 
@@ -299,6 +301,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def paired_comparison(baseline: list[int], other: list[int]) -> tuple[int, int, float]:
+    """Two methods' outcomes on the same prompts: how many only `baseline` answered, how many only
+    `other` did, and the exact two-sided McNemar p-value of a difference that large (the prompts
+    both or neither answered say nothing about which is better)."""
+    if len(baseline) != len(other):
+        raise ValueError(f"paired outcomes need the same prompts: {len(baseline)} against {len(other)}")
+    only_baseline = sum(b and not o for b, o in zip(baseline, other))
+    only_other = sum(o and not b for b, o in zip(baseline, other))
+    discordant = only_baseline + only_other
+    tail = sum(math.comb(discordant, k) for k in range(min(only_baseline, only_other) + 1)) / 2 ** discordant
+    return only_baseline, only_other, min(1.0, 2 * tail)
+
+
 # -- presentation ------------------------------------------------------------------------------
 
 
@@ -317,7 +332,8 @@ def format_table(report: dict) -> str:
         for key in accuracy_keys:
             cell = row["accuracy"].get(key)
             cells.append("-" if cell is None else
-                         f"{cell['correct']}/{cell['samples']} [{cell['ci95'][0]:.0%},{cell['ci95'][1]:.0%}]")
+                         f"{cell['correct']}/{cell['samples']} [{cell['ci95'][0]:.0%},{cell['ci95'][1]:.0%}]"
+                         + _paired_label(rows[0]["accuracy"][key], cell, row is rows[0]))
         cells += [_number(row["perplexity"].get(n), ".2f") for n in lengths]
         cells += [_number(row["agreement"].get(n), ".3f") for n in lengths]
         kv = row["k_bytes_per_token"] + row["v_bytes_per_token"]
@@ -326,12 +342,22 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header] + body]
     settings = report["settings"]
-    notes = [f"retrieval: correct/samples [95% Wilson interval], {settings['samples']} prompts per cell"] if accuracy_keys else []
+    notes = [f"retrieval: correct/samples [95% Wilson interval], {settings['samples']} prompts per cell; -a/+b p: "
+             f"prompts only {rows[0]['name']} / only this row answered, exact McNemar p-value"] if accuracy_keys else []
     notes += [f"ppl: last {settings['score_last']} tokens of {settings['ppl_windows']} windows, decoded one step at a time",
               f"agree: share of {settings['agreement_tokens']} dense greedy tokens",
               f"B/tok: K/V bytes held per token at the last step ({rows[0]['bytes_measured_at']} tokens; windows cost "
               "more at short lengths)"]
     return "\n".join(lines + ["; ".join(notes)])
+
+
+def _paired_label(first: dict, cell: dict, is_first: bool) -> str:
+    """" -5/+1 p=0.22": the cell against the first row's on the same prompts (reports written before
+    outcomes were kept have none to pair)."""
+    if is_first or "outcomes" not in first or "outcomes" not in cell:
+        return ""
+    only_first, only_this, p_value = paired_comparison(first["outcomes"], cell["outcomes"])
+    return f" -{only_first}/+{only_this} p={p_value:.2f}"
 
 
 def _number(value: float | None, spec: str) -> str:
