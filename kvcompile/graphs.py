@@ -180,7 +180,8 @@ class ReplayedCalls:
         own = [t if static else _copy_like(t) for t, static in zip(inputs, self._static)]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+            # as inductor's trees capture: other threads of the user's program may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                 captured = self._run(own)
         except RuntimeError as err:
             warnings.warn(f"kvcompile: this compiled graph runs without CUDA graphs, its capture failed: {err}",
