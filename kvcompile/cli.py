@@ -35,7 +35,7 @@ from .evaluation.methods import BASELINES, evaluation_methods
 from . import __version__
 from .models import DEFAULT_MODEL_NAME, ModelNotAvailable, load_default_model, load_model, model_max_length
 from .passes import PassError, SiteMatchError
-from .plan import ModelShape, Plan, PlanError
+from .plan import PROJECTIONS, ModelShape, Plan, PlanError
 from .stores import check_replaceable_directory, write_atomically, write_json
 
 # What a user can act on: reported as one line, `kvcompile: error: ...`, without a traceback
@@ -221,12 +221,16 @@ def _healing_options(parser, prefix: str, steps: int | None) -> None:
                         f"at their answers ({', '.join(evaluate.tasks.TASKS)}; default none)")
     parser.add_argument(f"{prefix}task-share", dest="heal_task_share", metavar="SHARE", type=_fraction, default=0.25,
                         help="share of the chunks that are retrieval prompts, with tasks (default 0.25)")
+    parser.add_argument(f"{prefix}projections", dest="heal_projections", metavar="NAME", nargs="+",
+                        default=list(PROJECTIONS), choices=PROJECTIONS,
+                        help=f"the attention projections that get updates (default all: {' '.join(PROJECTIONS)})")
 
 
 def _heal(args: argparse.Namespace, model, tokenizer, plan: Plan, checkpoint: Path) -> Plan:
     return heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
                 rank=args.heal_rank, batch_size=args.heal_batch_size, chunk_tokens=args.heal_chunk_tokens,
-                seed=args.heal_seed, tasks=args.heal_tasks, task_share=args.heal_task_share, checkpoint_dir=checkpoint,
+                seed=args.heal_seed, tasks=args.heal_tasks, task_share=args.heal_task_share,
+                projections=args.heal_projections, checkpoint_dir=checkpoint,
                 progress=args.progress)
 
 
@@ -502,6 +506,9 @@ def _describe(plan: Plan) -> str:
     if "heal" in plan.meta:
         record = plan.meta["heal"]
         tasks = f", {record['task_share']:.0%} retrieval prompts ({' '.join(record['tasks'])})" if record.get("tasks") else ""
+        projections = record.get("projections", PROJECTIONS)
+        if record.get("rank") and set(projections) != set(PROJECTIONS):
+            tasks += f", updates of {' '.join(projections)}"
         parts.append(f"healed ({record['steps']} steps{tasks}, KL {record['initial_loss']:.3f} -> "
                      f"{record['final_loss']:.3f})")
     return ", ".join(parts)

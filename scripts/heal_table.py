@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, help="tokens a chunk (default: heal's)")
     parser.add_argument("--heal-tasks", nargs="*", default=[], help="retrieval tasks healing also distills on")
     parser.add_argument("--task-share", type=float, default=0.25, help="share of the chunks that are retrieval prompts")
+    parser.add_argument("--projections", nargs="+", default=list(kvcompile.PROJECTIONS), choices=kvcompile.PROJECTIONS,
+                        help="the attention projections healing updates")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--ppl-windows", type=int, default=2, help="perplexity windows per length")
@@ -83,7 +85,8 @@ def main() -> None:
             began = time.perf_counter()
             result = kvcompile.heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, program=program,
                                     steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch,
-                                    chunk_tokens=chunk, tasks=args.heal_tasks, task_share=args.task_share)
+                                    chunk_tokens=chunk, tasks=args.heal_tasks, task_share=args.task_share,
+                                    projections=args.projections)
             record = {**result.meta["heal"], "seconds": round(time.perf_counter() - began, 1)}
             healed[name] = replace(result, meta={**result.meta, "heal": record})
             healed[name].save(saved)

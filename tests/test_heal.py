@@ -14,6 +14,7 @@ from kvcompile.calibration.calibrate import calibration_chunks
 from kvcompile.calibration.recipe import RecipeError
 from kvcompile.evaluation.text import calibration_text, evaluation_text
 from kvcompile.pipeline import canonical_program
+from kvcompile.plan import PROJECTIONS
 from tests.tiny_models import byte_level_tokenizer, make_tiny_model
 
 TRAINING_TEXT = [calibration_text()[:40000]]
@@ -189,6 +190,9 @@ def other_models_plan(tokenizer):
         (dict(tasks=["passkey"], texts=[torch.randint(0, 256, (1, 128))]), RecipeError,
          "tasks build retrieval prompts from string texts"),
         (dict(tasks=["passkey"]), RecipeError, "tasks need longer chunks than chunk_tokens=128"),
+        (dict(projections=["gate"]), RecipeError, r"projections must name some of \['query', 'key', 'value', 'output'\]"),
+        (dict(projections=[]), RecipeError, "projections must name some of"),
+        (dict(projections=["value", "value"]), RecipeError, "once each"),
     ],
 )
 def test_bad_inputs_are_clear_errors(model, tokenizer, merged, other_models_plan, change, error, message):
@@ -229,6 +233,18 @@ def test_healing_a_k_channel_plan_trains_projection_updates_only(model, tokenize
     after = _held_out_decode_kl(model, healed, captured, tokenizer)
     # 1.28 -> 1.08 nats: a quarter of the channels, two rotary pairs per head, bound what queries can score
     assert after < 0.9 * before, (before, after)
+
+
+def test_healing_updates_only_the_projections_asked_for(model, tokenizer, captured):
+    pruned = kvcompile.Plan.from_k_channels({0: [[0, 1, 2, 3], [4, 5, 6, 7]], 1: [[8, 9, 10, 11], [0, 2, 4, 6]]})
+    healed = kvcompile.heal(model, pruned, TRAINING_TEXT, tokenizer=tokenizer, program=captured,
+                            projections=("output", "value"), **SHORT)
+    assert {layer: sorted(update.factors) for layer, update in healed.updates.items()} == {0: ["output", "value"],
+                                                                                          1: ["output", "value"]}
+    assert healed.meta["heal"]["projections"] == ["output", "value"]
+    # healing it again on every projection trains the ones it has and adds the others
+    again = kvcompile.heal(model, healed, TRAINING_TEXT, tokenizer=tokenizer, program=captured, **{**SHORT, "steps": 1})
+    assert all(sorted(update.factors) == sorted(PROJECTIONS) for update in again.updates.values())
 
 
 def test_chunks_too_short_for_a_pruned_middle_are_refused(model, tokenizer):

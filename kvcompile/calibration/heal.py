@@ -7,8 +7,8 @@ that Yu et al. 2024, Palu, TransMLA and MHA2MLA run after their SVD start):
 - the key and value `down`/`up` maps of every merged layer (plan.py's LayerMerge): the merge pass
   folds them into the merged K/V projections (and biases), the query rows and the output columns
   (rope "commute"/"none"), or runs them as the post-RoPE group projections (rope "post");
-- with `rank` > 0, low-rank updates of the query, key, value and output projections of every layer
-  the plan merges or prunes (plan.py's LayerUpdate, b @ a with b starting at 0): what lets merged
+- with `rank` > 0, low-rank updates of the query, key, value and output projections (or those
+  `projections` names) of every layer the plan merges or prunes (plan.py's LayerUpdate, b @ a with b starting at 0): what lets merged
   heads read other directions of the hidden state than the heads they replace, and lets queries and
   keys of a pruned layer put what matters into the channels it keeps.
 
@@ -84,6 +84,7 @@ class _Settings:
     batch_size: int
     tasks: tuple[str, ...] = ()
     task_share: float = 0.0
+    projections: tuple[str, ...] = PROJECTIONS
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def heal(
     batch_size: int = 1,
     tasks: Sequence[str] = (),
     task_share: float = 0.25,
+    projections: Sequence[str] = PROJECTIONS,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
@@ -129,7 +131,8 @@ def heal(
     prunes K channels enough that each chunk's decode half reads a pruned middle
     (`default_chunk_tokens`). `tasks` (names of evaluation/tasks.py's TASKS, with string texts):
     `task_share` of the chunks a step draws are retrieval prompts of `chunk_tokens` tokens ending in
-    their answers, scored at the answer (see the module docstring).
+    their answers, scored at the answer (see the module docstring). `projections`: which of the
+    attention's projections (of PROJECTIONS) get updates; those a healed plan already updates train on.
 
     `model` is not modified. The result's meta records the healing (`meta["heal"]`: settings,
     calibration tokens, first and last step's KL). `checkpoint_dir`: save the run there every
@@ -138,7 +141,7 @@ def heal(
     """
     chunk_tokens = default_chunk_tokens(plan) if chunk_tokens is None else chunk_tokens
     settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens, rank, batch_size,
-                         tuple(tasks), task_share if tasks else 0.0)
+                         tuple(tasks), task_share if tasks else 0.0, tuple(projections))
     _check_settings(settings, checkpoint_every)
     shape = checked_model_shape(model, plan)
     if not plan.merges and not rank:
@@ -168,7 +171,7 @@ def heal(
                                             "settings": asdict(settings)})
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint)
     trainer.run(checkpoint, checkpoint_every, progress)
-    record = {**asdict(settings), "tasks": list(settings.tasks),  # as the saved plan's JSON reads back
+    record = {**asdict(settings), "tasks": list(settings.tasks), "projections": list(settings.projections),  # as JSON reads back
               "calibration_tokens": sum(chunk.ids.numel() for chunk in chunks),
               "initial_loss": trainer.initial_loss, "final_loss": trainer.final_loss, "healed_from": plan.fingerprint()}
     healed = plan.with_merges(trainer.student.healed_merges()).with_updates(trainer.student.healed_updates())
@@ -211,6 +214,10 @@ def _check_settings(settings: _Settings, checkpoint_every: int) -> None:
         raise RecipeError(f"heal: seed must be an int, got {settings.seed!r}")
     if not is_count(settings.rank):
         raise RecipeError(f"heal: rank must be a non-negative int, got {settings.rank!r}")
+    unknown = [name for name in settings.projections if name not in PROJECTIONS]
+    if unknown or not settings.projections or len(set(settings.projections)) < len(settings.projections):
+        raise RecipeError(f"heal: projections must name some of {list(PROJECTIONS)} once each, got "
+                          f"{list(settings.projections)!r}")
     from kvcompile.evaluation.tasks import TASKS
 
     unknown = [task for task in settings.tasks if task not in TASKS]
@@ -319,14 +326,16 @@ class _Student:
     """The dense canonical program computing the plan's attention and projections: differentiable
     in the merge maps and the projection updates."""
 
-    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, rank: int, seed: int):
+    def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, rank: int, seed: int,
+                 projections: Sequence[str] = PROJECTIONS):
         self.plan, self.shape = plan, shape
         self.device = next(dense.parameters()).device
         self.merge_maps: dict[int, _MergeMaps] = {}
         self.updates: dict[int, _ProjectionUpdates] = {}
         self.prompt_length = 0  # tokens of the current chunk the prefill runs; the rest is one decode call
         updated = rank or plan.updates
-        program = self._with_updated_weights(dense, rank, torch.Generator().manual_seed(seed)) if updated else dense
+        program = (self._with_updated_weights(dense, rank, projections, torch.Generator().manual_seed(seed))
+                   if updated else dense)
         self.program = with_attention_modules(program, self._attention_for)
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -345,9 +354,10 @@ class _Student:
         self.prompt_length = prompt_length
         return _logits(self.program, self.shape, ids)
 
-    def _with_updated_weights(self, dense: torch.fx.GraphModule, rank: int, generator: torch.Generator):
-        """A copy of `dense` whose projections in the layers the plan touches (with `rank` > 0) or
-        updates read `_UpdatedWeight`s."""
+    def _with_updated_weights(self, dense: torch.fx.GraphModule, rank: int, projections: Sequence[str],
+                              generator: torch.Generator):
+        """A copy of `dense` whose `projections` in the layers the plan touches (with `rank` > 0), and
+        those the plan updates, read `_UpdatedWeight`s."""
         gm = clone_program(dense)
         touched = {*self.plan.merges, *self.plan.k_channels} if rank else set()
         touched |= set(self.plan.updates)
@@ -358,7 +368,8 @@ class _Student:
             sizes = {name: shape for weight in weights
                      for name, shape in weight.part_shapes(fetch(gm, weight.linear.args[1].target)).items()}
             start = self.plan.updates.get(site.layer)
-            names = PROJECTIONS if rank else list(start.factors)
+            wanted = {*(projections if rank else ()), *(start.factors if start is not None else ())}
+            names = [name for name in PROJECTIONS if name in wanted]
             updates = self.updates[site.layer] = _ProjectionUpdates(
                 {name: sizes[name] for name in names}, rank, generator, start).to(self.device)
             for weight in weights:
@@ -488,7 +499,7 @@ class _Trainer:
     def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, chunks: list[_Chunk],
                  settings: _Settings):
         self.dense, self.plan, self.shape, self.settings = dense, plan, shape, settings
-        self.student = _Student(dense, plan, shape, settings.rank, settings.seed)
+        self.student = _Student(dense, plan, shape, settings.rank, settings.seed, settings.projections)
         self.trained = self.student.parameters()
         self.device = self.student.device
         self.chunks = chunks
