@@ -8,9 +8,10 @@ that Yu et al. 2024, Palu, TransMLA and MHA2MLA run after their SVD start):
   folds them into the merged K/V projections (and biases), the query rows and the output columns
   (rope "commute"/"none"), or runs them as the post-RoPE group projections (rope "post");
 - with `rank` > 0, low-rank updates of the query, key, value and output projections (or those
-  `projections` names) of every layer the plan merges or prunes (plan.py's LayerUpdate, b @ a with b starting at 0): what lets merged
-  heads read other directions of the hidden state than the heads they replace, and lets queries and
-  keys of a pruned layer put what matters into the channels it keeps.
+  `projections` names) of every layer the plan merges or prunes (plan.py's LayerUpdate, b @ a with
+  b starting at 0): what lets merged heads read other directions of the hidden state than the heads
+  they replace, and lets queries and keys of a pruned layer put what matters into the channels it
+  keeps (on SmolLM2 the query and key updates of a 70% K-channel plan also cost retrieval: README).
 
 The user's model stays frozen and untouched; K-channel masks and windows stay as they are. A
 commute merge stays one that commutes with RoPE: its key maps are trained as
@@ -171,7 +172,8 @@ def heal(
                                             "settings": asdict(settings)})
         checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint)
     trainer.run(checkpoint, checkpoint_every, progress)
-    record = {**asdict(settings), "tasks": list(settings.tasks), "projections": list(settings.projections),  # as JSON reads back
+    # lists where the settings hold tuples, as the saved plan's JSON reads back
+    record = {**asdict(settings), "tasks": list(settings.tasks), "projections": list(settings.projections),
               "calibration_tokens": sum(chunk.ids.numel() for chunk in chunks),
               "initial_loss": trainer.initial_loss, "final_loss": trainer.final_loss, "healed_from": plan.fingerprint()}
     healed = plan.with_merges(trainer.student.healed_merges()).with_updates(trainer.student.healed_updates())
