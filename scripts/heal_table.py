@@ -23,6 +23,7 @@ import kvcompile
 from kvcompile.calibration.heal import default_chunk_tokens
 from kvcompile.evaluation import evaluate, text
 from kvcompile.models import DEFAULT_MODEL_NAME, load_default_model
+from kvcompile.plan import PROJECTIONS
 
 MERGES = {
     "commute 3->2 all": dict(kv_group_size=3, kv_heads_per_group=2, rope="commute"),
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, help="tokens a chunk (default: heal's)")
     parser.add_argument("--heal-tasks", nargs="*", default=[], help="retrieval tasks healing also distills on")
     parser.add_argument("--task-share", type=float, default=0.25, help="share of the chunks that are retrieval prompts")
-    parser.add_argument("--projections", nargs="+", default=list(kvcompile.PROJECTIONS), choices=kvcompile.PROJECTIONS,
+    parser.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS,
                         help="the attention projections healing updates")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=6)

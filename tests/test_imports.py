@@ -39,3 +39,12 @@ def test_transformers_and_kvcompile_import_from_the_repository_root_as_from_else
         assert Path(where) == ROOT / "kernels" / "__init__.py"
     else:
         assert where == where_elsewhere
+
+
+def test_each_script_builds_its_command_line():
+    """The scripts run on a GPU machine, outside the tests' other paths: each at least imports what
+    it names and parses its options (from the root, as their docstrings run them)."""
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        result = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0 and "usage:" in result.stdout, (script.name, result.stderr[-2000:])
