@@ -62,7 +62,7 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
             "past_key_values=kvcompile.cache_for(model, plan, ...), got "
             f"{type(plan).__name__ if plan is not None else 'no plan'}"
         )
-    static = static_inputs(gm, example_inputs)
+    static = static_inputs(gm, example_inputs) if cuda_graphs == "kvcompile" else None  # dynamo's graph, as it came
     gm = run_stage(HF_GRAPH, gm, plan)
     if not use_inductor:
         return gm.forward

@@ -230,8 +230,7 @@ def _heal(args: argparse.Namespace, model, tokenizer, plan: Plan, checkpoint: Pa
     return heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
                 rank=args.heal_rank, batch_size=args.heal_batch_size, chunk_tokens=args.heal_chunk_tokens,
                 seed=args.heal_seed, tasks=args.heal_tasks, task_share=args.heal_task_share,
-                projections=args.heal_projections, checkpoint_dir=checkpoint,
-                progress=args.progress)
+                projections=args.heal_projections, checkpoint_dir=checkpoint, progress=args.progress)
 
 
 def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
@@ -505,11 +504,11 @@ def _describe(plan: Plan) -> str:
                      f"{len(plan.merges)} layers")
     if "heal" in plan.meta:
         record = plan.meta["heal"]
-        tasks = f", {record['task_share']:.0%} retrieval prompts ({' '.join(record['tasks'])})" if record.get("tasks") else ""
+        recipe = f", {record['task_share']:.0%} retrieval prompts ({' '.join(record['tasks'])})" if record.get("tasks") else ""
         projections = record.get("projections", PROJECTIONS)
         if record.get("rank") and set(projections) != set(PROJECTIONS):
-            tasks += f", updates of {' '.join(projections)}"
-        parts.append(f"healed ({record['steps']} steps{tasks}, KL {record['initial_loss']:.3f} -> "
+            recipe += f", updates of {' '.join(projections)}"
+        parts.append(f"healed ({record['steps']} steps{recipe}, KL {record['initial_loss']:.3f} -> "
                      f"{record['final_loss']:.3f})")
     return ", ".join(parts)
 
