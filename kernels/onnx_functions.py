@@ -19,8 +19,10 @@ holds. kvcompile/export/onnx.py drives the export and says why it is built this 
   row's count instead of a mask (ops.py, "Caches written in place"): its attention nodes take
   `lengths` where the mask was (overload `lengths`, `groups2_lengths`, ...), and the function
   builds the mask from them (`_length_mask_nodes`). It attends over the whole capacity, so the
-  cache keeps its free slots finite (cache.py allocates them zeroed). `windowed_attention` is
-  exported in this form only: the window and the middle each with their row counts.
+  cache keeps its free slots finite (cache.py allocates them zeroed). A sliding layer's cache is a
+  ring: its nodes add the suffix `ring` and the attribute `window`, and the mask follows the
+  sliding rule (`_ring_mask_nodes`). `windowed_attention` is exported in the lengths form only: the
+  window and the middle each with their row counts.
 - **The decode's products stream the cache.** onnxruntime's CPU GEMM packs its right operand
   (a copy) unless the left one has a single row; the decode's few query rows are therefore the
   right operand of the scores, (k @ q^T)^T, and meet V one row at a time (`_scores`,
@@ -57,6 +59,9 @@ BODY_OPSET = 18
 _FLOAT, _BOOL = 1, 9  # onnx.TensorProto.FLOAT, BOOL
 # The overload (suffix) of an attention node that takes per-row cache lengths instead of a mask.
 LENGTHS = "lengths"
+# The overload (suffix) of an attention node over a sliding layer's ring (with lengths; its `window`
+# an attribute): token t of a row in slot t % C, query i seeing the `window` tokens up to its own.
+RING = "ring"
 # The overload (suffix) of a grouped attention node whose groups' head lists, concatenated, are the
 # KV heads 0, 1, ... in order: its group scores stack into KV-head order as they are (add_functions).
 ORDERED = "ordered"
@@ -101,8 +106,9 @@ def _record_kvcompile(op_type: str, inputs: list, attributes: dict, overload: st
     return _record(DOMAIN, op_type, inputs, attributes, overload=overload, version=DOMAIN_VERSION)[0]
 
 
-def _attention_attrs(scale: float, is_causal: bool) -> dict:
-    return {"scale": float(scale), "is_causal": int(bool(is_causal))}  # ONNX has no bool attribute
+def _attention_attrs(scale: float, is_causal: bool, window: int = 0) -> dict:
+    attrs = {"scale": float(scale), "is_causal": int(bool(is_causal))}  # ONNX has no bool attribute
+    return {**attrs, "window": int(window)} if window else attrs
 
 
 def _bool_mask(mask):
@@ -249,35 +255,52 @@ def _one():
 # kvcompile::attention
 
 
-def _emit_attention(q, k, v, mask, scale, is_causal, lengths=None):
+def _emit_attention(q, k, v, mask, scale, is_causal, lengths=None, window=0):
     if lengths is not None:
-        return _record_kvcompile("attention", [q, k, v, lengths], _attention_attrs(scale, is_causal), overload=LENGTHS)
+        return _record_kvcompile("attention", [q, k, v, lengths], _attention_attrs(scale, is_causal, window),
+                                 overload=_lengths_overload(window))
     return _record_kvcompile("attention", [q, k, v, _bool_mask(mask)], _attention_attrs(scale, is_causal))
 
 
 def _attention_function(node):
-    by_lengths = node.overload == LENGTHS
+    suffixes = node.overload.split("_")
+    by_lengths = LENGTHS in suffixes
     b = _Body(["q", "k", "v", "lengths" if by_lengths else "mask"])
     q, k, v, mask = b.inputs
     if by_lengths:
-        mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(k, 2, 3))
+        mask = _lengths_mask(b, mask, b.shape(q, 2, 3), b.shape(k, 2, 3), ring=RING in suffixes)
     scores = _scores(b, _by_kv_head(b, q, v), k, decode=by_lengths)
     out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
-    return b.function("attention", out, attributes=("scale", "is_causal"), overload=node.overload)
+    return b.function("attention", out, attributes=_attention_attr_names(suffixes), overload=node.overload)
+
+
+def _lengths_overload(window: int) -> str:
+    return f"{LENGTHS}_{RING}" if window else LENGTHS
+
+
+def _attention_attr_names(suffixes: Sequence[str]) -> tuple[str, ...]:
+    return ("scale", "is_causal", "window") if RING in suffixes else ("scale", "is_causal")
+
+
+def _lengths_mask(b: _Body, lengths, s, t, ring: bool):
+    """The mask of an attention by per-row lengths over T slots: a ring's (`window` attribute) or
+    the plain prefix's."""
+    return _ring_mask_nodes(b, lengths, s, t) if ring else _length_mask_nodes(b, lengths, s, t)
 
 
 # kvcompile::pruned_attention
 
 
-def _groups_overload(count: int, by_lengths: bool = False) -> str:
-    return f"groups{count}" + (f"_{LENGTHS}" if by_lengths else "")
+def _groups_overload(count: int, by_lengths: bool = False, window: int = 0) -> str:
+    return f"groups{count}" + (f"_{_lengths_overload(window)}" if by_lengths else "")
 
 
-def _emit_pruned_attention(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None):
+def _emit_pruned_attention(q, k_groups, heads, channels, v, mask, scale, is_causal, lengths=None, window=0):
     count = len(k_groups)
     last = _bool_mask(mask) if lengths is None else lengths
     return _record_kvcompile("pruned_attention", [q, *k_groups, *heads, *channels, v, last],
-                             _attention_attrs(scale, is_causal), overload=_groups_overload(count, lengths is not None))
+                             _attention_attrs(scale, is_causal, window),
+                             overload=_groups_overload(count, lengths is not None, window))
 
 
 def _pruned_attention_function(node):
@@ -286,18 +309,19 @@ def _pruned_attention_function(node):
     (uniform attention), as in the reference. The gather index is built on the Hkv head ids alone,
     so no per-score index tensor is materialized."""
     count = (len(node.inputs) - 3) // 3  # q, count × (k, heads, channels), v, mask or lengths
-    by_lengths = LENGTHS in node.overload.split("_")
+    suffixes = node.overload.split("_")
+    by_lengths = LENGTHS in suffixes
     b = _Body(["q", *_group_input_names(count), "v", "lengths" if by_lengths else "mask"])
     q, v, mask = b.inputs[0], b.inputs[-2], b.inputs[-1]
     keys, heads, channels = (b.inputs[1 + i * count : 1 + (i + 1) * count] for i in range(3))
     if by_lengths:
-        mask = _length_mask_nodes(b, mask, b.shape(q, 2, 3), b.shape(v, 2, 3))
+        mask = _lengths_mask(b, mask, b.shape(q, 2, 3), b.shape(v, 2, 3), ring=RING in suffixes)
     q5 = _by_kv_head(b, q, v)
     # a KV head in no group scores 0 everywhere: uniform attention, as in the reference
     scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero(),
                                       ordered=ORDERED in node.overload.split("_"), decode=by_lengths)
     out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
-    return b.function("pruned_attention", out, attributes=("scale", "is_causal"), overload=node.overload)
+    return b.function("pruned_attention", out, attributes=_attention_attr_names(suffixes), overload=node.overload)
 
 
 def _group_input_names(count: int) -> list[str]:
@@ -347,6 +371,22 @@ def _length_mask_nodes(b: _Body, lengths, s, t):
     slots = b.op("Range", zero, b.op("Squeeze", t), one)  # (T,)
     seen = b.op("LessOrEqual", slots, b.op("Unsqueeze", last_seen, b.ints(2)))  # (B, S, T)
     return b.op("Unsqueeze", seen, b.ints(1))
+
+
+def _ring_mask_nodes(b: _Body, lengths, s, capacity):
+    """ops._ring_view's mask as nodes: (B, 1, S, C) bool over a ring of C slots holding token t of
+    row b in slot t % C, its tokens those before lengths[b]: slot j holds the latest such token,
+    lengths[b] - 1 - ((lengths[b] - 1 - j) mod C) (none where negative), and query i (token
+    lengths[b] - S + i) sees the tokens in (its - window, its]. `s`, `capacity`: (1,) int64 sizes."""
+    zero, one = b.op("Constant", value_int=0), b.op("Constant", value_int=1)
+    last = b.op("Sub", b.op("Unsqueeze", lengths, b.ints(1)), one)  # (B, 1)
+    slots = b.op("Range", zero, b.op("Squeeze", capacity), one)  # (C,)
+    token = b.op("Sub", last, b.op("Mod", b.op("Sub", last, slots), capacity))  # (B, C), Mod of ints: Python's sign
+    query = b.op("Add", b.op("Sub", last, b.op("Sub", s, one)), b.op("Range", zero, b.op("Squeeze", s), one))  # (B, S)
+    token, query = b.op("Unsqueeze", token, b.ints(1)), b.op("Unsqueeze", query, b.ints(2))  # (B, 1, C), (B, S, 1)
+    held = b.op("GreaterOrEqual", token, zero)
+    seen = b.op("And", b.op("LessOrEqual", token, query), b.op("Greater", token, b.op("Sub", query, b.attribute("window"))))
+    return b.op("Unsqueeze", b.op("And", held, seen), b.ints(1))
 
 
 # kvcompile::windowed_attention
@@ -490,9 +530,24 @@ TRANSLATIONS: dict[str, Translation] = {
 SUPPORTED_OPS = TRANSLATIONS.keys()
 
 
+def _emit_integer_remainder(x, divisor):
+    """aten.remainder.Scalar of integers as one Mod (Python's sign, as ONNX's integer Mod): the
+    decode's ring slots, `cache_slots % C`, whose C is the buffer's dynamic size, a symbolic
+    scalar the exporter's own translation does not take."""
+    import onnx_ir as ir
+
+    if x.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        raise TranslationError(f"aten.remainder.Scalar is exported for integer tensors only, got {x.dtype}")
+    if not isinstance(divisor, ir.Value):
+        divisor = _record("", "Constant", [], {"value": ir.tensor(np.array(divisor, dtype=x.dtype.numpy()))})[0]
+    return _record("", "Mod", [x, _record("", "CastLike", [divisor, x])[0]])[0]
+
+
 def translation_table() -> dict[torch._ops.OpOverload, Callable]:
-    """`torch.onnx.export(custom_translation_table=...)`: each supported op's translation."""
-    return {getattr(torch.ops.kvcompile, name).default: translation.emit for name, translation in TRANSLATIONS.items()}
+    """`torch.onnx.export(custom_translation_table=...)`: each supported op's translation, and the
+    integer remainder of the decode's ring slots."""
+    table = {getattr(torch.ops.kvcompile, name).default: translation.emit for name, translation in TRANSLATIONS.items()}
+    return {**table, torch.ops.aten.remainder.Scalar: _emit_integer_remainder}
 
 
 def add_functions(model) -> None:

@@ -14,9 +14,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from kvcompile.kernels import onnx_functions  # noqa: E402
-from kvcompile.kernels.onnx_functions import DOMAIN, ORDERED  # noqa: E402
+from kvcompile.kernels.onnx_functions import DOMAIN, ORDERED, RING  # noqa: E402
 
 import kvcompile  # noqa: E402
+from kvcompile import layout  # noqa: E402
 from kvcompile import Plan, Recipe, calibrate  # noqa: E402
 from kvcompile.export.onnx import OnnxExportError, export_onnx  # noqa: E402
 from kvcompile.export.onnx_runtime import ExportFolderError, generate, load  # noqa: E402
@@ -48,6 +49,16 @@ CASES = {  # name: (arch, plan maker, kvcompile ops the decode file must hold)
     "llama-merge-prune": ("llama", _merge_then_prune, {"gather_kv_channels", "pruned_attention"}),
     "qwen2-prune": ("qwen2", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),
     "phi3-prune": ("phi3", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),
+    # every layer slides: pruned rings
+    "mistral-sliding-prune": ("mistral", lambda model: PRUNE, {"gather_kv_channels", "pruned_attention"}),
+    # a sliding layer's whole ring beside a global layer's windows
+    "gemma3-sliding-windowed": ("gemma3", lambda model: Plan.from_k_channels({1: K_CHANNELS[1]}, sink=2, recent=4, buffer=3),
+                                {"attention", "windowed_attention"}),
+}
+SLIDING_WINDOW = 4  # shorter than the prompts below
+MODEL_OPTIONS = {
+    "mistral-sliding-prune": dict(sliding_window=SLIDING_WINDOW),
+    "gemma3-sliding-windowed": dict(sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"]),
 }
 # the prune cases of Qwen2 (q/k/v bias) and Phi-3 (fused qkv) export what Llama's does: slow
 SLOW_CASES = ("qwen2-prune", "phi3-prune")
@@ -57,7 +68,7 @@ SLOW_CASES = ("qwen2-prune", "phi3-prune")
                                         for case in CASES])
 def exported(request, tmp_path_factory):
     arch, make_plan, ops = CASES[request.param]
-    model = make_tiny_model(arch)
+    model = make_tiny_model(arch, **MODEL_OPTIONS.get(request.param, {}))
     plan = make_plan(model)
     folder = export_onnx(model, plan, tmp_path_factory.mktemp(request.param) / "export")
     return model, plan, folder, ops
@@ -90,7 +101,7 @@ def test_prefill_and_decode_match_pytorch_on_a_padded_batch(exported):
         held = want.past_key_values
         assert cache.row_lengths == held.row_lengths and cache.nbytes == held.nbytes
         for name, tensor in held.entries.items():
-            for row, count in enumerate(held.region_lengths(_region(held, name))):
+            for row, count in enumerate(_slots_held(held, name)):
                 torch.testing.assert_close(cache.entries[name][row, :, :count], tensor[row, :, :count], atol=1e-4, rtol=0)
         if step == STEPS:
             break
@@ -102,9 +113,15 @@ def test_prefill_and_decode_match_pytorch_on_a_padded_batch(exported):
 
 
 def _region(cache, name):
-    from kvcompile.layout import entry_region
+    return layout.entry_region(cache.plan, cache.shape, name)
 
-    return entry_region(cache.plan, cache.shape, name)
+
+def _slots_held(cache, name) -> list[int]:
+    """Each row's slots of entry `name` that hold one of its tokens: its region's count, or as
+    many of a ring's slots as the row has tokens."""
+    if _region(cache, name) == layout.RING:
+        return [min(n, cache.buffers[name].shape[2]) for n in cache.row_lengths]
+    return cache.region_lengths(_region(cache, name))
 
 
 def test_generate_gives_transforms_tokens_and_padded_rows_equal_rows_alone(exported):
@@ -127,6 +144,8 @@ def test_decode_writes_the_cache_in_place(exported):
     _, cache = onnx_model.prefill(_rows((6,))[0][None], max_cache_len=32)
     before = {name: (buffer.data_ptr(), buffer.clone()) for name, buffer in cache.buffers.items()}
     next_slot = {region: cache.region_lengths(region)[0] for region in ("full", "window")}
+    next_slot |= {name: cache.length % buffer.shape[2] for name, buffer in cache.buffers.items()
+                  if _region(cache, name) == layout.RING}  # a ring's slot: the token's position modulo its size
     onnx_model.decode(torch.tensor([[5]]), cache)  # 7 tokens: no window moves yet
     written = set(onnx_model.signatures["decode"].cache_outputs)
     assert written
@@ -134,7 +153,8 @@ def test_decode_writes_the_cache_in_place(exported):
         pointer, old = before[name]
         assert buffer.data_ptr() == pointer, name
         changed = (buffer != old).any(-1).any(1)[0].nonzero().flatten().tolist()  # token slots that changed
-        assert changed == ([next_slot[_region(cache, name)]] if name in written else []), name
+        slot = next_slot.get(name, next_slot.get(_region(cache, name)))
+        assert changed == ([slot] if name in written else []), name
 
 
 def test_files_hold_kvcompile_nodes_and_share_one_weights_file(exported):
@@ -152,7 +172,8 @@ def test_files_hold_kvcompile_nodes_and_share_one_weights_file(exported):
             assert (node.domain, node.op_type, node.overload) in functions
             if "attention" in node.op_type:
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                assert attrs == {"scale": pytest.approx(0.25), "is_causal": 0}
+                ring = {"window": SLIDING_WINDOW} if RING in node.overload.split("_") else {}
+                assert attrs == {"scale": pytest.approx(0.25), "is_causal": 0, **ring}
         if phase == "decode":
             assert {n.op_type for n in nodes} == ops
         if plan.k_channels == K_CHANNELS:  # layer 0's groups hold heads 0, 1 in order; layer 1 streams head 0

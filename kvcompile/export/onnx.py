@@ -38,7 +38,7 @@ import torch
 from kvcompile.cache import CompressedKVCache
 from kvcompile.capture import CACHE_NAME, capture
 from kvcompile.kernels.onnx_functions import DOMAIN, DOMAIN_VERSION, SUPPORTED_OPS, add_functions, translation_table
-from kvcompile.layout import FULL, MIDDLE, WINDOW, entry_region
+from kvcompile.layout import FULL, MIDDLE, RING, WINDOW, entry_layer, entry_region
 from kvcompile.pipeline import CACHE_WRITES_AS_OUTPUTS, run_stage
 from kvcompile.plan import ModelShape, Plan, decoder_config
 from kvcompile.program import (
@@ -82,10 +82,6 @@ def export_onnx(model: torch.nn.Module, plan: Plan, path: str | Path, *,
     check_replaceable_directory(folder, MANIFEST)  # before minutes of tracing, not after
     captured = program if program is not None else capture(model)
     tm = transform(model, plan, program=captured)  # checks model and plan; the runtime's programs and cache
-    sliding = [layer for layer in range(tm.shape.num_layers) if tm.shape.window(layer) is not None]
-    if sliding:  # their caches are rings whose capacity the exported decode would have to follow
-        raise OnnxExportError(f"layers {sliding} attend sliding windows, whose ring caches the ONNX export does not "
-                              "keep yet: export a model without sliding-window layers")
     decode_program = run_stage(CACHE_WRITES_AS_OUTPUTS, clone_program(tm.decode_program), plan)
     for phase, gm in (("prefill", tm.prefill_program), ("decode", decode_program)):
         _check_ops(gm, phase)
@@ -182,16 +178,16 @@ def prefill_dynamic_shapes():
 
 def decode_dynamic_shapes(signature: Signature, plan: Plan, shape: ModelShape) -> tuple:
     """Dynamic sizes of each decode input, in order: batch and new tokens of the tokens and slots,
-    batch of the lengths, batch and capacity of each cache buffer (one capacity per region: the
-    cache grows each region's buffers on its own)."""
+    batch of the lengths, batch and capacity of each cache buffer (one capacity per region and ring
+    size: the cache grows each on its own)."""
     from torch.export import Dim
 
     batch, seq = Dim("batch"), Dim("seq")
-    capacity = {region: Dim(f"{region}_capacity") for region in (FULL, WINDOW, MIDDLE)}
+    capacity = {key: Dim(f"{key}_capacity") for key in {_capacity_key(plan, shape, e) for e in signature.cache_inputs}}
     per_index = {CACHE_SLOTS: {0: batch, 1: seq}, WINDOW_SLOTS: {0: batch, 1: seq}, CACHE_LENGTHS: {0: batch},
                  WINDOW_LENGTHS: {0: batch}, MIDDLE_LENGTHS: {0: batch}}
     shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}]
-    shapes += [{0: batch, 2: capacity[entry_region(plan, shape, entry)]} for entry in signature.cache_inputs]
+    shapes += [{0: batch, 2: capacity[_capacity_key(plan, shape, entry)]} for entry in signature.cache_inputs]
     shapes += [per_index[name] for name in signature.index_inputs]
     return tuple(shapes)
 
@@ -233,18 +229,32 @@ def _sample_prompt(device) -> tuple:
 
 def decode_sample_args(cache: CompressedKVCache, signature: Signature, new: int = 3) -> tuple:
     """Example arguments of a decode of `new` tokens continuing `cache`, in `signature`'s order:
-    its index inputs, and buffers shaped like its own but with a distinct capacity per region, so
-    that export keeps the regions' capacities apart. Sizes > 1: export specializes sizes 0 and 1."""
+    its index inputs, and buffers shaped like its own but with a distinct capacity per region and
+    ring size (`_capacity_key`), so that export keeps those capacities apart. Sizes > 1: export specializes sizes 0 and 1."""
     device = cache.lengths.device
     indices = cache.prepare_call(new)
     window = cache.window_capacity(new)
     capacity = {WINDOW: window, FULL: window + 11, MIDDLE: window + 23}
+    for entry in cache.buffers:
+        key = _capacity_key(cache.plan, cache.shape, entry)
+        if key not in capacity:  # a ring: the slots a call of `new` needs, a size no other capacity has
+            size = cache.ring_capacity(entry_layer(entry), new)
+            while size in capacity.values():
+                size += 1
+            capacity[key] = size
     values = {
         "input_ids": torch.zeros(cache.batch_size, new, dtype=torch.long, device=device),
         "position_ids": cache.lengths[:, None] + torch.arange(new, device=device),
         **indices,
     }
     for entry, buffer in cache.buffers.items():
-        size = capacity[entry_region(cache.plan, cache.shape, entry)]
+        size = capacity[_capacity_key(cache.plan, cache.shape, entry)]
         values[past(entry)] = buffer.new_zeros(buffer.shape[0], buffer.shape[1], size, buffer.shape[3])
     return tuple(values[name] for name in signature.inputs)
+
+
+def _capacity_key(plan: Plan, shape: ModelShape, entry: str) -> str:
+    """Which dynamic capacity an entry's buffer has: its region's, or for a sliding layer's ring
+    that of the rings of its window size (the cache grows each of these on its own)."""
+    region = entry_region(plan, shape, entry)
+    return f"{RING}{shape.window(entry_layer(entry))}" if region == RING else region
