@@ -262,26 +262,38 @@ class CompressedKVCache:
 
     # -- writing: a decode call's tokens -------------------------------------------------------------
 
-    def prepare_call(self, new_tokens: int) -> dict[str, torch.Tensor]:
-        """The decode program's index inputs for a call adding `new_tokens` to every row, growing
-        the buffers first where they would overflow."""
+    def prepare_call(self, new_tokens: int, real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The decode program's index inputs for a call of `new_tokens` tokens per row, growing the
+        buffers first where they would overflow. `real` (B,): how many of its row's tokens are real,
+        the last ones (a left-padded call; default all). A row's real tokens go to the slots after
+        its own, its padding to the slots after those, which hold no token of the row: the
+        attention rule (query i sees slots up to count - S + i) then gives each real query its
+        row's tokens and no padding, and a ring's padding lands on tokens older than any query sees."""
         self._reserve(FULL, max(self.region_lengths(FULL), default=0) + new_tokens)
         self._reserve_rings(new_tokens)
-        step = torch.arange(new_tokens, device=self.lengths.device)
-        inputs = {CACHE_SLOTS: self.lengths[:, None] + step, CACHE_LENGTHS: self.lengths + new_tokens}
+        step = torch.arange(new_tokens, device=self.lengths.device)[None]  # (1, S): each token's slot after the row's
+        added = new_tokens
+        if real is not None:
+            added = real.to(self.lengths.device)
+            step = (step - (new_tokens - added)[:, None]) % new_tokens  # real tokens first, then the padding
+        inputs = {CACHE_SLOTS: self.lengths[:, None] + step, CACHE_LENGTHS: self.lengths + added}
         if self.plan.windowed:
             self._reserve(WINDOW, self.window_capacity(new_tokens))
             window = self.lengths - self.middle_lengths
-            inputs.update({WINDOW_SLOTS: window[:, None] + step, WINDOW_LENGTHS: window + new_tokens,
+            inputs.update({WINDOW_SLOTS: window[:, None] + step, WINDOW_LENGTHS: window + added,
                            MIDDLE_LENGTHS: self.middle_lengths})
         return inputs
 
-    def advance(self, new_tokens: int) -> None:
-        """Count a call's `new_tokens` per row (the program wrote them), then move full windows' oldest
-        recent tokens to the middle."""
+    def advance(self, new_tokens: int, real: torch.Tensor | None = None) -> None:
+        """Count a call's `new_tokens` per row, or the `real` (B,) of them (prepare_call's), which
+        the program wrote; then move full windows' oldest recent tokens to the middle."""
         before = self.region_lengths(MIDDLE)
-        self.row_lengths = [n + new_tokens for n in self.row_lengths]
-        self.lengths = self.lengths + new_tokens
+        if real is None:
+            self.row_lengths = [n + new_tokens for n in self.row_lengths]
+            self.lengths = self.lengths + new_tokens
+        else:
+            self.row_lengths = [n + int(a) for n, a in zip(self.row_lengths, real.tolist())]
+            self.lengths = self.lengths + real.to(self.lengths)
         if self.plan.windowed:
             self._flush(before)
 

@@ -124,8 +124,9 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
 
         Without a cache (or with an empty one) this is a prefill: `attention_mask` (B, S), 1 for
         real tokens, 0 for padding (either side), positions counted over real tokens as transformers
-        does; each row keeps its real tokens. With a cache the call continues every row by all of
-        `input_ids`: a given `attention_mask` (B, P + S) must mark them all real. `max_cache_len`:
+        does; each row keeps its real tokens. With a cache the call continues each row by its real
+        tokens of `input_ids`: `attention_mask` (B, P + S) may left-pad the last S (rows continuing
+        by different numbers of tokens; a padding position's logits mean nothing). `max_cache_len`:
         slots to allocate per row at the prefill (default: grown by doubling when needed). A
         right-padded prompt's padding positions carry their row's last real logits, so every row's
         last logits predict its next token. `return_dict=False` gives the output as a tuple.
@@ -193,18 +194,20 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
         batch, seq = input_ids.shape
         if cache.batch_size != batch:
             raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
-        if attention_mask is not None and not bool(attention_mask[:, -seq:].all()):
-            raise NotImplementedError(
-                "padding among the tokens of a call that continues a cache is not supported: every row continues by "
-                "all of input_ids (pad prompts, not continuations)"
-            )
-        inputs = cache.prepare_call(seq)
+        real = continuation_lengths(attention_mask, batch, seq, self._device)
+        if real is not None and bool((cache.lengths + real < seq).any()):
+            row = int((cache.lengths + real < seq).nonzero()[0])
+            raise ValueError(f"row {row} holds {cache.row_lengths[row]} tokens and continues by {int(real[row])} real of "
+                             f"{seq}: a row's padding in a call continuing a cache may not outnumber the tokens it holds")
+        inputs = cache.prepare_call(seq, real)
         positions = cache.lengths[:, None] + torch.arange(seq, device=self._device)
+        if real is not None:  # a row's real tokens continue its positions; its padding's are never seen
+            positions = (positions - (seq - real)[:, None]).clamp(min=0)
         if self._graphed_decode is not None and seq == 1:
             logits = self._graphed_decode(input_ids, positions, cache.buffers, inputs)
         else:
             logits, _ = call_program(self.decode_program, input_ids, positions, cache.buffers, inputs)
-        cache.advance(seq)
+        cache.advance(seq, real)
         return logits, cache
 
     def _padding_mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor:
@@ -277,6 +280,26 @@ def padding_mask(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
     if not bool(valid.any(1).all()):
         raise ValueError("attention_mask has a row without tokens (all zeros)")
     return valid
+
+
+def continuation_lengths(attention_mask, batch: int, seq: int, device) -> torch.Tensor | None:
+    """How many of each row's `seq` tokens a call continuing a cache adds (B,), from the last `seq`
+    columns of a transformers `attention_mask` (B, P + S); None when they are all real. Padding must
+    come first in a row (left padding): a real token after padding would sit at the wrong position."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: a call continuing a cache takes "
+                         f"(batch, past + new) = ({batch}, P + {seq}), the last {seq} columns marking input_ids")
+    call = attention_mask[:, -seq:].to(device).bool()
+    if bool(call.all()):
+        return None
+    after_padding = call[:, :-1] & ~call[:, 1:]  # a real token followed by padding
+    if bool(after_padding.any()):
+        row = int(after_padding.any(1).nonzero()[0])
+        raise NotImplementedError(f"attention_mask row {row}: padding after a real token in a call that continues a "
+                                  "cache; only left padding is supported there (tokenizer padding_side='left')")
+    return call.sum(1)
 
 
 def prompt_positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

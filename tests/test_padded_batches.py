@@ -55,13 +55,14 @@ def _padded(rows, side):
     return ids, mask
 
 
-def _greedy_logits(tm, ids, mask=None, steps=STEPS):
-    """Per step, the logits of each row's next token (from its last real token), and the tokens fed."""
-    out = tm(ids, attention_mask=mask, use_cache=True)
+def _greedy_logits(tm, ids, mask=None, steps=STEPS, cache=None):
+    """Per step, the logits of each row's next token (from its last real token), and the cache;
+    `cache`: the one `ids` continue (`mask` then covers it too)."""
+    out = tm(ids, attention_mask=mask, use_cache=True, past_key_values=cache)
     if mask is None:
         logits = out.logits[:, -1]
     else:
-        last = torch.where(mask.bool(), torch.arange(ids.shape[1], device=ids.device), -1).amax(1)
+        last = torch.where(mask[:, -ids.shape[1]:].bool(), torch.arange(ids.shape[1], device=ids.device), -1).amax(1)
         logits = out.logits[torch.arange(ids.shape[0], device=ids.device), last]
     history = [logits]
     for _ in range(steps):
@@ -152,8 +153,38 @@ def test_copy_branches_two_independent_continuations():
     assert not torch.allclose(first, second)
 
 
-def test_padding_in_a_continuation_is_refused():
+CONTINUATIONS = (5, 1, 3)  # each row's next turn, as many tokens as its row of LENGTHS says
+
+
+@pytest.mark.parametrize("kind", ["pruned", "windowed", "merged"])
+def test_a_left_padded_continuation_extends_each_row_as_it_does_alone(kind):
+    """A padded batch's prompts, then a next turn of a different length per row (left-padded), then
+    greedy steps: each row's real logits equal the row's own, fed without padding; the windowed
+    plan moves window tokens at different steps per row."""
+    tm = _transformed("llama", kind)
+    rows = _rows()
+    turns = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(7 + n)) for n in CONTINUATIONS]
+    ids, mask = _padded(rows, "left")
+    cache = tm(ids, attention_mask=mask, use_cache=True).past_key_values
+    turn_ids, turn_mask = _padded(turns, "left")
+    batched, cache = _greedy_logits(tm, turn_ids, torch.cat([mask, turn_mask], dim=1), cache=cache)
+    for i, (row, turn) in enumerate(zip(rows, turns)):
+        alone_cache = tm(row[None], use_cache=True).past_key_values
+        alone, _ = _greedy_logits(tm, turn[None], cache=alone_cache)
+        torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)
+        assert torch.equal(batched[i].argmax(-1), alone[0].argmax(-1))
+    assert cache.row_lengths == [n + t + STEPS for n, t in zip(LENGTHS, CONTINUATIONS)]
+    assert cache.nbytes == sum(tm.plan.cache_nbytes(tm.shape, tm.dtype, 1, n) for n in cache.row_lengths)
+
+
+def test_padding_after_a_real_token_in_a_continuation_is_refused_naming_the_row():
     tm = _transformed("llama", "pruned")
     cache = tm(torch.randint(3, 128, (2, 5)), use_cache=True).past_key_values
-    with pytest.raises(NotImplementedError, match="padding among the tokens of a call that continues"):
-        tm(torch.tensor([[5], [6]]), past_key_values=cache, attention_mask=torch.tensor([[1] * 6, [1] * 5 + [0]]))
+    with pytest.raises(NotImplementedError, match="attention_mask row 1: padding after a real token in a call that "
+                                                  "continues a cache; only left padding"):
+        tm(torch.tensor([[5, 6], [6, 7]]), past_key_values=cache, attention_mask=torch.tensor([[1] * 7, [1] * 6 + [0]]))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 1\): a call continuing a cache takes"):
+        tm(torch.tensor([[5, 6], [6, 7]]), past_key_values=cache, attention_mask=torch.tensor([[1], [1]]))
+    with pytest.raises(ValueError, match="row 0 holds 5 tokens and continues by 1 real of 7"):
+        tm(torch.full((2, 7), 5), past_key_values=cache, attention_mask=torch.tensor([[1] * 5 + [0] * 6 + [1], [1] * 12]))
+    assert cache.row_lengths == [5, 5]  # nothing was written

@@ -164,6 +164,35 @@ def test_padded_rows_keep_their_own_windows():
     assert cache.nbytes == sum(tm.plan.cache_nbytes(tm.shape, tm.dtype, 1, n) for n in cache.row_lengths)
 
 
+def test_a_left_padded_continuation_keeps_each_rows_window():
+    """Rows continuing by 6, 2 and 0 real tokens in one call (longer than the window: the rings
+    regrow, and a row's padding lands on tokens its window has left), then greedy steps: each row
+    as it decodes alone."""
+    model, program = _mistral()
+    tm = kvcompile.transform(model, Plan.from_k_channels(K_CHANNELS), program=program)
+    prompt, turns = _prompt(3, 7, seed=4), [_prompt(1, n, seed=10 + n)[0] for n in (6, 2, 0)]
+    turn_ids, turn_mask = torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, 6, dtype=torch.long)
+    for index, turn in enumerate(turns):
+        turn_ids[index, 6 - len(turn):], turn_mask[index, 6 - len(turn):] = turn, 1
+    cache = tm(prompt).past_key_values
+    out = tm(turn_ids, past_key_values=cache, attention_mask=torch.cat([torch.ones(3, 7, dtype=torch.long), turn_mask], 1))
+    got = [out.logits[:, -1]]
+    for _ in range(STEPS // 2):
+        got.append(tm(got[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+    for index, turn in enumerate(turns):  # the row alone: its prompt, then its turn unpadded
+        alone = tm(prompt[index:index + 1]).past_key_values
+        want = [tm(turn[None], past_key_values=alone).logits[:, -1] if len(turn) else None]  # all padding: no logits
+        for step in range(STEPS // 2):
+            feed = got[step][index].argmax(-1).view(1, 1)  # the batch's token, so that one wrong step shows once
+            want.append(tm(feed, past_key_values=alone).logits[:, -1])
+        first = 0 if len(turn) else 1
+        torch.testing.assert_close(torch.cat([g[index:index + 1] for g in got[first:]]), torch.cat(want[first:]),
+                                   atol=1e-4, rtol=0)
+    assert cache.row_lengths == [7 + len(turn) + STEPS // 2 for turn in turns]
+    assert cache.nbytes == sum(tm.plan.cache_nbytes(tm.shape, tm.dtype, 1, n) for n in cache.row_lengths)
+    assert {buffer.shape[2] for buffer in cache.buffers.values()} == {WINDOW - 1 + 6}  # the 6-token call's rings
+
+
 def test_calibration_prunes_sliding_layers_within_their_windows():
     model, program = _mistral()
     tokens = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(4))
