@@ -194,15 +194,9 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
         batch, seq = input_ids.shape
         if cache.batch_size != batch:
             raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
-        real = continuation_lengths(attention_mask, batch, seq, self._device)
-        if real is not None and bool((cache.lengths + real < seq).any()):
-            row = int((cache.lengths + real < seq).nonzero()[0])
-            raise ValueError(f"row {row} holds {cache.row_lengths[row]} tokens and continues by {int(real[row])} real of "
-                             f"{seq}: a row's padding in a call continuing a cache may not outnumber the tokens it holds")
+        real = continuation_lengths(attention_mask, cache, seq)
         inputs = cache.prepare_call(seq, real)
-        positions = cache.lengths[:, None] + torch.arange(seq, device=self._device)
-        if real is not None:  # a row's real tokens continue its positions; its padding's are never seen
-            positions = (positions - (seq - real)[:, None]).clamp(min=0)
+        positions = continuation_positions(cache.lengths, seq, real)
         if self._graphed_decode is not None and seq == 1:
             logits = self._graphed_decode(input_ids, positions, cache.buffers, inputs)
         else:
@@ -282,16 +276,19 @@ def padding_mask(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
     return valid
 
 
-def continuation_lengths(attention_mask, batch: int, seq: int, device) -> torch.Tensor | None:
-    """How many of each row's `seq` tokens a call continuing a cache adds (B,), from the last `seq`
+def continuation_lengths(attention_mask, cache: CompressedKVCache, seq: int) -> torch.Tensor | None:
+    """How many of each row's `seq` tokens a call continuing `cache` adds (B,), from the last `seq`
     columns of a transformers `attention_mask` (B, P + S); None when they are all real. Padding must
-    come first in a row (left padding): a real token after padding would sit at the wrong position."""
+    come first in a row (left padding): a real token after padding would sit at the wrong position;
+    and a row's padding may not outnumber the tokens it holds (its padding queries would see none)."""
     if attention_mask is None:
         return None
+    attention_mask = torch.as_tensor(attention_mask)
+    batch = cache.batch_size
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: a call continuing a cache takes "
                          f"(batch, past + new) = ({batch}, P + {seq}), the last {seq} columns marking input_ids")
-    call = attention_mask[:, -seq:].to(device).bool()
+    call = attention_mask[:, -seq:].to(cache.lengths.device).bool()
     if bool(call.all()):
         return None
     after_padding = call[:, :-1] & ~call[:, 1:]  # a real token followed by padding
@@ -299,7 +296,21 @@ def continuation_lengths(attention_mask, batch: int, seq: int, device) -> torch.
         row = int(after_padding.any(1).nonzero()[0])
         raise NotImplementedError(f"attention_mask row {row}: padding after a real token in a call that continues a "
                                   "cache; only left padding is supported there (tokenizer padding_side='left')")
-    return call.sum(1)
+    real = call.sum(1)
+    short = cache.lengths + real < seq
+    if bool(short.any()):
+        row = int(short.nonzero()[0])
+        raise ValueError(f"row {row} holds {cache.row_lengths[row]} tokens and continues by {int(real[row])} real of "
+                         f"{seq}: a row's padding in a call continuing a cache may not outnumber the tokens it holds")
+    return real
+
+
+def continuation_positions(lengths: torch.Tensor, seq: int, real: torch.Tensor | None) -> torch.Tensor:
+    """`position_ids` (B, S) of a call continuing rows of `lengths` tokens by the last `real` (B,)
+    of its `seq` (None: all): each row's real tokens continue its positions; its padding's are
+    never seen (clamped at 0)."""
+    positions = lengths[:, None] + torch.arange(seq, device=lengths.device)
+    return positions if real is None else (positions - (seq - real)[:, None]).clamp(min=0)
 
 
 def prompt_positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,14 @@ import torch
 from kvcompile.cache import CompressedKVCache
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.program import LOGITS, Signature, past, present
-from kvcompile.runtime import eos_token_ids, last_real_index, padding_mask, prompt_positions_and_mask
+from kvcompile.runtime import (
+    continuation_lengths,
+    continuation_positions,
+    eos_token_ids,
+    last_real_index,
+    padding_mask,
+    prompt_positions_and_mask,
+)
 from kvcompile.stores import read_json
 
 # The folder's files, shared with the exporter.
@@ -85,17 +92,19 @@ class ExportedModel:
                            None if bool(valid.all()) else valid, max_cache_len)
         return torch.from_numpy(outputs[LOGITS]), cache
 
-    def decode(self, input_ids, cache: CompressedKVCache) -> torch.Tensor:
-        """Logits (B, S, V) of `input_ids` continuing every row of `cache`, which they extend."""
+    def decode(self, input_ids, cache: CompressedKVCache, attention_mask=None) -> torch.Tensor:
+        """Logits (B, S, V) of `input_ids` continuing every row of `cache`, which they extend;
+        `attention_mask` (B, P + S) may left-pad them, as `TransformedModel`'s."""
         ids = check_token_ids(input_ids, self.vocab_size)
         cache.check_written_by(self.plan, self.shape)
         if ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has batch {ids.shape[0]}, the cache holds batch {cache.batch_size}")
         seq = ids.shape[1]
-        indices = cache.prepare_call(seq)  # grows the buffers first where they would overflow
-        values = {"input_ids": ids, "position_ids": cache.lengths[:, None] + torch.arange(seq), **indices}
+        real = continuation_lengths(attention_mask, cache, seq)
+        indices = cache.prepare_call(seq, real)  # grows the buffers first where they would overflow
+        values = {"input_ids": ids, "position_ids": continuation_positions(cache.lengths, seq, real), **indices}
         logits = self.decode_call(values, cache.buffers)
-        cache.advance(seq)
+        cache.advance(seq, real)
         return logits
 
 
