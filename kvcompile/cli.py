@@ -172,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--methods", nargs="+", choices=THROUGHPUT_METHODS, default=list(THROUGHPUT_METHODS),
                       help="rows to run (default all; see kvcompile/benchmarks/throughput.py)")
     rate.add_argument("--layers", type=_positive_int, help="llama-8b-random: this many layers (default 32)")
-    rate.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    rate.add_argument("--json", type=Path, metavar="PATH",
+                      help="write the results here, after every method (an interrupted run keeps what it measured)")
     rate.set_defaults(run=_run_throughput)
 
     latency = commands.add_parser("onnx-latency", help="onnxruntime CPU decode step: dense export vs compressed exports")
@@ -467,11 +468,17 @@ def _run_throughput(args: argparse.Namespace) -> int:
         model, _ = load_default_model(dtype) if args.model == "smollm2" else load_model(args.model, dtype)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         plan = Plan.load_path_or_builtin(args.plan)
-    reports = [
-        throughput.run(model, plan, batch, context, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                       methods=tuple(args.methods))
-        for batch in args.batch for context in args.context
-    ]  # fmt: skip
+    shapes = [(batch, context) for batch in args.batch for context in args.context]
+    reports: list[dict] = []
+
+    def save_so_far(current: dict) -> None:  # an interrupted run keeps every method measured
+        if args.json is not None:
+            so_far = [*reports, current]
+            write_json(args.json, so_far[0] if len(shapes) == 1 else so_far)
+
+    for batch, context in shapes:
+        reports.append(throughput.run(model, plan, batch, context, steps=args.steps, warmup=args.warmup,
+                                      repeats=args.repeats, methods=tuple(args.methods), on_method=save_so_far))
     table = "\n".join(throughput.format_row(report) for report in reports)
     return _print_report(table, reports[0] if len(reports) == 1 else reports, args.json)
 

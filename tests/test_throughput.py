@@ -19,9 +19,13 @@ CPU_METHODS = ("dense", "dense-twin", "transformed", "compiled", "compiled-own-g
 
 def test_every_method_decodes_and_the_report_compares_with_dense():
     torch._dynamo.reset()
+    so_far = []
     report = throughput.run(make_tiny_model("llama"), WINDOWED, batch=2, context=40, steps=2, warmup=3, repeats=2,
-                            methods=CPU_METHODS)
+                            methods=CPU_METHODS, on_method=so_far.append)
     assert set(report["tokens_per_s"]) == set(CPU_METHODS)
+    # after each method, the report of those measured so far (what `--json` keeps of an interrupted run)
+    assert [list(partial["tokens_per_s"]) for partial in so_far] == [list(CPU_METHODS[: i + 1]) for i in range(len(CPU_METHODS))]
+    assert so_far[-1] == report
     assert all(rate > 0 for rate in report["tokens_per_s"].values())
     assert all(low <= report["tokens_per_s"][m] <= high for m, (low, high) in report["tokens_per_s_min_max"].items())
     assert report["speedup_vs_dense"]["dense"] == 1.0 == report["speedup_vs_fastest_stock"]["dense"]

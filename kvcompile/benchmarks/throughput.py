@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -141,8 +142,9 @@ def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int
 
 
 def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup: int = 20, repeats: int = 3,
-        methods=METHODS) -> dict:  # fmt: skip
-    """Decode tokens/s of `model` under `plan` (see the module docstring) for each of `methods`."""
+        methods=METHODS, on_method: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Decode tokens/s of `model` under `plan` (see the module docstring) for each of `methods`.
+    `on_method` is given the report so far after each method (a long run interrupted keeps them)."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
@@ -151,6 +153,31 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     rates, ranges, failures = {}, {}, {}
+    step_bytes = _bytes_per_step(model, plan, shape, dtype, batch, context)
+
+    def report() -> dict:
+        return {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "versions": {"torch": torch.__version__},
+            "model": type(model).__name__,
+            "shape": {**vars(shape)},
+            "plan": {"method": plan.meta.get("method", "?"), "sink": plan.sink, "recent": plan.recent},
+            "dtype": str(dtype),
+            "batch": batch,
+            "context": context,
+            "steps": steps,
+            "warmup": warmup,
+            "repeats": repeats,
+            "tokens_per_s": dict(rates),
+            "tokens_per_s_min_max": dict(ranges),
+            "speedup_vs_dense": {m: round(rates[m] / rates["dense"], 3) for m in rates} if "dense" in rates else {},
+            "speedup_vs_fastest_stock": _speedup_vs_fastest_stock(rates),
+            "bytes_per_step": {m: step_bytes[m] for m in rates},
+            "gb_per_s": {m: round(step_bytes[m] * rates[m] / batch / 1e9, 1) for m in rates},
+            "byte_ideal_speedup": round(step_bytes["dense"] / step_bytes["transformed"], 3),
+            "failed": dict(failures),
+        }
+
     captured = capture(model, shape) if {"dense-twin", "transformed"} & set(methods) else None
     for method in methods:
         print(f"throughput: {method} ...", file=sys.stderr, flush=True)
@@ -159,6 +186,7 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
                                    captured)
             rates[method] = round(statistics.median(blocks), 1)
             ranges[method] = [round(min(blocks), 1), round(max(blocks), 1)]
+            print(f"throughput: {method} {rates[method]} {ranges[method]} tokens/s", file=sys.stderr, flush=True)
         except torch.OutOfMemoryError as err:  # e.g. a compiled graph holds the old and new cache at once
             failures[method] = f"out of memory: {str(err).splitlines()[0]}"
         except Exception as err:  # one method's failure (a compiler's, say) leaves the others' numbers standing
@@ -167,28 +195,9 @@ def run(model, plan: Plan, batch: int, context: int, *, steps: int = 20, warmup:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    step_bytes = _bytes_per_step(model, plan, shape, dtype, batch, context)
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__},
-        "model": type(model).__name__,
-        "shape": {**vars(shape)},
-        "plan": {"method": plan.meta.get("method", "?"), "sink": plan.sink, "recent": plan.recent},
-        "dtype": str(dtype),
-        "batch": batch,
-        "context": context,
-        "steps": steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "tokens_per_s": rates,
-        "tokens_per_s_min_max": ranges,
-        "speedup_vs_dense": {m: round(rates[m] / rates["dense"], 3) for m in rates} if "dense" in rates else {},
-        "speedup_vs_fastest_stock": _speedup_vs_fastest_stock(rates),
-        "bytes_per_step": {m: step_bytes[m] for m in rates},
-        "gb_per_s": {m: round(step_bytes[m] * rates[m] / batch / 1e9, 1) for m in rates},
-        "byte_ideal_speedup": round(step_bytes["dense"] / step_bytes["transformed"], 3),
-        "failed": failures,
-    }
+        if on_method is not None:
+            on_method(report())
+    return report()
 
 
 def _method_rates(method, model, plan, shape, batch, context, dtype, device, warmup, steps, repeats,
