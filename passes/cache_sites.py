@@ -23,8 +23,10 @@ sink (static_cache.py); decode attends over the middle the runtime holds before 
 window after it (`windowed_attention` with the ring's phase). A sliding layer's entries are rings
 (static_cache.py): token t in slot t % C, a prompt's last window - 1 tokens kept, decode attending
 over them with the layer's `window`. HF's mask is read at the prompt only, for its padding (its
-diagonal marks every real token, under a causal or a sliding mask alike); decode counts come from
-the cache, one per row for all layers, computed once per graph and written back after the last site.
+diagonal marks every real token, under a causal or a sliding mask alike); a later call's padding
+comes from the last S columns of the model's 2-D attention_mask (left padding: each row's real
+tokens after its own, its padding past its new count). Decode counts come from the cache, one per
+row for all layers, computed once per graph and written back after the last site.
 """
 
 from __future__ import annotations
@@ -252,12 +254,21 @@ class _Counts:
 
     def __init__(self, b, plan: Plan, lengths, prompt: bool, mask, new_key):
         self.b, self.plan, self.lengths, self.prompt = b, plan, lengths, prompt
+        new_tokens = b(torch.ops.aten.sym_size.int, new_key, 2)
         if prompt:
-            self.index, self.after = _prompt_indices(b, mask, new_key)
+            self.index, self.after = _call_indices(b, _real_tokens_of_prompt(b, mask, new_key))
+        elif (padding := _padding_input(mask)) is not None:
+            # a continuation left-padded (or not) by the model's attention_mask (B, P + S): each row's
+            # real tokens after its own, its padding past its new count, which no query reads (query
+            # i sees slots up to count - S + i)
+            real = b(operator.ne, b(operator.getitem, padding, (slice(None), slice(b(operator.neg, new_tokens), None))), 0)
+            index, added = _call_indices(b, real)
+            self.index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), index)
+            self.after = b(operator.add, lengths, added)
         else:
-            step = b(torch.arange, b(torch.ops.aten.sym_size.int, new_key, 2), device=new_key.meta["example_value"].device)
+            step = b(torch.arange, new_tokens, device=new_key.meta["example_value"].device)
             self.index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step)
-            self.after = b(operator.add, lengths, b(torch.ops.aten.sym_size.int, new_key, 2))
+            self.after = b(operator.add, lengths, new_tokens)
         self._windows = None
 
     def windows(self, middle_entry: torch.fx.Node) -> "_WindowCounts":
@@ -312,15 +323,39 @@ def _middle_length(b, plan: Plan, counts):
     return b(torch.clamp, b(operator.mul, moved, plan.buffer), min=0)
 
 
-def _prompt_indices(b, mask, new_key):
-    """(index (B, S), counts (B,)) of a prompt's tokens: row b's real tokens are its tokens 0..n_b - 1
-    in order, its padding n_b onwards. Real tokens are those that attend to themselves: the mask's
-    diagonal (all, without a mask)."""
+def _real_tokens_of_prompt(b, mask, new_key):
+    """(B, S) bool: a prompt's real tokens, those that attend to themselves: the diagonal of HF's
+    mask over the prompt (all, without a mask)."""
     if mask is None:
-        valid = b(torch.ones_like, b(operator.getitem, new_key, (slice(None), 0, slice(None), 0)), dtype=torch.bool)
-    else:
-        diagonal = b(torch.diagonal, b(operator.getitem, mask, (slice(None), 0)), 0, -2, -1)
-        valid = diagonal if mask.meta["example_value"].dtype == torch.bool else b(operator.eq, diagonal, 0)
+        return b(torch.ones_like, b(operator.getitem, new_key, (slice(None), 0, slice(None), 0)), dtype=torch.bool)
+    diagonal = b(torch.diagonal, b(operator.getitem, mask, (slice(None), 0)), 0, -2, -1)
+    return diagonal if mask.meta["example_value"].dtype == torch.bool else b(operator.eq, diagonal, 0)
+
+
+def _padding_input(mask) -> torch.fx.Node | None:
+    """The model's 2-D `attention_mask` (B, P + S), the graph input (dynamo names it after the
+    argument) HF built the attention's mask from: a later call's padding is in its last S columns.
+    HF's mask itself covers the call's tokens at the cache's offset 0, the prompt's columns, which
+    is right at the prompt only."""
+    if not isinstance(mask, torch.fx.Node):
+        return None
+    seen, stack, found = set(), [mask], []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        value = node.meta.get("example_value")
+        if (node.op == "placeholder" and "attention_mask" in node.name and isinstance(value, torch.Tensor)
+                and value.dim() == 2 and not value.dtype.is_floating_point):
+            found.append(node)
+        stack.extend(node.all_input_nodes)
+    return found[0] if len(found) == 1 else None
+
+
+def _call_indices(b, valid):
+    """(index (B, S), counts (B,)) of a call's tokens within it, `valid` (B, S) marking the real
+    ones: row b's real tokens are its tokens 0..n_b - 1 in order, its padding n_b onwards."""
     counts = b(torch.sum, valid, 1)
     padding_index = b(operator.add, b(operator.getitem, counts, (slice(None), None)),
                       b(torch.cumsum, b(torch.logical_not, valid), 1))

@@ -138,6 +138,40 @@ def test_inductor_and_transformers_generate_with_a_padded_batch():
     _assert_each_write_input_made_once(decode, model.config.num_hidden_layers)
 
 
+@pytest.mark.parametrize("kind", ["pruned", "merged-post-pruned", "healed-merged-commute"])
+def test_a_left_padded_continuation_matches_transform(kind):
+    """A padded batch's prompts, then a next turn of 3 and 1 real tokens (left-padded; the mask
+    (B, P + S) as transformers builds it), then greedy steps: transform's logits at the real
+    positions and its row counts; transformers' positions come from the mask, as generate makes them."""
+    model = make_tiny_model("llama")
+    plan = PLANS[kind]("llama")
+    ids, mask = _prompt(batch=2, length=7), torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    turn, turn_mask = _prompt(batch=2, length=3, seed=3), torch.tensor([[1, 1, 1], [0, 0, 1]])
+    tm = kvcompile.transform(model, plan)
+    held = tm(ids, attention_mask=mask).past_key_values
+    cache = kvcompile.cache_for(model, plan, batch_size=2, max_cache_len=7 + 3 + STEPS)
+    compiled = torch.compile(model, backend="kvcompile", options={"plan": plan, "inductor": False})
+    with torch.no_grad():
+        compiled(ids, attention_mask=mask, position_ids=_positions(mask), **{CACHE_NAME: cache})
+        mask = torch.cat([mask, turn_mask], dim=1)
+        got = compiled(turn, attention_mask=mask, position_ids=_positions(mask)[:, -3:], **{CACHE_NAME: cache}).logits
+        want = tm(turn, attention_mask=mask, past_key_values=held).logits
+        torch.testing.assert_close(got[turn_mask.bool()], want[turn_mask.bool()], atol=1e-5, rtol=1e-5)
+        assert cache.row_lengths == held.row_lengths == [7 + 3, 4 + 1]
+        for _ in range(STEPS // 2):
+            token = want[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            got = compiled(token, attention_mask=mask, position_ids=_positions(mask)[:, -1:], **{CACHE_NAME: cache}).logits
+            want = tm(token, past_key_values=held).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _positions(mask):
+    """transformers' position_ids under padding (generate's): real tokens counted, padding at 1."""
+    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+
+
 def _assert_each_write_input_made_once(code: str, layers: int) -> None:
     """Each layer's new key goes to several entries (each width group's kept channels, the window),
     and every layer writes at the same slots: inductor's code computes each once and hands the one
