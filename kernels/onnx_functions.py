@@ -530,24 +530,27 @@ TRANSLATIONS: dict[str, Translation] = {
 SUPPORTED_OPS = TRANSLATIONS.keys()
 
 
-def _emit_integer_remainder(x, divisor):
-    """aten.remainder.Scalar of integers as one Mod (Python's sign, as ONNX's integer Mod): the
-    decode's ring slots, `cache_slots % C`, whose C is the buffer's dynamic size, a symbolic
-    scalar the exporter's own translation does not take."""
+def _emit_remainder(x, divisor):
+    """aten.remainder.Scalar, whose divisor may be a symbolic scalar (the decode's ring slots,
+    `cache_slots % C`, C the buffer's dynamic size), which the exporter's own translation does not
+    take. Python's sign: integers by ONNX's Mod (fmod=0 follows the divisor's sign), floats as
+    x - floor(x / d) * d."""
     import onnx_ir as ir
 
-    if x.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
-        raise TranslationError(f"aten.remainder.Scalar is exported for integer tensors only, got {x.dtype}")
     if not isinstance(divisor, ir.Value):
         divisor = _record("", "Constant", [], {"value": ir.tensor(np.array(divisor, dtype=x.dtype.numpy()))})[0]
-    return _record("", "Mod", [x, _record("", "CastLike", [divisor, x])[0]])[0]
+    divisor = _record("", "CastLike", [divisor, x])[0]
+    if not x.dtype.is_floating_point():
+        return _record("", "Mod", [x, divisor])[0]
+    quotient = _record("", "Floor", [_record("", "Div", [x, divisor])[0]])[0]
+    return _record("", "Sub", [x, _record("", "Mul", [quotient, divisor])[0]])[0]
 
 
 def translation_table() -> dict[torch._ops.OpOverload, Callable]:
     """`torch.onnx.export(custom_translation_table=...)`: each supported op's translation, and the
-    integer remainder of the decode's ring slots."""
+    remainder by a symbolic size of the decode's ring slots."""
     table = {getattr(torch.ops.kvcompile, name).default: translation.emit for name, translation in TRANSLATIONS.items()}
-    return {**table, torch.ops.aten.remainder.Scalar: _emit_integer_remainder}
+    return {**table, torch.ops.aten.remainder.Scalar: _emit_remainder}
 
 
 def add_functions(model) -> None:

@@ -256,6 +256,27 @@ def test_export_refuses_a_folder_that_holds_something_else(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_a_remainder_by_a_dynamic_size_keeps_pythons_sign(dtype):
+    """The ring slots' `slots % C`, C a buffer's dynamic size, through the export's own translation
+    of aten.remainder.Scalar: torch's values for negative and positive operands in onnxruntime."""
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    class Remainder(torch.nn.Module):
+        def forward(self, x, buffer):
+            return x % buffer.shape[0]
+
+    x = torch.arange(-7, 8, dtype=dtype) * (1 if dtype == torch.int64 else 0.75)
+    program = torch.onnx.export(Remainder(), (x, torch.zeros(5)), dynamo=True, verify=False,
+                                dynamic_shapes=({0: Dim("n")}, {0: Dim("capacity")}),
+                                custom_translation_table=onnx_functions.translation_table())
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for capacity in (3, 5):
+        (got,) = session.run(None, {"x": x.numpy(), "buffer": np.zeros(capacity, np.float32)})
+        torch.testing.assert_close(torch.from_numpy(got), x % capacity)
+
+
 def test_an_op_without_translation_is_refused_by_name(tmp_path, monkeypatch):
     # SUPPORTED_OPS is the translation table's names: without the entry, the op has no translation
     monkeypatch.delitem(onnx_functions.TRANSLATIONS, "gather_kv_channels")
