@@ -230,7 +230,8 @@ def _sample_prompt(device) -> tuple:
 def decode_sample_args(cache: CompressedKVCache, signature: Signature, new: int = 3) -> tuple:
     """Example arguments of a decode of `new` tokens continuing `cache`, in `signature`'s order:
     its index inputs, and buffers shaped like its own but with a distinct capacity per region and
-    ring size (`_capacity_key`), so that export keeps those capacities apart. Sizes > 1: export specializes sizes 0 and 1."""
+    ring size (`_capacity_key`), so that export keeps those capacities apart. Sizes > 1: export
+    specializes sizes 0 and 1."""
     device = cache.lengths.device
     indices = cache.prepare_call(new)
     window = cache.window_capacity(new)
