@@ -26,7 +26,7 @@ import torch
 from .benchmarks.throughput import METHODS as THROUGHPUT_METHODS
 from .calibration import importance
 from .calibration.calibrate import calibrate
-from .calibration.heal import heal
+from .calibration.heal import DECODE_MODES, heal
 from .calibration.recipe import K_METHODS, LeanKTraining, Recipe, RecipeError
 from .cache import CacheMismatch
 from .capture import CaptureError, capture
@@ -225,13 +225,17 @@ def _healing_options(parser, prefix: str, steps: int | None) -> None:
     parser.add_argument(f"{prefix}projections", dest="heal_projections", metavar="NAME", nargs="+",
                         default=list(PROJECTIONS), choices=PROJECTIONS,
                         help=f"the attention projections that get updates (default all: {' '.join(PROJECTIONS)})")
+    parser.add_argument(f"{prefix}decode", dest="heal_decode", choices=DECODE_MODES, default="call",
+                        help="a windowed K-channel plan's chunks decode their second half as one call, or as "
+                             "one-token steps as generation does (default call)")
 
 
 def _heal(args: argparse.Namespace, model, tokenizer, plan: Plan, checkpoint: Path) -> Plan:
     return heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, steps=args.heal_steps, lr=args.heal_lr,
                 rank=args.heal_rank, batch_size=args.heal_batch_size, chunk_tokens=args.heal_chunk_tokens,
                 seed=args.heal_seed, tasks=args.heal_tasks, task_share=args.heal_task_share,
-                projections=args.heal_projections, checkpoint_dir=checkpoint, progress=args.progress)
+                projections=args.heal_projections, decode=args.heal_decode, checkpoint_dir=checkpoint,
+                progress=args.progress)
 
 
 def _evaluation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
@@ -515,6 +519,8 @@ def _describe(plan: Plan) -> str:
         projections = record.get("projections", PROJECTIONS)
         if record.get("rank") and set(projections) != set(PROJECTIONS):
             recipe += f", updates of {' '.join(projections)}"
+        if record.get("decode", "call") != "call":
+            recipe += f", decoded in {record['decode']}"
         parts.append(f"healed ({record['steps']} steps{recipe}, KL {record['initial_loss']:.3f} -> "
                      f"{record['final_loss']:.3f})")
     return ", ".join(parts)

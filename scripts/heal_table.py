@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import kvcompile
-from kvcompile.calibration.heal import default_chunk_tokens
+from kvcompile.calibration.heal import DECODE_MODES, default_chunk_tokens
 from kvcompile.evaluation import evaluate, text
 from kvcompile.models import DEFAULT_MODEL_NAME, load_default_model
 from kvcompile.plan import PROJECTIONS
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--task-share", type=float, default=0.25, help="share of the chunks that are retrieval prompts")
     parser.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS,
                         help="the attention projections healing updates")
+    parser.add_argument("--decode", choices=DECODE_MODES, default="call",
+                        help="how healing decodes a chunk's second half (heal's decode)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--ppl-windows", type=int, default=2, help="perplexity windows per length")
@@ -87,7 +89,7 @@ def main() -> None:
             result = kvcompile.heal(model, plan, [text.calibration_text()], tokenizer=tokenizer, program=program,
                                     steps=args.steps, lr=args.lr, rank=args.rank, batch_size=batch,
                                     chunk_tokens=chunk, tasks=args.heal_tasks, task_share=args.task_share,
-                                    projections=args.projections)
+                                    projections=args.projections, decode=args.decode)
             record = {**result.meta["heal"], "seconds": round(time.perf_counter() - began, 1)}
             healed[name] = replace(result, meta={**result.meta, "heal": record})
             healed[name].save(saved)

@@ -96,14 +96,15 @@ def test_heal_a_saved_k_channel_plan(monkeypatch, tiny_model, byte_tokenizer, ca
                      "--device", "cpu", "--no-progress"]) == 0
     assert cli.main(["heal", str(tmp_path / "pruned"), str(tmp_path / "healed"), "--steps", "2", "--rank", "4",
                      "--batch-size", "2", "--chunk-tokens", "384", "--tasks", "passkey", "--task-share", "0.5",
-                     "--projections", "value", "output", "--device", "cpu", "--no-progress"]) == 0
+                     "--projections", "value", "output", "--decode", "steps", "--device", "cpu", "--no-progress"]) == 0
     pruned, healed = Plan.load(tmp_path / "pruned"), Plan.load(tmp_path / "healed")
     assert healed.k_channels == pruned.k_channels and sorted(healed.updates) == sorted(pruned.k_channels)
     record = healed.meta["heal"]
     assert (record["rank"], record["batch_size"], record["chunk_tokens"]) == (4, 2, 384)
-    assert (record["tasks"], record["task_share"], record["projections"]) == (["passkey"], 0.5, ["value", "output"])
+    assert (record["tasks"], record["task_share"], record["projections"], record["decode"]) == (
+        ["passkey"], 0.5, ["value", "output"], "steps")
     assert all(sorted(update.factors) == ["output", "value"] for update in healed.updates.values())
-    assert "healed (2 steps, 50% retrieval prompts (passkey), updates of value output, KL" in cli._describe(healed)
+    assert "healed (2 steps, 50% retrieval prompts (passkey), updates of value output, decoded in steps, KL" in cli._describe(healed)
     assert f"healed from {pruned.fingerprint()}" in capsys.readouterr().err
     assert (tmp_path / "healed" / "checkpoint" / "state.json").is_file()
 

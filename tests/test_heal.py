@@ -108,22 +108,42 @@ def test_the_student_is_what_transform_runs(model, tokenizer, captured, rope):
     torch.testing.assert_close(_student_logits(model, plan, ids, 40), transformed, atol=1e-4, rtol=0)
 
 
-def test_with_pruned_channels_the_student_is_a_prefill_then_a_decode_call(model, tokenizer, merged, captured):
+@pytest.fixture(scope="module")
+def pruned_and_merged(model, tokenizer, merged, captured):
     # layer 0's merged head keeps 8 of its 16 channels, layer 1's none (a streaming head); windows
-    # with a small buffer so that the decode call's past has a middle
+    # with a small buffer so that the decoded half's past has a middle
     plan = kvcompile.Plan.from_k_channels({0: [list(range(0, 16, 2))], 1: [[]]}, model=merged.model, sink=4, recent=8,
                                           buffer=4).with_merges(merged.merges)
-    plan = kvcompile.heal(model, plan, TRAINING_TEXT, tokenizer=tokenizer, program=captured, **{**SETTINGS, "steps": 3})
+    return kvcompile.heal(model, plan, TRAINING_TEXT, tokenizer=tokenizer, program=captured, **{**SETTINGS, "steps": 3})
+
+
+@pytest.mark.parametrize("decode", ["call", "steps"])
+def test_with_pruned_channels_the_student_is_a_prefill_then_the_decoded_half(model, pruned_and_merged, captured,
+                                                                              decode):
+    """The student against transform: the chunk's first half a prompt, its second half one decode
+    call or one-token steps, as `decode` says."""
+    plan = pruned_and_merged
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(4))
     prompt = healing.prompt_length(plan, 48)
     transformed = kvcompile.transform(model, plan, program=captured)
+    calls = [ids[:, prompt:]] if decode == "call" else list(ids[:, prompt:].split(1, dim=1))
     with torch.no_grad():
-        first = transformed(ids[:, :prompt])
-        rest = transformed(ids[:, prompt:], past_key_values=first.past_key_values).logits
-    student = _student_logits(model, plan, ids, prompt)
-    torch.testing.assert_close(student, torch.cat([first.logits, rest], dim=1), atol=1e-4, rtol=0)
+        out = transformed(ids[:, :prompt])
+        logits = [out.logits]
+        for call in calls:
+            out = transformed(call, past_key_values=out.past_key_values)
+            logits.append(out.logits)
+    want = torch.cat(logits, dim=1)
+    shape = kvcompile.ModelShape.from_config(model.config)
+    dense = canonical_program(captured, kvcompile.Plan.from_k_channels({}))
+    with torch.no_grad():
+        student = healing._Student(dense, plan, shape, rank=0, seed=0, decode=decode).logits(ids, prompt)
+        other = healing._Student(dense, plan, shape, rank=0, seed=0,
+                                 decode={"call": "steps", "steps": "call"}[decode]).logits(ids, prompt)
+    torch.testing.assert_close(student, want, atol=1e-4, rtol=0)
+    assert (other[:, prompt:] - want[:, prompt:]).abs().max() > 1e-2  # the two ways differ, and the test tells them apart
     dense_rest = _student_logits(model, plan.with_windows(0, 0), ids, 48)[:, prompt:]  # pruning must show
-    assert (dense_rest - rest).abs().max() > 1e-2
+    assert (dense_rest - want[:, prompt:]).abs().max() > 1e-2
 
 
 def test_the_users_model_is_untouched(model, tokenizer, merged, captured):
@@ -186,6 +206,7 @@ def other_models_plan(tokenizer):
         (dict(batch_size=0), RecipeError, "batch_size must be a positive int"),
         (dict(plan="other model"), kvcompile.PlanError, "made for another model"),
         (dict(tasks=["needle"]), RecipeError, r"unknown tasks \['needle'\]"),
+        (dict(decode="tokens"), RecipeError, r"decode must be one of \['call', 'steps'\], got 'tokens'"),
         (dict(tasks=["passkey"], task_share=1.0), RecipeError, r"task_share must be a share of the chunks in \(0, 1\)"),
         (dict(tasks=["passkey"], texts=[torch.randint(0, 256, (1, 128))]), RecipeError,
          "tasks build retrieval prompts from string texts"),

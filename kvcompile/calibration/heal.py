@@ -22,10 +22,14 @@ The student is the dense canonical program whose attention sites compute what th
 compute, in plain differentiable torch (`_PlannedAttention`): keys and values merged per group,
 queries projected, outputs mapped back, and, in a plan that prunes K channels, the decode rules.
 Each calibration chunk runs as the transformed model runs a prompt and its continuation: its first
-half is the prompt (dense attention over the merged heads: the prefill), its second half one decode
-call (middle keys scored with the kept channels, streaming heads blind to them, plan.py). Without K
-channels the whole chunk is the prompt. tests/test_heal.py checks the healed plan's `transform`
-logits against this student.
+half is the prompt (dense attention over the merged heads: the prefill), its second half decoded
+(middle keys scored with the kept channels, streaming heads blind to them, plan.py). Without K
+channels the whole chunk is the prompt. With windows, what a decoded token sees as middle depends on
+how it was decoded: `decode="call"` runs the second half as one decode call (every query sees the
+prompt's middle, and the call's own earlier tokens with all channels), `decode="steps"` as one-token
+steps, as `generate` runs them (each query sees the middle its step holds: the window moves along, so
+every decoded position scores most of its past on the kept channels, as in generation at any length).
+tests/test_heal.py checks the healed plan's `transform` logits against this student, both ways.
 
 With `tasks`, a share of the chunks are retrieval prompts (evaluation/tasks.py's, their haystack
 cut from the calibration text) ending in their ideal answers, and such a chunk is scored on its
@@ -68,6 +72,7 @@ from .recipe import RecipeError
 from .training import Checkpoint, is_count, settings_fingerprint, warmup_decay, with_attention_modules
 
 _MAPS = ("key_down", "key_up", "value_down", "value_up")
+DECODE_MODES = ("call", "steps")  # how a chunk's decoded half runs (the module docstring)
 _DENSE = Plan.from_k_channels({})  # the teacher, and the student's program before its attention is replaced
 
 
@@ -86,6 +91,7 @@ class _Settings:
     tasks: tuple[str, ...] = ()
     task_share: float = 0.0
     projections: tuple[str, ...] = PROJECTIONS
+    decode: str = "call"
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ def heal(
     tasks: Sequence[str] = (),
     task_share: float = 0.25,
     projections: Sequence[str] = PROJECTIONS,
+    decode: str = "call",
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
@@ -134,6 +141,9 @@ def heal(
     `task_share` of the chunks a step draws are retrieval prompts of `chunk_tokens` tokens ending in
     their answers, scored at the answer (see the module docstring). `projections`: which of the
     attention's projections (of PROJECTIONS) get updates; those a healed plan already updates train on.
+    `decode` (of DECODE_MODES): how a chunk's second half is decoded, for a windowed plan that prunes
+    K channels: "call" (one decode call) or "steps" (one-token steps, as generation runs; the module
+    docstring).
 
     `model` is not modified. The result's meta records the healing (`meta["heal"]`: settings,
     calibration tokens, first and last step's KL). `checkpoint_dir`: save the run there every
@@ -142,7 +152,7 @@ def heal(
     """
     chunk_tokens = default_chunk_tokens(plan) if chunk_tokens is None else chunk_tokens
     settings = _Settings(steps, lr, seed, warmup, chunk_tokens, calib_tokens, rank, batch_size,
-                         tuple(tasks), task_share if tasks else 0.0, tuple(projections))
+                         tuple(tasks), task_share if tasks else 0.0, tuple(projections), decode)
     _check_settings(settings, checkpoint_every)
     shape = checked_model_shape(model, plan)
     if not plan.merges and not rank:
@@ -227,6 +237,8 @@ def _check_settings(settings: _Settings, checkpoint_every: int) -> None:
         raise RecipeError(f"heal: unknown tasks {unknown}; expected some of {list(TASKS)}")
     if settings.tasks and not (isinstance(settings.task_share, (int, float)) and 0 < settings.task_share < 1):
         raise RecipeError(f"heal: task_share must be a share of the chunks in (0, 1), got {settings.task_share!r}")
+    if settings.decode not in DECODE_MODES:
+        raise RecipeError(f"heal: decode must be one of {list(DECODE_MODES)}, got {settings.decode!r}")
 
 
 def task_chunks(settings: _Settings, tokenizer, haystack_text: str) -> list[_Chunk]:
@@ -329,12 +341,12 @@ class _Student:
     in the merge maps and the projection updates."""
 
     def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, rank: int, seed: int,
-                 projections: Sequence[str] = PROJECTIONS):
-        self.plan, self.shape = plan, shape
+                 projections: Sequence[str] = PROJECTIONS, decode: str = "call"):
+        self.plan, self.shape, self.decode = plan, shape, decode
         self.device = next(dense.parameters()).device
         self.merge_maps: dict[int, _MergeMaps] = {}
         self.updates: dict[int, _ProjectionUpdates] = {}
-        self.prompt_length = 0  # tokens of the current chunk the prefill runs; the rest is one decode call
+        self.prompt_length = 0  # tokens of the current chunk the prefill runs; the rest is decoded
         updated = rank or plan.updates
         program = (self._with_updated_weights(dense, rank, projections, torch.Generator().manual_seed(seed))
                    if updated else dense)
@@ -449,18 +461,24 @@ class _PlannedAttention(torch.nn.Module):
         return masked_softmax_attention(scores * scale, values, mask, is_causal)
 
     def _decode_scores(self, scores, q, keys, owner):
-        """Scores of the decode call's queries (the chunk past the prompt): middle keys (all keys
-        without windows) scored on the kept channels; in a windowed plan a streaming head does not
-        see them."""
+        """Scores of the decoded queries (the chunk past the prompt): middle keys (all keys without
+        windows) scored on the kept channels; in a windowed plan a streaming head does not see them.
+        A query's middle is what the cache holds as middle when it is decoded: the prompt's for one
+        decode call, the tokens before it for one-token steps (plan.middle_length)."""
         plan, prompt_length = self.student.plan, self.student.prompt_length
         queries, length = scores.shape[-2:]
         kept = self.kept.to(q.device)[owner]  # (Hq, width)
         pruned = (q * kept[:, None, :].to(q.dtype)) @ keys.transpose(-1, -2)
-        decode = torch.arange(length - queries, length, device=q.device) >= prompt_length
+        positions = range(length - queries, length)
         columns = torch.arange(length, device=q.device)
-        middle = (columns >= plan.sink) & (columns < plan.sink + plan.middle_length(prompt_length)) \
-            if plan.windowed else torch.ones_like(columns, dtype=torch.bool)
-        in_middle = decode[:, None] & middle[None, :]  # (S, T)
+        if plan.windowed:
+            held = [position if self.student.decode == "steps" else prompt_length for position in positions]
+            ends = torch.tensor([plan.sink + plan.middle_length(tokens) for tokens in held], device=q.device)
+            middle = (columns[None, :] >= plan.sink) & (columns[None, :] < ends[:, None])
+        else:
+            middle = torch.ones(1, length, dtype=torch.bool, device=q.device)
+        decode = torch.arange(length - queries, length, device=q.device) >= prompt_length
+        in_middle = decode[:, None] & middle  # (S, T)
         scores = torch.where(in_middle, pruned, scores)
         if plan.windowed:
             streaming = ~kept.any(dim=-1)
@@ -501,7 +519,7 @@ class _Trainer:
     def __init__(self, dense: torch.fx.GraphModule, plan: Plan, shape: ModelShape, chunks: list[_Chunk],
                  settings: _Settings):
         self.dense, self.plan, self.shape, self.settings = dense, plan, shape, settings
-        self.student = _Student(dense, plan, shape, settings.rank, settings.seed, settings.projections)
+        self.student = _Student(dense, plan, shape, settings.rank, settings.seed, settings.projections, settings.decode)
         self.trained = self.student.parameters()
         self.device = self.student.device
         self.chunks = chunks
