@@ -123,7 +123,6 @@ class ReplayedCalls:
 
     def __init__(self, fn: Callable, static: Sequence[bool], kept: int = KEPT_GRAPHS):
         self._fn, self._static, self.kept = fn, tuple(static), kept
-        self._boxed = getattr(fn, "_boxed_call", False)  # inductor's callables take one list of inputs
         self._replays: OrderedDict[tuple, _Replay | None] = OrderedDict()  # None: run fn, never captured
         self._seen: OrderedDict[tuple, None] = OrderedDict()  # keys called once
         self._pool = None  # one memory pool for every graph's intermediates
@@ -153,7 +152,9 @@ class ReplayedCalls:
         return sum(replay is not None for replay in self._replays.values())
 
     def _run(self, inputs: Sequence[torch.Tensor]):
-        return self._fn(list(inputs)) if self._boxed else self._fn(*inputs)
+        # as dynamo calls a backend's callable: unpacked, whatever `_boxed_call` the wrapper
+        # around inductor's code copied from it says
+        return self._fn(*inputs)
 
     def _replay(self, replay: _Replay, inputs: Sequence[torch.Tensor]):
         for own, given, static in zip(replay.inputs, inputs, self._static):

@@ -278,3 +278,22 @@ def test_a_decode_graph_reads_weights_and_the_cache_in_place_and_copies_the_step
     assert static == [t.data_ptr() in kept for t in inputs]
     assert [t.data_ptr() for t, s in zip(inputs, static) if not s][0] == token.data_ptr()
     assert sum(static) >= len(list(model.parameters())) + sum(len(layer.entries) for layer in cache.layers)
+
+
+def test_replayed_calls_call_inductor_s_code_as_dynamo_does():
+    """A key's first call runs the compiled graph as it is (on the CPU too): with its inputs unpacked,
+    as dynamo calls a backend's callable, whatever `_boxed_call` inductor's wrapper carries."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from kvcompile.graphs import ReplayedCalls
+
+    def backend(gm, example_inputs):
+        return ReplayedCalls(compile_fx(gm, example_inputs), static=[False] * len(example_inputs))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: (x @ y).relu() + 1, backend=backend)
+    x, y = torch.randn(3, 3), torch.randn(3, 3)
+    try:
+        torch.testing.assert_close(compiled(x, y), (x @ y).relu() + 1)
+    finally:
+        torch._dynamo.reset()
