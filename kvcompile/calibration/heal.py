@@ -469,15 +469,16 @@ class _PlannedAttention(torch.nn.Module):
         queries, length = scores.shape[-2:]
         kept = self.kept.to(q.device)[owner]  # (Hq, width)
         pruned = (q * kept[:, None, :].to(q.dtype)) @ keys.transpose(-1, -2)
-        positions = range(length - queries, length)
+        first = length - queries  # the first query's place in the chunk
         columns = torch.arange(length, device=q.device)
         if plan.windowed:
-            held = [position if self.student.decode == "steps" else prompt_length for position in positions]
-            ends = torch.tensor([plan.sink + plan.middle_length(tokens) for tokens in held], device=q.device)
-            middle = (columns[None, :] >= plan.sink) & (columns[None, :] < ends[:, None])
+            steps = self.student.decode == "steps"  # a step at place p holds p tokens; a call, the prompt's
+            ends = torch.tensor([plan.sink + plan.middle_length(place if steps else prompt_length)
+                                 for place in range(first, length)], device=q.device)
+            middle = (columns >= plan.sink) & (columns < ends[:, None])
         else:
             middle = torch.ones(1, length, dtype=torch.bool, device=q.device)
-        decode = torch.arange(length - queries, length, device=q.device) >= prompt_length
+        decode = torch.arange(first, length, device=q.device) >= prompt_length
         in_middle = decode[:, None] & middle  # (S, T)
         scores = torch.where(in_middle, pruned, scores)
         if plan.windowed:
