@@ -319,7 +319,7 @@ def _pruned_attention_function(node):
     q5 = _by_kv_head(b, q, v)
     # a KV head in no group scores 0 everywhere: uniform attention, as in the reference
     scores = _group_scores_by_kv_head(b, q5, keys, heads, channels, b.shape(v, 1, 2), b.shape(v, 2, 3), _zero(),
-                                      ordered=ORDERED in node.overload.split("_"), decode=by_lengths)
+                                      ordered=ORDERED in suffixes, decode=by_lengths)
     out = _masked_softmax_attention_nodes(b, _by_query_head(b, scores, q), q, v, mask, decode=by_lengths)
     return b.function("pruned_attention", out, attributes=_attention_attr_names(suffixes), overload=node.overload)
 

@@ -254,21 +254,10 @@ class _Counts:
 
     def __init__(self, b, plan: Plan, lengths, prompt: bool, mask, new_key):
         self.b, self.plan, self.lengths, self.prompt = b, plan, lengths, prompt
-        new_tokens = b(torch.ops.aten.sym_size.int, new_key, 2)
         if prompt:
             self.index, self.after = _call_indices(b, _real_tokens_of_prompt(b, mask, new_key))
-        elif (padding := _padding_input(mask)) is not None:
-            # a continuation left-padded (or not) by the model's attention_mask (B, P + S): each row's
-            # real tokens after its own, its padding past its new count, which no query reads (query
-            # i sees slots up to count - S + i)
-            real = b(operator.ne, b(operator.getitem, padding, (slice(None), slice(b(operator.neg, new_tokens), None))), 0)
-            index, added = _call_indices(b, real)
-            self.index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), index)
-            self.after = b(operator.add, lengths, added)
         else:
-            step = b(torch.arange, new_tokens, device=new_key.meta["example_value"].device)
-            self.index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step)
-            self.after = b(operator.add, lengths, new_tokens)
+            self.index, self.after = _continuation_indices(b, lengths, mask, new_key)
         self._windows = None
 
     def windows(self, middle_entry: torch.fx.Node) -> "_WindowCounts":
@@ -321,6 +310,20 @@ def _middle_length(b, plan: Plan, counts):
     """`plan.middle_length` of each row's count, on the device."""
     moved = b(torch.floor_divide, b(operator.sub, counts, plan.sink + plan.recent), plan.buffer)
     return b(torch.clamp, b(operator.mul, moved, plan.buffer), min=0)
+
+
+def _continuation_indices(b, lengths, mask, new_key):
+    """(index (B, S), after (B,)) of a call continuing rows of `lengths` tokens. Left-padded (or not)
+    by the model's attention_mask (B, P + S): each row's real tokens after its own, its padding past
+    its new count, which no query reads (query i sees slots up to count - S + i)."""
+    new_tokens = b(torch.ops.aten.sym_size.int, new_key, 2)
+    padding = _padding_input(mask)
+    if padding is None:
+        step, added = b(torch.arange, new_tokens, device=new_key.meta["example_value"].device), new_tokens
+    else:
+        real = b(operator.ne, b(operator.getitem, padding, (slice(None), slice(b(operator.neg, new_tokens), None))), 0)
+        step, added = _call_indices(b, real)
+    return b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step), b(operator.add, lengths, added)
 
 
 def _real_tokens_of_prompt(b, mask, new_key):
