@@ -31,6 +31,7 @@ import torch.fx
 import kvcompile.kernels  # noqa: F401  (registers the ops the rewritten graphs call)
 
 from .graphs import ReplayedCalls
+from .growing_inputs import Feed, narrow_growing_inputs
 from .passes.cache_sites import cache_site_plans
 from .pipeline import HF_GRAPH, run_stage
 from .plan import Plan, PlanError
@@ -64,45 +65,62 @@ def kvcompile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: d
         )
     static = static_inputs(gm, example_inputs) if cuda_graphs == "kvcompile" else None  # dynamo's graph, as it came
     gm = run_stage(HF_GRAPH, gm, plan)
-    if not use_inductor:
-        return gm.forward
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
+    narrowed = narrow_growing_inputs(gm, example_inputs)  # a decode step under generate: its mask's tail
+    feed = None
+    if narrowed is not None:
+        gm, feed = narrowed
+        example_inputs = feed(example_inputs)
+        static = static and [static[i] and index is None for i, index in feed.sources]
+    if use_inductor:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode else {}
-    replayed = (cuda_graphs == "kvcompile" and patches.get("triton.cudagraphs", False)
-                and _replayable(example_inputs, static))
-    if replayed:
-        patches = {**patches, "triton.cudagraphs": False}
-    compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
-    return ReplayedCalls(compiled, static) if replayed else compiled
+        patches = list_mode_options(mode) if mode else {}
+        replayed = (cuda_graphs == "kvcompile" and patches.get("triton.cudagraphs", False)
+                    and _replayable(gm, example_inputs, static))
+        if replayed:
+            patches = {**patches, "triton.cudagraphs": False}
+        compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+        if replayed:
+            compiled = ReplayedCalls(compiled, static)
+    else:
+        compiled = gm.forward
+    return compiled if feed is None else _Fed(compiled, feed)
+
+
+class _Fed:
+    """A graph whose growing inputs were narrowed (growing_inputs.py), called with dynamo's inputs."""
+
+    def __init__(self, fn, feed: Feed):
+        self.fn, self.feed = fn, feed
+
+    def __call__(self, *inputs):
+        return self.fn(*self.feed(inputs))
 
 
 def static_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list[bool] | None:
     """Per input of dynamo's graph `gm`: does it keep its address from call to call (a weight, a
     buffer, a tensor marked with `torch._dynamo.mark_static_address`, as the cache's are)? None
-    where an input is no tensor (a symbolic size) or its shape is symbolic."""
+    where the placeholders do not match the inputs."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         return None
     static = []
     for node, value in zip(placeholders, example_inputs):
-        example = node.meta.get("example_value")
-        if not isinstance(value, torch.Tensor) or (
-            example is not None and not all(isinstance(size, int) for size in example.shape)
-        ):
-            return None
         marked = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
-        static.append(isinstance(value, torch.nn.Parameter) or marked is not None
-                      or getattr(value, "_dynamo_static_input_type", None) is not None)
+        static.append(isinstance(value, torch.Tensor) and (isinstance(value, torch.nn.Parameter) or marked is not None
+                      or getattr(value, "_dynamo_static_input_type", None) is not None))
     return static
 
 
-def _replayable(example_inputs: list, static: list[bool] | None) -> bool:
-    """Can kvcompile replay this graph from CUDA graphs: static shapes, every input on a GPU, no gradients."""
+def _replayable(gm: torch.fx.GraphModule, example_inputs: list, static: list[bool] | None) -> bool:
+    """Can kvcompile replay graph `gm` from CUDA graphs: static shapes, every input on a GPU, no gradients."""
+    shapes = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
     return (
         static is not None
-        and all(t.device.type == "cuda" for t in example_inputs)
+        and all(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+        and all(t is None or isinstance(t, torch.Tensor) and all(isinstance(size, int) for size in t.shape)
+                for t in shapes)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in example_inputs))
     )
 

@@ -209,6 +209,8 @@ def _lower(site: CacheSite, plan: Plan, fingerprint: str, shared: "_SharedCounts
             writes = keys + [(entry[value_entry(layer)], new_value, every_head, whole(every_head), slot)]
         b(ops.write_tokens.default, *(list(column) for column in zip(*writes)))
 
+        if counts.place is not None:
+            query = _tokens_at(b, query, b(torch.argsort, counts.place, 1))
         if prompt:  # LeanK prefills densely: every channel of the prompt's own keys
             out = b(ops.attention.default, query, new_key, new_value, mask, scale, bool(arguments["is_causal"]))
         elif windowed_layer(plan, layer):
@@ -222,6 +224,8 @@ def _lower(site: CacheSite, plan: Plan, fingerprint: str, shared: "_SharedCounts
         else:
             out = b(ops.attention.default, query, entry[key_entry(layer)], entry[value_entry(layer)], None, scale,
                     False, counts.after, window)
+        if counts.place is not None:
+            out = _tokens_at(b, out, counts.place)
         if layer in plan.merges:
             out = b(ops.project_heads.default, out, constant["output_order"], constant["output_up"])
     out.meta.update(site.attention.meta)
@@ -254,10 +258,11 @@ class _Counts:
 
     def __init__(self, b, plan: Plan, lengths, prompt: bool, mask, new_key):
         self.b, self.plan, self.lengths, self.prompt = b, plan, lengths, prompt
+        self.place = None  # where each of a continuation's queries is attended (None: where it is)
         if prompt:
             self.index, self.after = _call_indices(b, _real_tokens_of_prompt(b, mask, new_key))
         else:
-            self.index, self.after = _continuation_indices(b, lengths, mask, new_key)
+            self.index, self.after, self.place = _continuation_indices(b, lengths, mask, new_key)
         self._windows = None
 
     def windows(self, middle_entry: torch.fx.Node) -> "_WindowCounts":
@@ -313,17 +318,34 @@ def _middle_length(b, plan: Plan, counts):
 
 
 def _continuation_indices(b, lengths, mask, new_key):
-    """(index (B, S), after (B,)) of a call continuing rows of `lengths` tokens. Left-padded (or not)
-    by the model's attention_mask (B, P + S): each row's real tokens after its own, its padding past
-    its new count, which no query reads (query i sees slots up to count - S + i)."""
-    new_tokens = b(torch.ops.aten.sym_size.int, new_key, 2)
+    """(index (B, S), after (B,), place (B, S) or None) of a call continuing rows of `lengths` tokens,
+    padded (or not) by the model's attention_mask (B, P + S) anywhere: each row's real tokens after
+    its own, its padding past its new count, which no query reads. The attention lets query i see
+    slots up to count - S + i, right for a row's real tokens only where they are its last (left
+    padding); `place` moves each query there, padding first and the real tokens in order after it
+    (None where the call has one token, or no mask)."""
+    # a call of static length slices the mask by a constant: the graph then reads only the mask's
+    # tail, which the backend narrows to a static input (static_tails.py) as the mask grows
+    new_tokens = new_key.meta["example_value"].shape[2]
+    symbolic = not isinstance(new_tokens, int)
+    if symbolic:
+        new_tokens = b(torch.ops.aten.sym_size.int, new_key, 2)
     padding = _padding_input(mask)
+    place = None
     if padding is None:
         step, added = b(torch.arange, new_tokens, device=new_key.meta["example_value"].device), new_tokens
     else:
-        real = b(operator.ne, b(operator.getitem, padding, (slice(None), slice(b(operator.neg, new_tokens), None))), 0)
-        step, added = _call_indices(b, real)
-    return b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step), b(operator.add, lengths, added)
+        tail = slice(b(operator.neg, new_tokens) if symbolic else -new_tokens, None)
+        step, added = _call_indices(b, b(operator.ne, b(operator.getitem, padding, (slice(None), tail)), 0))
+        if symbolic or new_tokens > 1:  # real token r of n goes to S - n + r, padding token n + k to k
+            place = b(operator.mod, b(operator.sub, step, b(operator.getitem, added, (slice(None), None))), new_tokens)
+    index = b(operator.add, b(operator.getitem, lengths, (slice(None), None)), step)
+    return index, b(operator.add, lengths, added), place
+
+
+def _tokens_at(b, x, order):
+    """x (B, H, S, D) with token j of row r taken from token order[r, j]."""
+    return b(torch.gather, x, 2, b(torch.Tensor.expand_as, b(operator.getitem, order, (slice(None), None, slice(None), None)), x))
 
 
 def _real_tokens_of_prompt(b, mask, new_key):
