@@ -195,10 +195,20 @@ def test_replayed_calls_never_capture_a_step_that_writes_its_per_step_input():
 
 
 @pytest.mark.parametrize("cuda_graphs", ["inductor", "kvcompile"])
-def test_transformers_generate_on_the_static_cache_with_cuda_graphs(cuda_graphs):
+def test_transformers_generate_on_the_static_cache_with_cuda_graphs(cuda_graphs, monkeypatch):
     """A left-padded batch through transformers' generate, the forward compiled with CUDA graphs: the
-    tokens of kvcompile.transform's generate."""
+    tokens of kvcompile.transform's generate. The decode step, though its mask grows, is one graph
+    of static shapes: kvcompile's own CUDA graphs capture it once and replay it."""
     from tests.test_padded_batches import _padded, _rows
+
+    made = []
+
+    class RecordedCalls(ReplayedCalls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(kvcompile.backend, "ReplayedCalls", RecordedCalls)
 
     plan = _plan("windowed")
     model = make_tiny_model("llama", num_layers=3).cuda()
@@ -215,6 +225,8 @@ def test_transformers_generate_on_the_static_cache_with_cuda_graphs(cuda_graphs)
         del model.forward
         torch._dynamo.reset()
     assert torch.equal(got, want)
+    if cuda_graphs == "kvcompile":
+        assert sum(calls.captured for calls in made) == 1  # the prompt runs once, uncaptured
 
 
 def test_a_plan_with_updates_on_the_cpu_updates_a_model_on_cuda():

@@ -111,25 +111,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int, steps: int,
-                  repeats: int) -> list[float]:  # fmt: skip
-    """Tokens/s (greedy steps per second times the batch) of each of `repeats` blocks of `steps`
-    decode steps of `model` from `cache`, once warm (see the module docstring)."""
+def greedy_steps(model, cache, batch: int, vocab_size: int, device) -> Callable[[int], None]:
+    """decode(count): `count` greedy decode steps of `model` from `cache`, each on the token the one
+    before chose (the first on a random one)."""
     token = torch.randint(3, vocab_size, (batch, 1), device=device, generator=torch.Generator(device=device).manual_seed(1))
 
+    @torch.no_grad()
     def decode(count: int) -> None:
         nonlocal cache, token
         for _ in range(count):
             out = model(token, use_cache=True, **{CACHE_NAME: cache})
             cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
 
+    return decode
+
+
+def timed_rate(decode: Callable[[int], None], steps: int, batch: int, device) -> float:
+    """Tokens/s of `steps` steps of `decode` (greedy_steps'), from idle to done."""
+    _synchronize(device)
+    start = time.perf_counter()
+    decode(steps)
+    _synchronize(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def _decode_rates(model, cache, batch: int, vocab_size: int, device, warmup: int, steps: int,
+                  repeats: int) -> list[float]:  # fmt: skip
+    """Tokens/s (greedy steps per second times the batch) of each of `repeats` blocks of `steps`
+    decode steps of `model` from `cache`, once warm (see the module docstring)."""
+    decode = greedy_steps(model, cache, batch, vocab_size, device)
+
     def timed_block() -> float:
-        _synchronize(device)
-        start = time.perf_counter()
-        decode(steps)
-        _synchronize(device)
-        return batch * steps / (time.perf_counter() - start)
+        return timed_rate(decode, steps, batch, device)
 
     decode(warmup)
     previous = timed_block()

@@ -1,0 +1,115 @@
+"""Where a decode step's time goes inside its CUDA graph: kernel time and the idle time between kernels.
+
+    python scripts/decode_graph_gaps.py --out gaps/ --layers 8 --batch 1 --context 32768    # a CUDA machine
+
+`transformed` (graphs.GraphedDecode) and the backend's `compiled-own-graphs` (graphs.ReplayedCalls)
+run the same model, plan and cache shapes as `kvcompile throughput` (the random Llama-3.1-8B-shaped
+model, `--layers` of its layers, under the LeanK counts); the compiled step runs fewer kernels and
+less kernel time yet is slower, the idle time between kernels being longer in its graph (README,
+torch.compile backend). Per method this decodes until warm, times blocks of steps, profiles
+`--steps` more, and writes under OUT: `<method>.trace.json` (torch.profiler's), `<method>.graphN.dot`
+(each graph captured, `CUDAGraph.debug_dump`: its nodes and their launch parameters, to compare the
+two graphs node by node) and `gaps.json`: per method the step's kernel time, the idle time between
+kernels, and the pairs of kernels with the most idle time between them.
+"""
+
+import argparse
+import collections
+import gc
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from kvcompile.benchmarks import throughput
+from kvcompile.capture import capture
+from kvcompile.plan import ModelShape
+from kvcompile.runtime import transform
+
+METHODS = ("transformed", "compiled-own-graphs")
+STEP_GAP_US = 50.0  # a longer idle time is between steps (the host's next call), not inside one
+
+
+class _DebugGraph(torch.cuda.CUDAGraph):
+    """A CUDAGraph that keeps what it captured for `debug_dump` (debug mode must be on before capture).
+    graphs.py makes its graphs as torch.cuda.CUDAGraph(), so this class stands in for it here."""
+
+    made: list["_DebugGraph"] = []
+
+    def __new__(cls, keep_graph: bool = False):
+        graph = super().__new__(cls, keep_graph)
+        graph.enable_debug_mode()
+        cls.made.append(graph)
+        return graph
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=3, help="steps profiled")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.cuda.CUDAGraph = _DebugGraph
+
+    model = throughput.llama_8b_shaped(num_layers=args.layers)
+    shape = ModelShape.from_config(model.config)
+    plan = throughput.leank_mask_plan(shape)
+    capacity = args.context + 1000
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+              "batch": args.batch, "context": args.context}
+    for method in args.methods:
+        first_graph = len(_DebugGraph.made)
+        if method == "transformed":
+            runner = transform(model, plan, program=capture(model, shape))
+            cache = throughput.random_compressed_cache(plan, shape, args.batch, args.context, capacity,
+                                                       torch.bfloat16, model.device)
+        else:
+            runner, cache = throughput._compiled_on_static_cache(model, plan, args.batch, args.context, capacity,
+                                                                 "kvcompile")
+        decode = throughput.greedy_steps(runner, cache, args.batch, model.config.vocab_size, model.device)
+        decode(12)
+        rates = [throughput.timed_rate(decode, 20, args.batch, model.device) for _ in range(5)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            decode(args.steps)
+            torch.cuda.synchronize()
+        trace = args.out / f"{method}.trace.json"
+        profile.export_chrome_trace(str(trace))
+        for number, graph in enumerate(_DebugGraph.made[first_graph:]):
+            graph.debug_dump(str(args.out / f"{method}.graph{number}.dot"))
+        report[method] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_min_max": [min(rates), max(rates)],
+                          **_gaps(trace, args.steps)}
+        print(method, json.dumps({k: v for k, v in report[method].items() if k != "idlest_pairs"}), flush=True)
+        del runner, cache, decode
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    (args.out / "gaps.json").write_text(json.dumps(report, indent=1))
+
+
+def _gaps(trace: Path, steps: int) -> dict:
+    """Per step: kernels, kernel time and idle time between them (µs), and the kernel pairs with the most."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    inside = [(b["ts"] - a["ts"] - a["dur"], a["name"], b["name"]) for a, b in zip(kernels, kernels[1:])
+              if b["ts"] - a["ts"] - a["dur"] < STEP_GAP_US]
+    by_pair = collections.defaultdict(list)
+    for gap, before, after in inside:
+        by_pair[(before[:80], after[:80])].append(gap)
+    idlest = sorted(by_pair.items(), key=lambda item: -sum(item[1]))[:20]
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_us_per_step": sum(e["dur"] for e in kernels) / steps,
+        "idle_us_per_step": sum(gap for gap, _, _ in inside) / steps,
+        "median_idle_us": statistics.median(gap for gap, _, _ in inside) if inside else None,
+        "idlest_pairs": [{"before": a, "after": b, "count": len(g), "idle_us": sum(g), "median_us": statistics.median(g)}
+                         for (a, b), g in idlest],
+    }
+
+
+if __name__ == "__main__":
+    main()
