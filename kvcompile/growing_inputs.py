@@ -42,28 +42,21 @@ def narrow_growing_inputs(gm: torch.fx.GraphModule,
     its growing ones (see the module docstring), as a new graph module (dynamo reads its own graph's
     placeholders after the backend), and how to feed it; None where no input has a symbolic size
     or one is read other than at parts of static shape."""
-    if not any(node.op == "placeholder" and _is_symbolic(node.meta.get("example_value")) for node in gm.graph.nodes):
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    growing = [node for node in placeholders if _is_symbolic(node.meta.get("example_value"))]
+    if not growing or len(placeholders) != len(example_inputs) or not all(
+        all(_is_static_part(user) for user in node.users) if isinstance(node.meta["example_value"], torch.Tensor)
+        else not node.users  # a size symbol nothing reads any more
+        for node in growing
+    ):
         return None
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # the nodes keep their meta
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
-        return None
-    growing = [node for node in placeholders if _is_symbolic(node.meta.get("example_value"))]
-    parts = {}  # growing tensor input -> its uses, each a part of static shape
-    for node in growing:
-        if isinstance(node.meta["example_value"], torch.Tensor):
-            if not node.users or not all(_is_static_part(user) for user in node.users):
-                return None
-            parts[node] = list(node.users)
-        elif node.users:  # a size symbol something still reads
-            return None
-
     sources = []
-    for position, node in enumerate(placeholders):
-        if node not in growing:
+    for position, node in enumerate([node for node in gm.graph.nodes if node.op == "placeholder"]):
+        if not _is_symbolic(node.meta.get("example_value")):
             sources.append((position, None))
             continue
-        for number, part in enumerate(parts.get(node, ())):
+        for number, part in enumerate(list(node.users)):
             index = part.args[1]
             with gm.graph.inserting_before(node):
                 narrowed = gm.graph.placeholder(f"{node.name}_part{number}")
