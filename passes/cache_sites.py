@@ -24,8 +24,8 @@ window after it (`windowed_attention` with the ring's phase). A sliding layer's 
 (static_cache.py): token t in slot t % C, a prompt's last window - 1 tokens kept, decode attending
 over them with the layer's `window`. HF's mask is read at the prompt only, for its padding (its
 diagonal marks every real token, under a causal or a sliding mask alike); a later call's padding
-comes from the last S columns of the model's 2-D attention_mask (left padding: each row's real
-tokens after its own, its padding past its new count). Decode counts come from the cache, one per
+comes from the last S columns of the model's 2-D attention_mask (padding anywhere: each row's real
+tokens after its own, its padding past its new count, its queries attended padding first). Decode counts come from the cache, one per
 row for all layers, computed once per graph and written back after the last site.
 """
 
@@ -325,7 +325,7 @@ def _continuation_indices(b, lengths, mask, new_key):
     padding); `place` moves each query there, padding first and the real tokens in order after it
     (None where the call has one token, or no mask)."""
     # a call of static length slices the mask by a constant: the graph then reads only the mask's
-    # tail, which the backend narrows to a static input (static_tails.py) as the mask grows
+    # tail, which the backend narrows to a static input as the mask grows (kvcompile/growing_inputs.py)
     new_tokens = new_key.meta["example_value"].shape[2]
     symbolic = not isinstance(new_tokens, int)
     if symbolic:
