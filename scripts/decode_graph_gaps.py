@@ -69,7 +69,7 @@ def main() -> None:
             cache = throughput.random_compressed_cache(plan, shape, args.batch, args.context, capacity,
                                                        torch.bfloat16, model.device)
         else:
-            runner, cache = throughput._compiled_on_static_cache(model, plan, args.batch, args.context, capacity,
+            runner, cache = throughput.compiled_on_static_cache(model, plan, args.batch, args.context, capacity,
                                                                  "kvcompile")
         decode = throughput.greedy_steps(runner, cache, args.batch, model.config.vocab_size, model.device)
         decode(12)

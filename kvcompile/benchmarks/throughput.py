@@ -222,7 +222,7 @@ def _method_rates(method, model, plan, shape, batch, context, dtype, device, war
         cache = random_compressed_cache(method_plan, shape, batch, context, capacity, dtype, device)
     elif method in ("compiled", "compiled-own-graphs"):
         cuda_graphs = "kvcompile" if method == "compiled-own-graphs" else "inductor"
-        runner, cache = _compiled_on_static_cache(model, plan, batch, context, capacity, cuda_graphs)
+        runner, cache = compiled_on_static_cache(model, plan, batch, context, capacity, cuda_graphs)
     else:
         layers = random_dense_cache(shape, batch, context, dtype, device)
         if method == "static-compiled":
@@ -271,7 +271,7 @@ def _static_compiled(model, layers, capacity: int):
     return step, cache
 
 
-def _compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capacity: int, cuda_graphs: str):
+def compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capacity: int, cuda_graphs: str):
     """The plan's static compressed cache holding `context` random tokens per row, and a step running
     the model compiled by the kvcompile backend on it (on a GPU, CUDA graphs made by `cuda_graphs`)."""
     torch._dynamo.reset()
