@@ -25,8 +25,9 @@ window after it (`windowed_attention` with the ring's phase). A sliding layer's 
 over them with the layer's `window`. HF's mask is read at the prompt only, for its padding (its
 diagonal marks every real token, under a causal or a sliding mask alike); a later call's padding
 comes from the last S columns of the model's 2-D attention_mask (padding anywhere: each row's real
-tokens after its own, its padding past its new count, its queries attended padding first). Decode counts come from the cache, one per
-row for all layers, computed once per graph and written back after the last site.
+tokens after its own, its padding past its new count, its queries attended padding first). Decode
+counts come from the cache, one per row for all layers, computed once per graph and written back
+after the last site.
 """
 
 from __future__ import annotations
@@ -326,14 +327,15 @@ def _continuation_indices(b, lengths, mask, new_key):
     (None where the call has one token, or no mask)."""
     # a call of static length slices the mask by a constant: the graph then reads only the mask's
     # tail, which the backend narrows to a static input as the mask grows (kvcompile/growing_inputs.py)
-    new_tokens = new_key.meta["example_value"].shape[2]
+    example = new_key.meta["example_value"]
+    new_tokens = example.shape[2]
     symbolic = not isinstance(new_tokens, int)
     if symbolic:
         new_tokens = b(torch.ops.aten.sym_size.int, new_key, 2)
     padding = _padding_input(mask)
     place = None
     if padding is None:
-        step, added = b(torch.arange, new_tokens, device=new_key.meta["example_value"].device), new_tokens
+        step, added = b(torch.arange, new_tokens, device=example.device), new_tokens
     else:
         tail = slice(b(operator.neg, new_tokens) if symbolic else -new_tokens, None)
         step, added = _call_indices(b, b(operator.ne, b(operator.getitem, padding, (slice(None), tail)), 0))
@@ -345,7 +347,8 @@ def _continuation_indices(b, lengths, mask, new_key):
 
 def _tokens_at(b, x, order):
     """x (B, H, S, D) with token j of row r taken from token order[r, j]."""
-    return b(torch.gather, x, 2, b(torch.Tensor.expand_as, b(operator.getitem, order, (slice(None), None, slice(None), None)), x))
+    order = b(operator.getitem, order, (slice(None), None, slice(None), None))  # (B, 1, S, 1)
+    return b(torch.gather, x, 2, b(torch.Tensor.expand_as, order, x))
 
 
 def _real_tokens_of_prompt(b, mask, new_key):

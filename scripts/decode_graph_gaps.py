@@ -106,8 +106,10 @@ def _gaps(trace: Path, steps: int) -> dict:
         "kernel_us_per_step": sum(e["dur"] for e in kernels) / steps,
         "idle_us_per_step": sum(gap for gap, _, _ in inside) / steps,
         "median_idle_us": statistics.median(gap for gap, _, _ in inside) if inside else None,
-        "idlest_pairs": [{"before": a, "after": b, "count": len(g), "idle_us": sum(g), "median_us": statistics.median(g)}
-                         for (a, b), g in idlest],
+        "idlest_pairs": [
+            {"before": a, "after": b, "count": len(g), "idle_us": sum(g), "median_us": statistics.median(g)}
+            for (a, b), g in idlest
+        ],
     }
 
 
