@@ -13,6 +13,7 @@ tokens only, moves window tokens to the pruned middle between calls, and grows b
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
@@ -125,7 +126,7 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
         Without a cache (or with an empty one) this is a prefill: `attention_mask` (B, S), 1 for
         real tokens, 0 for padding (either side), positions counted over real tokens as transformers
         does; each row keeps its real tokens. With a cache the call continues each row by its real
-        tokens of `input_ids`: `attention_mask` (B, P + S) may left-pad the last S (rows continuing
+        tokens of `input_ids`: `attention_mask` (B, P + S) may pad the last S anywhere (rows continuing
         by different numbers of tokens; a padding position's logits mean nothing). `max_cache_len`:
         slots to allocate per row at the prefill (default: grown by doubling when needed). A
         right-padded prompt's padding positions carry their row's last real logits, so every row's
@@ -194,14 +195,16 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
         batch, seq = input_ids.shape
         if cache.batch_size != batch:
             raise ValueError(f"input_ids has batch {batch}, the cache holds batch {cache.batch_size}")
-        real = continuation_lengths(attention_mask, cache, seq)
-        inputs = cache.prepare_call(seq, real)
-        positions = continuation_positions(cache.lengths, seq, real)
+        padding = continuation_of(attention_mask, cache, seq)
+        inputs = cache.prepare_call(seq, padding.real)
+        positions = continuation_positions(cache.lengths, seq, padding.real)
         if self._graphed_decode is not None and seq == 1:
             logits = self._graphed_decode(input_ids, positions, cache.buffers, inputs)
         else:
-            logits, _ = call_program(self.decode_program, input_ids, positions, cache.buffers, inputs)
-        cache.advance(seq, real)
+            logits, _ = call_program(self.decode_program, padding.left_padded(input_ids), positions, cache.buffers,
+                                     inputs)
+            logits = padding.in_call_order(logits)
+        cache.advance(seq, padding.real)
         return logits, cache
 
     def _padding_mask(self, attention_mask, batch: int, seq: int) -> torch.Tensor:
@@ -276,13 +279,33 @@ def padding_mask(attention_mask, batch: int, seq: int, device) -> torch.Tensor:
     return valid
 
 
-def continuation_lengths(attention_mask, cache: CompressedKVCache, seq: int) -> torch.Tensor | None:
-    """How many of each row's `seq` tokens a call continuing `cache` adds (B,), from the last `seq`
-    columns of a transformers `attention_mask` (B, P + S); None when they are all real. Padding must
-    come first in a row (left padding): a real token after padding would sit at the wrong position;
-    and a row's padding may not outnumber the tokens it holds (its padding queries would see none)."""
+class Continuation(NamedTuple):
+    """How a call continuing a cache is padded. `real` (B,): each row's real tokens (None: all).
+    `order` (B, S): the call's tokens reordered so that each row's padding comes first and its real
+    tokens follow in order (None: already so). The decode programs take left-padded calls (a row's
+    real tokens last, where the attention rule lets query i see slots up to count - S + i); any
+    other padding is run in `order` and its logits put back."""
+
+    real: torch.Tensor | None
+    order: torch.Tensor | None
+
+    def left_padded(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids if self.order is None else input_ids.gather(1, self.order.to(input_ids.device))
+
+    def in_call_order(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, S, V) of the left-padded call, each at its token's place in the call."""
+        if self.order is None:
+            return logits
+        back = self.order.argsort(1).to(logits.device)
+        return logits.gather(1, back[..., None].expand_as(logits))
+
+
+def continuation_of(attention_mask, cache: CompressedKVCache, seq: int) -> Continuation:
+    """How a call of `seq` tokens continuing `cache` is padded, from the last `seq` columns of a
+    transformers `attention_mask` (B, P + S), anywhere in a row; a row's padding may not outnumber
+    the tokens it holds (its padding queries would see none)."""
     if attention_mask is None:
-        return None
+        return Continuation(None, None)
     attention_mask = torch.as_tensor(attention_mask)
     batch = cache.batch_size
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
@@ -290,19 +313,16 @@ def continuation_lengths(attention_mask, cache: CompressedKVCache, seq: int) -> 
                          f"(batch, past + new) = ({batch}, P + {seq}), the last {seq} columns marking input_ids")
     call = attention_mask[:, -seq:].to(cache.lengths.device).bool()
     if bool(call.all()):
-        return None
-    after_padding = call[:, :-1] & ~call[:, 1:]  # a real token followed by padding
-    if bool(after_padding.any()):
-        row = int(after_padding.any(1).nonzero()[0])
-        raise NotImplementedError(f"attention_mask row {row}: padding after a real token in a call that continues a "
-                                  "cache; only left padding is supported there (tokenizer padding_side='left')")
+        return Continuation(None, None)
     real = call.sum(1)
     short = cache.lengths + real < seq
     if bool(short.any()):
         row = int(short.nonzero()[0])
         raise ValueError(f"row {row} holds {cache.row_lengths[row]} tokens and continues by {int(real[row])} real of "
                          f"{seq}: a row's padding in a call continuing a cache may not outnumber the tokens it holds")
-    return real
+    after_padding = call[:, :-1] & ~call[:, 1:]  # a real token followed by padding
+    order = torch.argsort(call.int(), dim=1, stable=True) if bool(after_padding.any()) else None
+    return Continuation(real, order)
 
 
 def continuation_positions(lengths: torch.Tensor, seq: int, real: torch.Tensor | None) -> torch.Tensor:

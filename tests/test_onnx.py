@@ -112,21 +112,22 @@ def test_prefill_and_decode_match_pytorch_on_a_padded_batch(exported):
         assert (logits - want.logits).abs().max() <= 1e-4, step
 
 
-def test_a_left_padded_continuation_matches_pytorch(exported):
-    """Rows continuing by 3 and 1 real tokens in one call, then a step: the same logits at the
-    real positions and the same row counts as the PyTorch model's."""
+@pytest.mark.parametrize("turn_mask", [[[1, 1, 1], [0, 0, 1]], [[1, 0, 1], [1, 1, 0]]], ids=["left", "between-right"])
+def test_a_padded_continuation_matches_pytorch(exported, turn_mask):
+    """Rows continuing by 3 and 1, or 2 and 2, real tokens in one call, then a step: the same logits
+    at the real positions and the same row counts as the PyTorch model's."""
     model, plan, folder, _ = exported
     tm, onnx_model = kvcompile.transform(model, plan), load(folder)
     ids, mask = _left_padded(_rows())
     held = tm(ids, attention_mask=mask).past_key_values
     _, cache = onnx_model.prefill(ids, mask)
-    turn, turn_mask = _left_padded(_rows((3, 1), seed=4))
+    turn, turn_mask = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(4)), torch.tensor(turn_mask)
     full_mask = torch.cat([mask, turn_mask], dim=1)
     want = tm(turn, past_key_values=held, attention_mask=full_mask).logits
     got = onnx_model.decode(turn, cache, attention_mask=full_mask)
     real = turn_mask.bool()
     assert (got[real] - want[real]).abs().max() <= 1e-4
-    assert cache.row_lengths == held.row_lengths == [12 + 3, 7 + 1]
+    assert cache.row_lengths == held.row_lengths == [n + added for n, added in zip((12, 7), turn_mask.sum(1).tolist())]
     token = want[:, -1].argmax(-1, keepdim=True)
     assert (onnx_model.decode(token, cache) - tm(token, past_key_values=held).logits).abs().max() <= 1e-4
 

@@ -46,12 +46,15 @@ def _rows(seed=0):
 
 
 def _padded(rows, side):
+    """(ids, mask) of `rows` padded on the `side` "left", "right" or "between" (the padding between
+    each row's first and second half)."""
     width, device = max(len(row) for row in rows), rows[0].device
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span], mask[i, span] = row, 1
+        first = {"left": 0, "right": len(row), "between": len(row) // 2}[side]
+        place = torch.cat([torch.arange(first), torch.arange(width - len(row) + first, width)]).to(device)
+        ids[i, place], mask[i, place] = row, 1
     return ids, mask
 
 
@@ -156,17 +159,18 @@ def test_copy_branches_two_independent_continuations():
 CONTINUATIONS = (5, 1, 3)  # each row's next turn, as many tokens as its row of LENGTHS says
 
 
-@pytest.mark.parametrize("kind", ["pruned", "windowed", "merged"])
-def test_a_left_padded_continuation_extends_each_row_as_it_does_alone(kind):
-    """A padded batch's prompts, then a next turn of a different length per row (left-padded), then
-    greedy steps: each row's real logits equal the row's own, fed without padding; the windowed
+@pytest.mark.parametrize(("kind", "side"), [("pruned", "left"), ("windowed", "left"), ("merged", "left"),
+                                            ("windowed", "right"), ("merged", "between")])
+def test_a_padded_continuation_extends_each_row_as_it_does_alone(kind, side):
+    """A padded batch's prompts, then a next turn of a different length per row (padded on `side`),
+    then greedy steps: each row's real logits equal the row's own, fed without padding; the windowed
     plan moves window tokens at different steps per row."""
     tm = _transformed("llama", kind)
     rows = _rows()
     turns = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(7 + n)) for n in CONTINUATIONS]
     ids, mask = _padded(rows, "left")
     cache = tm(ids, attention_mask=mask, use_cache=True).past_key_values
-    turn_ids, turn_mask = _padded(turns, "left")
+    turn_ids, turn_mask = _padded(turns, side)
     batched, cache = _greedy_logits(tm, turn_ids, torch.cat([mask, turn_mask], dim=1), cache=cache)
     for i, (row, turn) in enumerate(zip(rows, turns)):
         alone_cache = tm(row[None], use_cache=True).past_key_values
@@ -177,12 +181,9 @@ def test_a_left_padded_continuation_extends_each_row_as_it_does_alone(kind):
     assert cache.nbytes == sum(tm.plan.cache_nbytes(tm.shape, tm.dtype, 1, n) for n in cache.row_lengths)
 
 
-def test_padding_after_a_real_token_in_a_continuation_is_refused_naming_the_row():
+def test_a_continuations_bad_padding_is_refused_naming_the_row():
     tm = _transformed("llama", "pruned")
     cache = tm(torch.randint(3, 128, (2, 5)), use_cache=True).past_key_values
-    with pytest.raises(NotImplementedError, match="attention_mask row 1: padding after a real token in a call that "
-                                                  "continues a cache; only left padding"):
-        tm(torch.tensor([[5, 6], [6, 7]]), past_key_values=cache, attention_mask=torch.tensor([[1] * 7, [1] * 6 + [0]]))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 1\): a call continuing a cache takes"):
         tm(torch.tensor([[5, 6], [6, 7]]), past_key_values=cache, attention_mask=torch.tensor([[1], [1]]))
     with pytest.raises(ValueError, match="row 0 holds 5 tokens and continues by 1 real of 7"):

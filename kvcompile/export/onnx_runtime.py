@@ -31,7 +31,7 @@ from kvcompile.cache import CompressedKVCache
 from kvcompile.plan import ModelShape, Plan
 from kvcompile.program import LOGITS, Signature, past, present
 from kvcompile.runtime import (
-    continuation_lengths,
+    continuation_of,
     continuation_positions,
     eos_token_ids,
     last_real_index,
@@ -94,17 +94,18 @@ class ExportedModel:
 
     def decode(self, input_ids, cache: CompressedKVCache, attention_mask=None) -> torch.Tensor:
         """Logits (B, S, V) of `input_ids` continuing every row of `cache`, which they extend;
-        `attention_mask` (B, P + S) may left-pad them, as `TransformedModel`'s."""
+        `attention_mask` (B, P + S) may pad them anywhere, as `TransformedModel`'s."""
         ids = check_token_ids(input_ids, self.vocab_size)
         cache.check_written_by(self.plan, self.shape)
         if ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has batch {ids.shape[0]}, the cache holds batch {cache.batch_size}")
         seq = ids.shape[1]
-        real = continuation_lengths(attention_mask, cache, seq)
-        indices = cache.prepare_call(seq, real)  # grows the buffers first where they would overflow
-        values = {"input_ids": ids, "position_ids": continuation_positions(cache.lengths, seq, real), **indices}
-        logits = self.decode_call(values, cache.buffers)
-        cache.advance(seq, real)
+        padding = continuation_of(attention_mask, cache, seq)
+        indices = cache.prepare_call(seq, padding.real)  # grows the buffers first where they would overflow
+        values = {"input_ids": padding.left_padded(ids),
+                  "position_ids": continuation_positions(cache.lengths, seq, padding.real), **indices}
+        logits = padding.in_call_order(self.decode_call(values, cache.buffers))
+        cache.advance(seq, padding.real)
         return logits
 
 
