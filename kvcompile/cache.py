@@ -70,6 +70,9 @@ class CompressedKVCache:
         self.plan_fingerprint = plan.fingerprint()
         self.buffers: dict[str, torch.Tensor] = {}
         self.row_lengths: list[int] = []  # tokens of each row, kept on the host: no device sync to read them
+        # positions the model was called with, padding included: transformers' sequence length, the
+        # width of the attention_mask's past, from which generate continues a cache
+        self.positions = 0
         self.lengths: torch.Tensor | None = None  # the same, (B,) int64 on the cache's device, for the programs
         # each row's middle count (windowed plans) on the device; it changes only when tokens move to
         # the middle, so steps read it without copying host counts over (a copy would wait for the GPU)
@@ -83,7 +86,9 @@ class CompressedKVCache:
         return max(self.row_lengths, default=0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        """Positions the model was called with, padding included (each row's own count is in
+        `row_lengths`): where transformers' `generate` takes up `input_ids` and `attention_mask`."""
+        return self.positions
 
     def __len__(self) -> int:
         return self.length
@@ -149,7 +154,7 @@ class CompressedKVCache:
         """An independent cache holding the same tokens (the buffers are cloned): a branch point."""
         clone = CompressedKVCache(self.plan, self.shape)
         clone.buffers = {name: buffer.clone() for name, buffer in self.buffers.items()}
-        clone.row_lengths = list(self.row_lengths)
+        clone.row_lengths, clone.positions = list(self.row_lengths), self.positions
         clone.lengths = None if self.lengths is None else self.lengths.clone()
         clone.middle_lengths = None if self.middle_lengths is None else self.middle_lengths.clone()
         return clone
@@ -194,6 +199,7 @@ class CompressedKVCache:
             raise CacheMismatch("write_prompt needs an empty cache; this one holds tokens")
         some = next(iter(present.values()))
         batch, seq, device = some.shape[0], some.shape[2], some.device
+        self.positions = seq
         if valid is None:
             self.row_lengths = [seq] * batch
             tokens = dict(present)
@@ -288,6 +294,7 @@ class CompressedKVCache:
         """Count a call's `new_tokens` per row, or the `real` (B,) of them (prepare_call's), which
         the program wrote; then move full windows' oldest recent tokens to the middle."""
         before = self.region_lengths(MIDDLE)
+        self.positions += new_tokens
         if real is None:
             self.row_lengths = [n + new_tokens for n in self.row_lengths]
             self.lengths = self.lengths + new_tokens

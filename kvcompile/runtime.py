@@ -164,9 +164,6 @@ class TransformedModel(PreTrainedModel, GenerationMixin):
         if cache is not None:
             if not isinstance(cache, CompressedKVCache):
                 raise TypeError(f"{CACHE_NAME} must be a CompressedKVCache this model returned, got {type(cache).__name__}")
-            if len(set(cache.row_lengths)) > 1:
-                raise NotImplementedError("generate() cannot continue a cache whose rows hold different numbers of "
-                                          "tokens (a padded batch's): call the model with the new tokens instead")
             cache._is_user_defined = True  # transformers' mark: the cache outlives generate
             return
         if generation_config.cache_implementation is not None:

@@ -171,6 +171,28 @@ def test_generate_refuses_caches_the_transformed_model_cannot_run_on():
         tm.generate(**inputs, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(TypeError, match="CompressedKVCache.*got DynamicCache"):
         tm.generate(**inputs, max_new_tokens=2, **{CACHE_NAME: DynamicCache()})
-    padded = tm.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True)
-    with pytest.raises(NotImplementedError, match="rows hold different numbers of tokens"):
-        tm.generate(padded.sequences, max_new_tokens=2, **{CACHE_NAME: getattr(padded, CACHE_NAME)})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_continues_a_padded_batchs_cache_as_the_dense_model_does(arch):
+    """A chat's second turn: generate on a left-padded batch (every row padded), then generate again on its sequences
+    followed by a next turn of a different length per row (padded inside the turn, so between the
+    first turn and the second), continuing the returned cache, whose rows hold different numbers of
+    tokens. A keep-everything plan gives the dense model's tokens, continuing its own cache, at
+    both turns; each row's cache holds exactly its real tokens."""
+    model, tm = _transformed(arch)
+    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    inputs = _left_padded()
+    inputs["attention_mask"][:, 0] = 0  # every row padded: the cache's longest row is shorter than the mask
+    first = {name: model.generate(**inputs, **settings) for name, model in (("dense", model), ("tm", tm))}
+    assert torch.equal(first["tm"].sequences, first["dense"].sequences)
+    turn = _prompt(batch=3, length=3, seed=5)
+    turn_mask = torch.tensor([[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    sequences = first["tm"].sequences
+    mask = torch.cat([inputs["attention_mask"], torch.ones(3, sequences.shape[1] - 9, dtype=torch.long), turn_mask], 1)
+    second = {name: model.generate(torch.cat([sequences, turn.masked_fill(turn_mask == 0, 0)], 1), attention_mask=mask,
+                                   **{CACHE_NAME: getattr(first[name], CACHE_NAME)}, **settings)
+              for name, model in (("dense", model), ("tm", tm))}
+    assert torch.equal(second["tm"].sequences, second["dense"].sequences)
+    cache = getattr(second["tm"], CACHE_NAME)
+    assert cache.row_lengths == (mask.sum(1) + settings["max_new_tokens"] - 1).tolist()
