@@ -10,7 +10,8 @@ torch.compile backend). Per method this decodes until warm, times blocks of step
 `--steps` more, and writes under OUT: `<method>.trace.json` (torch.profiler's), `<method>.graphN.dot`
 (each graph captured, `CUDAGraph.debug_dump`: its nodes and their launch parameters, to compare the
 two graphs node by node) and `gaps.json`: per method the step's kernel time, the idle time between
-kernels, and the pairs of kernels with the most idle time between them.
+kernels, the pairs of kernels with the most idle time between them, how long the host takes to
+issue a step, and the CUDA runtime calls per step that may wait (synchronize, copy, query).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import collections
 import gc
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -32,13 +34,14 @@ STEP_GAP_US = 50.0  # a longer idle time is between steps (the host's next call)
 
 
 class _DebugGraph(torch.cuda.CUDAGraph):
-    """A CUDAGraph that keeps what it captured for `debug_dump` (debug mode must be on before capture).
-    graphs.py makes its graphs as torch.cuda.CUDAGraph(), so this class stands in for it here."""
+    """A CUDAGraph that keeps what it captured for `debug_dump` (debug mode must be on before capture,
+    and the captured graph kept past instantiation). graphs.py makes its graphs as
+    torch.cuda.CUDAGraph(), so this class stands in for it here."""
 
     made: list["_DebugGraph"] = []
 
     def __new__(cls, keep_graph: bool = False):
-        graph = super().__new__(cls, keep_graph)
+        graph = super().__new__(cls, True)
         graph.enable_debug_mode()
         cls.made.append(graph)
         return graph
@@ -74,7 +77,9 @@ def main() -> None:
         decode = throughput.greedy_steps(runner, cache, args.batch, model.config.vocab_size, model.device)
         decode(12)
         rates = [throughput.timed_rate(decode, 20, args.batch, model.device) for _ in range(5)]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        host = _host_share(decode, 20)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as profile:
             decode(args.steps)
             torch.cuda.synchronize()
         trace = args.out / f"{method}.trace.json"
@@ -82,7 +87,7 @@ def main() -> None:
         for number, graph in enumerate(_DebugGraph.made[first_graph:]):
             graph.debug_dump(str(args.out / f"{method}.graph{number}.dot"))
         report[method] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_min_max": [min(rates), max(rates)],
-                          **_gaps(trace, args.steps)}
+                          **host, **_gaps(trace, args.steps)}
         print(method, json.dumps({k: v for k, v in report[method].items() if k != "idlest_pairs"}), flush=True)
         del runner, cache, decode
         gc.collect()
@@ -91,9 +96,23 @@ def main() -> None:
     (args.out / "gaps.json").write_text(json.dumps(report, indent=1))
 
 
+def _host_share(decode, steps: int) -> dict:
+    """How long the host takes to issue `steps` steps and how long they take in all (µs per step):
+    equal when the host waits for the GPU every step (a synchronizing call) or cannot keep ahead."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    decode(steps)
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {"host_issue_us_per_step": (issued - start) / steps * 1e6, "step_us": (done - start) / steps * 1e6}
+
+
 def _gaps(trace: Path, steps: int) -> dict:
     """Per step: kernels, kernel time and idle time between them (µs), and the kernel pairs with the most."""
     events = json.loads(trace.read_text())["traceEvents"]
+    waits = collections.Counter(e["name"] for e in events if e.get("cat") == "cuda_runtime" and
+                                any(word in e["name"] for word in ("Synchronize", "Memcpy", "Query")))
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     inside = [(b["ts"] - a["ts"] - a["dur"], a["name"], b["name"]) for a, b in zip(kernels, kernels[1:])
               if b["ts"] - a["ts"] - a["dur"] < STEP_GAP_US]
@@ -102,6 +121,7 @@ def _gaps(trace: Path, steps: int) -> dict:
         by_pair[(before[:80], after[:80])].append(gap)
     idlest = sorted(by_pair.items(), key=lambda item: -sum(item[1]))[:20]
     return {
+        "runtime_waits_per_step": {name: count / steps for name, count in waits.items()},
         "kernels_per_step": len(kernels) / steps,
         "kernel_us_per_step": sum(e["dur"] for e in kernels) / steps,
         "idle_us_per_step": sum(gap for gap, _, _ in inside) / steps,
