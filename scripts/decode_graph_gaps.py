@@ -11,7 +11,8 @@ torch.compile backend). Per method this decodes until warm, times blocks of step
 (each graph captured, `CUDAGraph.debug_dump`: its nodes and their launch parameters, to compare the
 two graphs node by node) and `gaps.json`: per method the step's kernel time, the idle time between
 kernels, the pairs of kernels with the most idle time between them, how long the host takes to
-issue a step, and the CUDA runtime calls per step that may wait (synchronize, copy, query).
+issue a step, the CUDA runtime calls per step that may wait (synchronize, copy, query), and the
+time of the step's graph replayed alone, back to back.
 """
 
 import argparse
@@ -77,7 +78,7 @@ def main() -> None:
         decode = throughput.greedy_steps(runner, cache, args.batch, model.config.vocab_size, model.device)
         decode(12)
         rates = [throughput.timed_rate(decode, 20, args.batch, model.device) for _ in range(5)]
-        host = _host_share(decode, 20)
+        host = {**_host_share(decode, 20), "bare_replay_us": _bare_replay_us(_DebugGraph.made[-1], 20)}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as profile:
             decode(args.steps)
@@ -106,6 +107,17 @@ def _host_share(decode, steps: int) -> dict:
     torch.cuda.synchronize()
     done = time.perf_counter()
     return {"host_issue_us_per_step": (issued - start) / steps * 1e6, "step_us": (done - start) / steps * 1e6}
+
+
+def _bare_replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """µs per replay of a step's graph alone, back to back: no per-step copies, output, or next token
+    (the replays write the same slots again, which only times them)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / replays * 1e6
 
 
 def _gaps(trace: Path, steps: int) -> dict:
