@@ -70,13 +70,20 @@ class CompressedKVCache:
         self.plan_fingerprint = plan.fingerprint()
         self.buffers: dict[str, torch.Tensor] = {}
         self.row_lengths: list[int] = []  # tokens of each row, kept on the host: no device sync to read them
-        # positions the model was called with, padding included: transformers' sequence length, the
-        # width of the attention_mask's past, from which generate continues a cache
-        self.positions = 0
         self.lengths: torch.Tensor | None = None  # the same, (B,) int64 on the cache's device, for the programs
         # each row's middle count (windowed plans) on the device; it changes only when tokens move to
         # the middle, so steps read it without copying host counts over (a copy would wait for the GPU)
         self.middle_lengths: torch.Tensor | None = None
+        # positions the model was called with, padding included: transformers' sequence length, the
+        # width of the attention_mask's past, from which generate continues a cache
+        self.positions = 0
+        self._regions: dict[str, str] = {}  # entry name -> its region: every step asks, per buffer
+
+    def _region(self, name: str) -> str:
+        region = self._regions.get(name)
+        if region is None:
+            region = self._regions[name] = entry_region(self.plan, self.shape, name)
+        return region
 
     # -- what it holds ----------------------------------------------------------------------------
 
@@ -110,7 +117,7 @@ class CompressedKVCache:
         window = self.shape.window(entry_layer(name))
         if window is not None:
             return [min(n, window - 1) for n in self.row_lengths]
-        return self.region_lengths(entry_region(self.plan, self.shape, name))
+        return self.region_lengths(self._region(name))
 
     @property
     def entries(self) -> dict[str, torch.Tensor]:
@@ -120,7 +127,7 @@ class CompressedKVCache:
         return {name: buffer[:, :, : self._longest_slots(name, buffer)] for name, buffer in self.buffers.items()}
 
     def _longest_slots(self, name: str, buffer: torch.Tensor) -> int:
-        if entry_region(self.plan, self.shape, name) == RING:
+        if self._region(name) == RING:
             return min(buffer.shape[2], self.length)
         return max(self.entry_lengths(name), default=0)
 
@@ -215,9 +222,9 @@ class CompressedKVCache:
         # a given capacity is allocated as given (a reader that attends over whole buffers, the ONNX
         # decode, pays for every slot); else room to grow
         full = max(capacity, longest) if capacity else _grown(longest, longest + 1)
-        for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == FULL]:
+        for name in [name for name in tokens if self._region(name) == FULL]:
             self.buffers[name] = _with_capacity(tokens.pop(name)[:, :, :longest], full)
-        for name in [name for name in tokens if entry_region(self.plan, self.shape, name) == RING]:
+        for name in [name for name in tokens if self._region(name) == RING]:
             ring = self.ring_capacity(entry_layer(name), 1)
             self.buffers[name] = _take_tokens(tokens.pop(name), _ring_sources(self.lengths, ring))
         for layer in self._windowed_layers(tokens):
@@ -333,14 +340,14 @@ class CompressedKVCache:
     def _reserve(self, region: str, slots: int) -> None:
         """Grow every buffer of `region` to at least `slots` slots (doubling), keeping its tokens."""
         for name, buffer in self.buffers.items():
-            if entry_region(self.plan, self.shape, name) == region and buffer.shape[2] < slots:
+            if self._region(name) == region and buffer.shape[2] < slots:
                 self.buffers[name] = _with_capacity(buffer, _grown(buffer.shape[2], slots))
 
     def _reserve_rings(self, new_tokens: int) -> None:
         """Regrow the rings too small for a call of `new_tokens`: each slot of the larger ring takes
         its token from the old one (tokens the old ring no longer held are older than any query sees)."""
         for name, buffer in self.buffers.items():
-            if entry_region(self.plan, self.shape, name) != RING:
+            if self._region(name) != RING:
                 continue
             capacity = self.ring_capacity(entry_layer(name), new_tokens)
             if buffer.shape[2] < capacity:
