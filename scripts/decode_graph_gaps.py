@@ -35,17 +35,23 @@ STEP_GAP_US = 50.0  # a longer idle time is between steps (the host's next call)
 
 
 class _DebugGraph(torch.cuda.CUDAGraph):
-    """A CUDAGraph that keeps what it captured for `debug_dump` (debug mode must be on before capture,
-    and the captured graph kept past instantiation). graphs.py makes its graphs as
+    """A CUDAGraph that writes what it captured as DOT (`debug_dump`) as soon as the capture ends,
+    to `dump_to`<n>.dot (n: its number among those made): debug mode is on from its creation, and
+    the captured graph is freed once instantiated. graphs.py makes its graphs as
     torch.cuda.CUDAGraph(), so this class stands in for it here."""
 
     made: list["_DebugGraph"] = []
+    dump_to = ""  # a path prefix; set per method
 
     def __new__(cls, keep_graph: bool = False):
-        graph = super().__new__(cls, True)
+        graph = super().__new__(cls, keep_graph)
         graph.enable_debug_mode()
         cls.made.append(graph)
         return graph
+
+    def capture_end(self) -> None:
+        super().capture_end()
+        self.debug_dump(f"{_DebugGraph.dump_to}{_DebugGraph.made.index(self)}.dot")
 
 
 def main() -> None:
@@ -67,7 +73,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
               "batch": args.batch, "context": args.context}
     for method in args.methods:
-        first_graph = len(_DebugGraph.made)
+        _DebugGraph.dump_to = str(args.out / f"{method}.graph")
         if method == "transformed":
             runner = transform(model, plan, program=capture(model, shape))
             cache = throughput.random_compressed_cache(plan, shape, args.batch, args.context, capacity,
@@ -85,8 +91,6 @@ def main() -> None:
             torch.cuda.synchronize()
         trace = args.out / f"{method}.trace.json"
         profile.export_chrome_trace(str(trace))
-        for number, graph in enumerate(_DebugGraph.made[first_graph:]):
-            graph.debug_dump(str(args.out / f"{method}.graph{number}.dot"))
         report[method] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_min_max": [min(rates), max(rates)],
                           **host, **_gaps(trace, args.steps)}
         print(method, json.dumps({k: v for k, v in report[method].items() if k != "idlest_pairs"}), flush=True)
