@@ -2,11 +2,12 @@
 
     python scripts/decode_graph_gaps.py --out gaps/ --layers 8 --batch 1 --context 32768    # a CUDA machine
 
-`transformed` (graphs.GraphedDecode) and the backend's `compiled-own-graphs` (graphs.ReplayedCalls)
-run the same model, plan and cache shapes as `kvcompile throughput` (the random Llama-3.1-8B-shaped
-model, `--layers` of its layers, under the LeanK counts); the compiled step runs fewer kernels and
-less kernel time yet is slower, the idle time between kernels being longer in its graph (README,
-torch.compile backend). Per method this decodes until warm, times blocks of steps, profiles
+`transformed` (graphs.GraphedDecode) and the backend's `compiled-own-graphs` (graphs.ReplayedCalls;
+`-alternating`: two captures of its step replayed in turn, to see whether relaunching a graph still
+running is what costs) run the same model, plan and cache shapes as `kvcompile throughput` (the
+random Llama-3.1-8B-shaped model, `--layers` of its layers, under the LeanK counts); the compiled
+step runs fewer kernels and less kernel time yet is slower, the GPU idle longer between its
+replays (README, torch.compile backend). Per method this decodes until warm, times blocks of steps, profiles
 `--steps` more, and writes under OUT: `<method>.trace.json` (torch.profiler's), `<method>.graphN.dot`
 (each graph captured, `CUDAGraph.debug_dump`: its nodes and their launch parameters, to compare the
 two graphs node by node) and `gaps.json`: per method the step's kernel time, the idle time between
@@ -25,12 +26,13 @@ from pathlib import Path
 
 import torch
 
+from kvcompile import backend, graphs
 from kvcompile.benchmarks import throughput
 from kvcompile.capture import capture
 from kvcompile.plan import ModelShape
 from kvcompile.runtime import transform
 
-METHODS = ("transformed", "compiled-own-graphs")
+METHODS = ("transformed", "compiled-own-graphs", "compiled-own-graphs-alternating")
 STEP_GAP_US = 50.0  # a longer idle time is between steps (the host's next call), not inside one
 
 
@@ -52,6 +54,25 @@ class _DebugGraph(torch.cuda.CUDAGraph):
     def capture_end(self) -> None:
         super().capture_end()
         self.debug_dump(f"{_DebugGraph.dump_to}{_DebugGraph.made.index(self)}.dot")
+
+
+class _AlternatingReplays(graphs.ReplayedCalls):
+    """ReplayedCalls replaying two captures of each step in turn, over the same inputs: does the
+    compiled step wait between replays because a graph is launched again while its previous launch
+    still runs?"""
+
+    def _run_and_capture(self, inputs):
+        outputs, replay = super()._run_and_capture(inputs)
+        if replay is None:
+            return outputs, None
+        again = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(again, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+            captured = self._run(replay.inputs)
+        return outputs, [replay, graphs._Replay(again, replay.inputs, captured)]
+
+    def _replay(self, pair, inputs):
+        pair.reverse()
+        return super()._replay(pair[0], inputs)
 
 
 def main() -> None:
@@ -79,6 +100,7 @@ def main() -> None:
             cache = throughput.random_compressed_cache(plan, shape, args.batch, args.context, capacity,
                                                        torch.bfloat16, model.device)
         else:
+            backend.ReplayedCalls = _AlternatingReplays if method.endswith("alternating") else graphs.ReplayedCalls
             runner, cache = throughput.compiled_on_static_cache(model, plan, args.batch, args.context, capacity,
                                                                  "kvcompile")
         decode = throughput.greedy_steps(runner, cache, args.batch, model.config.vocab_size, model.device)
