@@ -9,11 +9,11 @@ random Llama-3.1-8B-shaped model, `--layers` of its layers, under the LeanK coun
 step runs fewer kernels and less kernel time yet is slower, the GPU idle longer between its
 replays (README, torch.compile backend). Per method this decodes until warm, times blocks of
 steps, profiles `--steps` more, and writes under OUT: `<method>.trace.json` (torch.profiler's),
-`<method>.graphN.dot` (each graph captured, `CUDAGraph.debug_dump`: its nodes and their launch parameters, to compare the
-two graphs node by node) and `gaps.json`: per method the step's kernel time, the idle time between
-kernels, the pairs of kernels with the most idle time between them, how long the host takes to
-issue a step, the CUDA runtime calls per step that may wait (synchronize, copy, query), and the
-time of the step's graph replayed alone, back to back.
+`<method>.graphN.dot` (each graph captured, `CUDAGraph.debug_dump`: its nodes and their launch
+parameters, to compare the graphs node by node) and `gaps.json`: per method the step's kernel
+time, the idle time between kernels, the pairs of kernels with the most idle time between them,
+how long the host takes to issue a step, the CUDA runtime calls per step that may wait
+(synchronize, copy, query), and the time of the step's graph replayed alone, back to back.
 """
 
 import argparse
