@@ -194,5 +194,6 @@ def test_generate_continues_a_padded_batchs_cache_as_the_dense_model_does(arch):
                                    **{CACHE_NAME: getattr(first[name], CACHE_NAME)}, **settings)
               for name, model in (("dense", model), ("tm", tm))}
     assert torch.equal(second["tm"].sequences, second["dense"].sequences)
-    cache = getattr(second["tm"], CACHE_NAME)
+    cache, dense_cache = getattr(second["tm"], CACHE_NAME), getattr(second["dense"], CACHE_NAME)
     assert cache.row_lengths == (mask.sum(1) + settings["max_new_tokens"] - 1).tolist()
+    assert cache.get_seq_length() == cache.copy().get_seq_length() == dense_cache.get_seq_length()
