@@ -38,18 +38,17 @@ STEP_GAP_US = 50.0  # a longer idle time is between steps (the host's next call)
 
 class _DebugGraph(torch.cuda.CUDAGraph):
     """A CUDAGraph that writes what it captured as DOT (`debug_dump`) as soon as the capture ends,
-    to `dump_to`<n>.dot (n: its number among those made): debug mode is on from its creation, and
-    the captured graph is freed once instantiated. graphs.py makes its graphs as
-    torch.cuda.CUDAGraph(), so this class stands in for it here."""
+    to `dump_to`<n>.dot (n: its number among those captured): debug mode is switched on as the
+    capture begins (on the constructed graph), and the captured graph is freed once instantiated.
+    graphs.py makes its graphs as torch.cuda.CUDAGraph(), so this class stands in for it here."""
 
     made: list["_DebugGraph"] = []
     dump_to = ""  # a path prefix; set per method
 
-    def __new__(cls, keep_graph: bool = False):
-        graph = super().__new__(cls, keep_graph)
-        graph.enable_debug_mode()
-        cls.made.append(graph)
-        return graph
+    def capture_begin(self, *args, **kwargs) -> None:
+        self.enable_debug_mode()
+        _DebugGraph.made.append(self)
+        super().capture_begin(*args, **kwargs)
 
     def capture_end(self) -> None:
         super().capture_end()
