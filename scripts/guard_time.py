@@ -13,13 +13,13 @@ call of each, and checks that the filtered model's logits equal the unfiltered o
 """
 
 import argparse
-import inspect
 import statistics
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import kvcompile
+from kvcompile.benchmarks import throughput
 from kvcompile.plan import ModelShape, Plan
 
 PROMPT, STEPS = 16, 10
@@ -56,11 +56,10 @@ def _decode(model, cache, backend: str, options: dict) -> tuple[float, torch.Ten
     """(median µs per decode call spent in dynamo's guard check, each step's last logits)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, options=dict(options), fullgraph=True)
-    # transformers before 5.2x computes positions from the cache's count unless given cache_position
-    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+    pass_cache_position = throughput.takes_cache_position(model)
 
     def call(ids, positions):
-        extra = {"cache_position": positions} if takes_cache_position else {}
+        extra = {"cache_position": positions} if pass_cache_position else {}
         return compiled(ids, past_key_values=cache, position_ids=positions[None], **extra).logits[:, -1]
 
     logits = call(torch.randint(3, 200, (1, PROMPT), generator=torch.Generator().manual_seed(0)), torch.arange(PROMPT))

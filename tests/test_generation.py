@@ -175,11 +175,11 @@ def test_generate_refuses_caches_the_transformed_model_cannot_run_on():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_generate_continues_a_padded_batchs_cache_as_the_dense_model_does(arch):
-    """A chat's second turn: generate on a left-padded batch (every row padded), then generate again on its sequences
-    followed by a next turn of a different length per row (padded inside the turn, so between the
-    first turn and the second), continuing the returned cache, whose rows hold different numbers of
-    tokens. A keep-everything plan gives the dense model's tokens, continuing its own cache, at
-    both turns; each row's cache holds exactly its real tokens."""
+    """A chat's second turn: generate on a left-padded batch (every row padded), then generate again
+    on its sequences followed by a next turn of a different length per row (padded inside the turn,
+    so between the first turn and the second), continuing the returned cache, whose rows hold
+    different numbers of tokens. A keep-everything plan gives the dense model's tokens, continuing
+    its own cache, at both turns; each row's cache holds exactly its real tokens."""
     model, tm = _transformed(arch)
     settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     inputs = _left_padded()

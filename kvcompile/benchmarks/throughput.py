@@ -271,6 +271,12 @@ def _static_compiled(model, layers, capacity: int):
     return step, cache
 
 
+def takes_cache_position(model) -> bool:
+    """Does `model.forward` take `cache_position`? transformers before 5.2x computes a call's
+    positions from the cache's count unless given it (later releases dropped the argument)."""
+    return "cache_position" in inspect.signature(model.forward).parameters
+
+
 def compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capacity: int, cuda_graphs: str):
     """The plan's static compressed cache holding `context` random tokens per row, and a step running
     the model compiled by the kvcompile backend on it (on a GPU, CUDA graphs made by `cuda_graphs`)."""
@@ -282,11 +288,10 @@ def compiled_on_static_cache(model, plan: Plan, batch: int, context: int, capaci
     compiled = torch.compile(model, backend="kvcompile", options={"mode": mode, "cuda_graphs": cuda_graphs},
                              fullgraph=True)
     position = torch.tensor([context], device=device)
-    # transformers before 5.2x computes positions from the cache's count unless given cache_position
-    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+    pass_cache_position = takes_cache_position(model)
 
     def step(token, use_cache=True, **cache):
-        extra = {"cache_position": position} if takes_cache_position else {}
+        extra = {"cache_position": position} if pass_cache_position else {}
         out = compiled(token, position_ids=position[None].expand(batch, 1), use_cache=use_cache, **cache, **extra)
         position.add_(1)
         return out
